@@ -1,0 +1,129 @@
+"""The one configuration object, built once from command-line flags and the environment.
+
+Every flag `--some-flag` can also be set as `SOFTPROMPT_SOME_FLAG`; a flag given on the command
+line wins over the environment. Nothing else in the project reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENV_PREFIX = "SOFTPROMPT_"
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str | None = None  # hub id or local directory; None serves the built-in demo model
+    adapter_dir: Path | None = None  # persistent adapter store; None: the demo adapters, read-only
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    revision: str | None = None  # hub revision of --model
+    max_batch_size: int = 64  # requests decoded together at most
+    max_waiting: int = 256  # queued requests before new ones are refused (503)
+    max_prefill_tokens: int = 4096  # prompt + virtual tokens prefilled in one engine step
+    max_input_tokens: int = 2048  # longest prompt accepted (422 above)
+    max_new_tokens: int = 1024  # largest max_new_tokens accepted (422 above)
+    max_upload_bytes: int = 256 * 1024 * 1024  # adapter upload cap (413 above)
+    api_key: str | None = field(default=None, repr=False)  # required for generation when set
+    admin_key: str | None = field(default=None, repr=False)  # required for adapter changes when set
+    shutdown_timeout: float = 30.0  # seconds running requests get to finish on SIGTERM
+    log_level: str = "info"
+
+    @property
+    def model_name(self) -> str:
+        """The name clients use for the base model (OpenAI `model`, /info)."""
+        return self.model or "softprompt-demo"
+
+
+_HELP = {
+    "model": "Hugging Face hub id or local directory of the base causal LM (default: built-in demo model)",
+    "adapter_dir": "directory of PEFT adapters, registered at start-up; uploads are stored here",
+    "host": "address to listen on",
+    "port": "port to listen on",
+    "device": "auto (CUDA when present, else CPU), cpu, cuda or cuda:N",
+    "dtype": "auto (bf16 on a GPU that supports it, fp16 on other GPUs, fp32 on CPU), float32, bfloat16, float16",
+    "revision": "hub revision (branch, tag or commit) of --model",
+    "max_batch_size": "most requests decoded together",
+    "max_waiting": "most queued requests; more are refused with 503 and Retry-After",
+    "max_prefill_tokens": "prompt plus virtual tokens prefilled in one engine step",
+    "max_input_tokens": "longest prompt in tokens (longer: 422)",
+    "max_new_tokens": "largest max_new_tokens a request may ask for (larger: 422)",
+    "max_upload_bytes": "largest adapter upload in bytes (larger: 413)",
+    "api_key": "if set, generation routes need 'Authorization: Bearer KEY'",
+    "admin_key": "if set, adapter uploads and deletions need 'Authorization: Bearer KEY'",
+    "shutdown_timeout": "seconds running requests get to finish after SIGTERM",
+    "log_level": "debug, info, warning or error",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_var(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _converter(f: dataclasses.Field):
+    kind = str(f.type)
+    if kind.startswith("int"):
+        return int
+    if kind.startswith("float"):
+        return float
+    if kind.startswith("Path"):
+        return Path
+    return str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="softprompt-server",
+        description="Serve soft-prompt adapters on one frozen causal LM. "
+        f"Every flag can also be set as an environment variable {ENV_PREFIX}<FLAG>.",
+    )
+    for f in dataclasses.fields(Config):
+        parser.add_argument(
+            _flag(f.name),
+            dest=f.name,
+            type=_converter(f),
+            default=None,
+            help=f"{_HELP[f.name]} [env {env_var(f.name)}; default {f.default}]",
+        )
+    return parser
+
+
+def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Flags first, then `SOFTPROMPT_*` variables, then the defaults."""
+    environ = os.environ if environ is None else environ
+    args = vars(build_parser().parse_args(argv))
+    values = {}
+    for f in dataclasses.fields(Config):
+        raw = args[f.name]
+        if raw is None and environ.get(env_var(f.name), "") != "":
+            try:
+                raw = _converter(f)(environ[env_var(f.name)])
+            except ValueError:
+                raise SystemExit(f"{env_var(f.name)}={environ[env_var(f.name)]!r} is not a valid {f.name}")
+        if raw is not None:
+            values[f.name] = raw
+    config = Config(**values)
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    positive = ["port", "max_batch_size", "max_waiting", "max_prefill_tokens", "max_input_tokens",
+                "max_new_tokens", "max_upload_bytes"]
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise SystemExit(f"{_flag(name)} must be positive, got {getattr(config, name)}")
+    if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise SystemExit(f"--dtype must be auto, float32, bfloat16 or float16, got {config.dtype!r}")
+    if config.shutdown_timeout < 0:
+        raise SystemExit(f"--shutdown-timeout must be >= 0, got {config.shutdown_timeout}")
