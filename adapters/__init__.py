@@ -1,0 +1,15 @@
+"""Soft-prompt adapter kinds, PEFT file loading and validation, materialization, store and registry."""
+
+from .adapter import Adapter
+from .base import KINDS, AdapterKind
+from .errors import AdapterError, AdapterExists, AdapterNotFound, InvalidAdapter
+from .loading import CONFIG_FILE, WEIGHTS_FILE, load_adapter, read_adapter_dir
+from .registry import AdapterRegistry
+from .spec import ModelSpec
+from .store import AdapterStore, check_name
+
+__all__ = [
+    "Adapter", "AdapterError", "AdapterExists", "AdapterKind", "AdapterNotFound", "AdapterRegistry",
+    "AdapterStore", "CONFIG_FILE", "InvalidAdapter", "KINDS", "ModelSpec", "WEIGHTS_FILE",
+    "check_name", "load_adapter", "read_adapter_dir",
+]

@@ -1,0 +1,64 @@
+"""A materialized adapter: what the engine serves from, whatever kind it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .base import AdapterKind
+from .spec import ModelSpec
+
+
+@dataclass(frozen=True, eq=False)
+class Adapter:
+    name: str
+    peft_type: str
+    num_virtual_tokens: int
+    source: str  # where it came from: "upload", "disk" (found in the store at start-up), "demo"
+    created_at: float  # unix time it was registered
+    config: dict = field(repr=False)  # adapter_config.json as read
+    kv: torch.Tensor = field(repr=False)  # [layers, 2, kv_heads, n, head_dim] on the model's device and dtype
+    embeddings: torch.Tensor | None = field(repr=False)  # [n, hidden]: virtual-token embeddings, prompt kinds only
+
+    @property
+    def prefix_length(self) -> int:
+        return self.kv.shape[3]
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "peft_type": self.peft_type,
+            "num_virtual_tokens": self.num_virtual_tokens,
+            "source": self.source,
+            "created_at": self.created_at,
+            "task_type": self.config.get("task_type"),
+            "base_model_name_or_path": self.config.get("base_model_name_or_path"),
+            "prefix_bytes": self.kv.numel() * self.kv.element_size(),
+        }
+
+
+def materialize(kind: AdapterKind, table: torch.Tensor, spec: ModelSpec, model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Turn a kind's table [n, width] into the cached key/value prefix (and embeddings, if it has them)."""
+    if not kind.rows_are_embeddings:
+        n = table.shape[0]
+        # [n, 2 * layers * kv_dim] -> [layers * 2, kv_heads, n, head_dim]; key of layer l at 2l, value at 2l + 1
+        kv = table.view(n, spec.num_layers * 2, spec.num_kv_heads, spec.head_dim).permute(1, 2, 0, 3)
+        kv = kv.reshape(spec.num_layers, 2, spec.num_kv_heads, n, spec.head_dim)
+        return kv.to(spec.device, spec.dtype).contiguous(), None
+    embeddings = table.to(spec.device, spec.dtype)
+    return virtual_tokens_to_kv(model, embeddings), embeddings
+
+
+@torch.inference_mode()
+def virtual_tokens_to_kv(model, embeddings: torch.Tensor) -> torch.Tensor:
+    """Run the frozen model once over the virtual tokens at positions 0..n-1 and keep their keys/values.
+
+    In a causal model the virtual tokens attend only to each other, so these keys/values are the
+    same for every request: serving from them equals prepending the embeddings, minus the prefill.
+    """
+    n = embeddings.shape[0]
+    positions = torch.arange(n, device=embeddings.device)[None]
+    out = model(inputs_embeds=embeddings[None], position_ids=positions, use_cache=True)
+    layers = out.past_key_values.layers
+    return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in layers]).contiguous()

@@ -1,0 +1,65 @@
+"""The one interface every adapter kind implements, and the registry of kinds by `peft_type`.
+
+Every kind ends as the same thing: a table of `num_virtual_tokens` rows (what PEFT saves as
+`prompt_embeddings`) that materializes into a per-layer key/value prefix. Kinds differ only in
+the width of that table, the encoder that produces it from a training checkpoint, and whether the
+rows are input embeddings (run through the frozen model once) or key/value vectors already.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from .errors import InvalidAdapter
+from .spec import ModelSpec
+
+
+class AdapterKind(ABC):
+    peft_type: ClassVar[str]
+    rows_are_embeddings: ClassVar[bool]  # True: rows are input embeddings; False: key/value vectors
+
+    @abstractmethod
+    def table_width(self, spec: ModelSpec) -> int:
+        """Width of one row of the materialized table for this base model."""
+
+    @abstractmethod
+    def encoder(self, config: dict) -> torch.nn.Module:
+        """PEFT's encoder for this kind; its forward maps token indices [n] to the table [n, width]."""
+
+    def check_config(self, config: dict, spec: ModelSpec) -> None:
+        """Kind-specific checks of `adapter_config.json` against the base model."""
+
+
+KINDS: dict[str, AdapterKind] = {}
+
+
+def register_kind(kind: AdapterKind) -> AdapterKind:
+    KINDS[kind.peft_type] = kind
+    return kind
+
+
+def kind_for(peft_type) -> AdapterKind:
+    if peft_type not in KINDS:
+        raise InvalidAdapter(
+            f"unsupported peft_type {peft_type!r}; supported: {', '.join(sorted(KINDS))}"
+        )
+    return KINDS[peft_type]
+
+
+def config_int(config: dict, key: str, default: int | None = None, minimum: int = 1) -> int:
+    """An integer field of adapter_config.json, checked."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidAdapter(f"adapter_config.json: {key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_matches(config: dict, key: str, expected: int, what: str) -> None:
+    """PEFT records the base model's sizes in the config; a recorded size must match ours."""
+    if key in config and config[key] is not None and config[key] != expected:
+        raise InvalidAdapter(
+            f"adapter_config.json: {key}={config[key]} does not fit the base model, whose {what} is {expected}"
+        )

@@ -1,0 +1,17 @@
+"""Domain errors about adapters; the HTTP layer maps each to one status in one place."""
+
+
+class AdapterError(Exception):
+    """Base class: the message names the problem and the offending value."""
+
+
+class InvalidAdapter(AdapterError):
+    """The files are not a servable PEFT adapter for this base model (bad config, shapes, values)."""
+
+
+class AdapterNotFound(AdapterError):
+    """No adapter of that name is registered."""
+
+
+class AdapterExists(AdapterError):
+    """An adapter of that name is already registered or stored."""

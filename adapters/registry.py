@@ -1,0 +1,88 @@
+"""What is loaded: adapters by name, materialized for the base model, backed by the store.
+
+A request takes its `Adapter` object when it is submitted and keeps it; removing the adapter
+from the registry therefore never disturbs requests already running with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from pathlib import Path
+
+from .adapter import Adapter
+from .errors import AdapterError, AdapterExists, AdapterNotFound, InvalidAdapter
+from .loading import load_adapter, read_adapter_dir
+from .spec import ModelSpec
+from .store import AdapterStore, check_name
+
+log = logging.getLogger(__name__)
+
+
+class AdapterRegistry:
+    def __init__(self, spec: ModelSpec, model, store: AdapterStore | None = None):
+        self.spec = spec
+        self.model = model
+        self.store = store
+        self._adapters: dict[str, Adapter] = {}
+        self._lock = threading.Lock()
+        self.stats = Counter()  # "loads", "load_failures"
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._adapters
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    def get(self, name: str) -> Adapter:
+        try:
+            return self._adapters[name]
+        except KeyError:
+            raise AdapterNotFound(f"adapter {name!r} not found") from None
+
+    def list(self) -> list[Adapter]:
+        return sorted(self._adapters.values(), key=lambda a: a.name)
+
+    def add(self, name: str, config_raw: bytes, weights_raw: bytes, source: str = "upload", persist: bool = True) -> Adapter:
+        """Validate, materialize, store (if `persist`) and register. Nothing changes on error."""
+        check_name(name)
+        if name in self._adapters:
+            raise AdapterExists(f"adapter {name!r} already exists")
+        try:
+            adapter = load_adapter(name, config_raw, weights_raw, self.spec, self.model, source)
+        except InvalidAdapter:
+            self.stats["load_failures"] += 1
+            raise
+        with self._lock:
+            if name in self._adapters:
+                raise AdapterExists(f"adapter {name!r} already exists")
+            if persist and self.store is not None:
+                self.store.save(name, config_raw, weights_raw)
+            self._adapters[name] = adapter
+            self.stats["loads"] += 1
+        return adapter
+
+    def add_dir(self, name: str, path: Path, source: str) -> Adapter:
+        return self.add(name, *read_adapter_dir(path), source=source, persist=False)
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self.get(name)
+            if self.store is not None and self.store.exists(name):
+                self.store.delete(name)
+            del self._adapters[name]
+
+    def load_store(self) -> list[str]:
+        """Register every adapter found in the store; a bad one is logged and skipped, not fatal."""
+        if self.store is None:
+            return []
+        failed = []
+        for name in self.store.names():
+            try:
+                self.add_dir(name, self.store.path(name), source="disk")
+            except AdapterError as exc:
+                self.stats["load_failures"] += 1
+                failed.append(name)
+                log.error("skipping stored adapter %r: %s", name, exc)
+        return failed

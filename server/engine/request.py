@@ -1,0 +1,119 @@
+"""Plain request types shared by the scheduler, the runner and the HTTP layer: no tensors here."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from adapters import Adapter
+
+
+class InvalidRequest(ValueError):
+    """A request parameter the server cannot honour; the message names it and its value."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+class Overloaded(RuntimeError):
+    """The waiting queue is full, or the server is shutting down; retry later."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None  # keep the k most likely tokens
+    top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p
+    repetition_penalty: float | None = None  # > 1 discourages tokens already in prompt or output
+    seed: int | None = None  # same seed and request give the same tokens, whatever the batch
+    stop: tuple[str, ...] = ()  # generation ends once the text ends with one of these
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InvalidRequest("max_new_tokens", f"must be a positive integer, got {self.max_new_tokens!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidRequest("temperature", f"must be >= 0, got {self.temperature!r}")
+        if self.top_k is not None and self.top_k < 0:
+            raise InvalidRequest("top_k", f"must be >= 0, got {self.top_k!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise InvalidRequest("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            raise InvalidRequest("repetition_penalty", f"must be > 0, got {self.repetition_penalty!r}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidRequest("seed", f"must be in [0, 2^63), got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequest("stop", f"stop sequences must be non-empty strings, got {list(self.stop)!r}")
+
+    @property
+    def sampling(self) -> bool:
+        """TGI's rule: sampling when asked, or when any warper is set; temperature 0 means greedy."""
+        if self.temperature == 0:
+            return False
+        warped = self.temperature != 1.0 or bool(self.top_k) or (self.top_p is not None and self.top_p < 1.0)
+        return self.do_sample or warped
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"
+    EOS = "eos_token"
+    STOP = "stop_sequence"
+    ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token, as delivered to the request's consumer (streamed or collected)."""
+
+    token_id: int
+    text: str  # the text this token completes ('' while a multi-byte character is unfinished)
+    logprob: float
+    special: bool
+    finish_reason: FinishReason | None  # set on the last event only
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request as the engine tracks it: prompt, adapter, parameters and what it has generated."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: Adapter | None = None  # held for the whole request, even if the adapter is deleted meanwhile
+    on_token: Callable[["Sequence", TokenEvent], None] | None = None  # called on the engine thread
+    seed: int = 0  # the sampling seed in use: params.seed, or one drawn at submission
+    id: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""  # decoded output so far
+    finish_reason: FinishReason | None = None
+    aborted: bool = False  # set from any thread; the scheduler drops the request at its next step
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def prefix_length(self) -> int:
+        return 0 if self.adapter is None else self.adapter.prefix_length
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Tokens this request occupies in its prefill step; virtual tokens count."""
+        return self.prefix_length + len(self.prompt_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
