@@ -1,0 +1,85 @@
+"""`python -m server` / `softprompt-server`: load the model and adapters, then serve HTTP.
+
+On SIGTERM (or Ctrl-C) the server drains: new requests get 503, running ones finish (up to
+--shutdown-timeout, after which they are aborted), then it exits 0. A second Ctrl-C forces it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+
+import uvicorn
+
+from adapters import AdapterRegistry, AdapterStore
+from server.api.app import create_app
+from server.api.service import Service
+from server.config import Config, load_config
+from server.engine.engine import AsyncEngine, Engine
+from server.model import DEMO_ADAPTERS, load_base_model
+
+log = logging.getLogger("softprompt")
+DEFAULT_ADAPTER_DIR = "adapter-store"
+
+
+def build_service(config: Config) -> Service:
+    base = load_base_model(config.model, config.device, config.dtype, config.revision, name=config.model_name)
+    store = AdapterStore(config.adapter_dir or DEFAULT_ADAPTER_DIR)
+    registry = AdapterRegistry(base.spec, base.model, store)
+    if config.model is None and DEMO_ADAPTERS.is_dir():
+        for path in sorted(p for p in DEMO_ADAPTERS.iterdir() if p.is_dir()):
+            if not store.exists(path.name):
+                registry.add_dir(path.name, path, source="demo")
+    failed = registry.load_store()
+    log.info("registered %d adapters from %s%s", len(registry), store.root,
+             f" ({len(failed)} failed: {', '.join(failed)})" if failed else "")
+    engine = Engine(base.model, base.tokenizer, base.spec, max_batch_size=config.max_batch_size,
+                    max_waiting=config.max_waiting, max_prefill_tokens=config.max_prefill_tokens)
+    return Service(config, base, registry, AsyncEngine(engine))
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but a stop signal first drains the engine instead of closing at once."""
+
+    def __init__(self, config: uvicorn.Config, service: Service):
+        super().__init__(config)
+        self.service = service
+        self.drain_deadline: float | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        # Not recording the signal: uvicorn would re-raise it after shutdown and exit non-zero.
+        if self.drain_deadline is None:
+            log.info("received %s: draining (up to %.0fs)", signal.Signals(sig).name,
+                     self.service.config.shutdown_timeout)
+            self.service.draining = True
+            self.service.engine.engine.accepting = False
+            self.drain_deadline = time.monotonic() + self.service.config.shutdown_timeout
+        elif sig == signal.SIGINT:
+            self.should_exit = self.force_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_deadline is not None and not self.should_exit:
+            if self.service.idle():
+                self.should_exit = True
+            elif time.monotonic() > self.drain_deadline:
+                log.warning("shutdown timeout: aborting the requests still running")
+                self.service.engine.engine.fail_all(RuntimeError("the server shut down"))
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = load_config(argv)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    service = build_service(config)
+    uv_config = uvicorn.Config(create_app(service), host=config.host, port=config.port, log_level=config.log_level,
+                               timeout_graceful_shutdown=5, access_log=False)
+    DrainingServer(uv_config, service).run()
+    log.info("stopped")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
+
+`model` names an adapter, or the base model (or nothing) for no adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from server.engine.request import FinishReason, InvalidRequest, SamplingParams
+
+from .errors import NoChatTemplate, to_response
+from .schemas import ChatCompletionRequest, CompletionRequest
+from .service import Job, Service
+
+router = APIRouter(prefix="/v1")
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def _finish(reason: FinishReason | None) -> str | None:
+    if reason is None:
+        return None
+    return "length" if reason == FinishReason.LENGTH else "stop"
+
+
+def _cut_at_stop(text: str, params: SamplingParams) -> str:
+    """OpenAI leaves the stop sequence out of the text."""
+    for stop in params.stop:
+        at = text.find(stop)
+        if at != -1:
+            text = text[:at]
+    return text
+
+
+def _usage(jobs: list[Job], completion_tokens: int) -> dict:
+    prompt = sum(len(j.prompt_ids) for j in jobs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+async def _respond(request: Request, jobs: list[Job], model: str, chat: bool, stream: bool):
+    service = _service(request)
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    created = int(time.time())
+    obj = "chat.completion" if chat else "text_completion"
+    streams = [service.start(job) for job in jobs]  # all queued before any response is sent
+
+    if stream:
+        return StreamingResponse(_stream(service, jobs, streams, rid, created, model, chat),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    try:
+        results = await asyncio.gather(*(service.collect(s, request) for s in streams))
+    finally:
+        for s in streams:
+            s.abort()
+    choices = []
+    for i, (job, result) in enumerate(zip(jobs, results)):
+        service.record(job, result.seq)
+        text = _cut_at_stop(result.text, job.params)
+        finish = _finish(result.finish_reason)
+        if chat:
+            choices.append({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                            "logprobs": None})
+        else:
+            choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": None})
+    generated = sum(len(r.seq.output_ids) for r in results)
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices,
+            "usage": _usage(jobs, generated)}
+
+
+async def _stream(service: Service, jobs: list[Job], streams, rid, created, model, chat):
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for event in stream:
+                await queue.put((i, event))
+        except Exception as exc:
+            await queue.put((i, exc))
+
+    def chunk(i, text, finish, role=False):
+        if chat:
+            delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
+            choice = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": i, "text": text, "finish_reason": finish, "logprobs": None}
+        return _sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]})
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    emitted = [""] * len(jobs)  # text sent so far, per choice, with stop sequences held back
+    remaining = len(jobs)
+    try:
+        if chat:
+            for i in range(len(jobs)):
+                yield chunk(i, "", None, role=True)
+        while remaining:
+            i, event = await queue.get()
+            if isinstance(event, Exception):
+                yield _sse(json.loads(to_response(event).body))
+                break
+            seq, params = streams[i].seq, jobs[i].params
+            # send only text that can no longer turn out to be the start of a stop sequence
+            safe = _cut_at_stop(seq.text, params)
+            if event.finish_reason is None and params.stop:
+                hold = max(len(s) for s in params.stop) - 1
+                safe = safe[: max(len(emitted[i]), len(safe) - hold)]
+            delta, emitted[i] = safe[len(emitted[i]):], safe
+            finish = _finish(event.finish_reason)
+            if delta or finish:
+                yield chunk(i, delta, finish)
+            if finish:
+                remaining -= 1
+                service.record(jobs[i], seq)
+        yield "data: [DONE]\n\n"
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            s.abort()
+
+
+@router.post("/completions")
+async def completions(request: Request, body: CompletionRequest):
+    service = _service(request)
+    service.authorize(request)
+    params = body.to_sampling_params(default_max_new_tokens=16)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts:
+        raise InvalidRequest("prompt", "must not be empty")
+    jobs = [service.prepare("completions", p, params, body.model) for p in prompts]
+    return await _respond(request, jobs, body.model or service.base.name, chat=False, stream=bool(body.stream))
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request, body: ChatCompletionRequest):
+    service = _service(request)
+    service.authorize(request)
+    tokenizer = service.base.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise NoChatTemplate(f"the base model {service.base.name!r} has no chat template; use /v1/completions")
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    jobs = [service.prepare("chat", ids, body.to_sampling_params(default_max_new_tokens=256), body.model)]
+    return await _respond(request, jobs, body.model or service.base.name, chat=True, stream=bool(body.stream))
+
+
+@router.get("/models")
+async def models(request: Request):
+    service = _service(request)
+    service.authorize(request)
+    created = int(service.started)
+    data = [{"id": service.base.name, "object": "model", "created": created, "owned_by": "softprompt-server"}]
+    for adapter in service.registry.list():
+        data.append({"id": adapter.name, "object": "model", "created": int(adapter.created_at),
+                     "owned_by": "softprompt-server", "parent": service.base.name, "peft_type": adapter.peft_type})
+    return {"object": "list", "data": data}

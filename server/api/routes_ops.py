@@ -1,0 +1,58 @@
+"""Operations: /health, /info, /metrics."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse
+
+from adapters import KINDS
+
+from .errors import error_response
+from .service import Service
+
+router = APIRouter()
+
+
+def _version() -> str:
+    try:
+        return version("softprompt-server")
+    except PackageNotFoundError:
+        return "dev"
+
+
+@router.get("/health")
+async def health(request: Request):
+    service: Service = request.app.state.service
+    if service.draining:
+        return error_response(503, "shutting down", "overloaded")
+    return {"status": "ok"}
+
+
+@router.get("/info")
+async def info(request: Request):
+    service: Service = request.app.state.service
+    c, spec = service.config, service.base.spec
+    return {
+        "model_id": service.base.name,
+        "model_dtype": str(spec.dtype).removeprefix("torch."),
+        "model_device_type": spec.device.type,
+        "version": _version(),
+        "adapter_kinds": sorted(KINDS),
+        "adapters": len(service.registry),
+        "max_input_tokens": c.max_input_tokens,
+        "max_new_tokens": c.max_new_tokens,
+        "max_total_tokens": service.base.max_positions,
+        "max_batch_size": c.max_batch_size,
+        "max_waiting_requests": c.max_waiting,
+        "max_prefill_tokens": c.max_prefill_tokens,
+        "max_upload_bytes": c.max_upload_bytes,
+        "auth": {"api_key": bool(c.api_key), "admin_key": bool(c.admin_key)},
+    }
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    service: Service = request.app.state.service
+    return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,100 @@
+"""text-generation-inference / LoRAX routes: POST /generate, /generate_stream and the compat POST /."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.engine.request import TokenEvent
+
+from .errors import to_response
+from .schemas import Details, GenerateRequest, GenerateResponse, StreamDetails, StreamResponse, Token
+from .service import Job, Service
+
+router = APIRouter()
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def _job(service: Service, body: GenerateRequest, route: str) -> Job:
+    p = body.parameters
+    params = p.to_sampling_params(default_max_new_tokens=20)
+    return service.prepare(route, body.inputs, params, p.adapter_id, truncate=p.truncate)
+
+
+def _token(event: TokenEvent) -> Token:
+    return Token(id=event.token_id, text=event.text, logprob=event.logprob, special=event.special)
+
+
+def _full_text(body: GenerateRequest, text: str) -> str:
+    return body.inputs + text if body.parameters.return_full_text else text
+
+
+async def _generate(request: Request, body: GenerateRequest, route: str) -> GenerateResponse:
+    service = _service(request)
+    service.authorize(request)
+    job = _job(service, body, route)
+    result = await service.collect(service.start(job), request)
+    service.record(job, result.seq)
+    details = None
+    if body.parameters.details:
+        details = Details(
+            finish_reason=result.finish_reason.value,
+            generated_tokens=len(result.seq.output_ids),
+            prompt_tokens=len(job.prompt_ids),
+            seed=result.seq.seed if job.params.sampling else None,
+            tokens=[_token(e) for e in result.events],
+        )
+    return GenerateResponse(generated_text=_full_text(body, result.text), details=details)
+
+
+@router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True)
+async def generate(request: Request, body: GenerateRequest):
+    if body.stream:
+        return await generate_stream(request, body)
+    return await _generate(request, body, "generate")
+
+
+@router.post("/")
+async def compat(request: Request, body: GenerateRequest):
+    """TGI's compatibility route (lorax-client posts here): a one-element list, or a stream."""
+    if body.stream:
+        return await generate_stream(request, body)
+    response = await _generate(request, body, "compat")
+    return JSONResponse([response.model_dump(exclude_none=True)])
+
+
+@router.post("/generate_stream")
+async def generate_stream(request: Request, body: GenerateRequest):
+    service = _service(request)
+    service.authorize(request)
+    job = _job(service, body, "generate_stream")
+    stream = service.start(job)  # Overloaded is raised here, before the response starts
+
+    async def events():
+        index = 0
+        try:
+            async for event in stream:
+                index += 1
+                message = StreamResponse(index=index, token=_token(event))
+                if event.finish_reason is not None:
+                    seq = stream.seq
+                    message.generated_text = _full_text(body, seq.text)
+                    message.details = StreamDetails(
+                        finish_reason=event.finish_reason.value,
+                        generated_tokens=len(seq.output_ids),
+                        prompt_tokens=len(job.prompt_ids),
+                        seed=seq.seed if job.params.sampling else None,
+                    )
+                yield f"data: {message.model_dump_json()}\n\n"
+        except Exception as exc:  # the status line is sent already: report in the stream, as TGI does
+            yield f"data: {json.dumps(json.loads(to_response(exc).body))}\n\n"
+        finally:
+            if stream.seq.finished:
+                service.record(job, stream.seq)
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,163 @@
+"""What the routes share: the loaded model, registry and engine, auth, request preparation,
+collecting a request's tokens, and the per-request metrics and log line."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from adapters import Adapter, AdapterRegistry
+from server.config import Config
+from server.engine.engine import AsyncEngine, Stream
+from server.engine.request import FinishReason, InvalidRequest, SamplingParams, Sequence, TokenEvent
+from server.model import BaseModel
+
+from .errors import Forbidden, Unauthorized
+from .metrics import Metrics
+
+log = logging.getLogger("softprompt.requests")
+
+
+@dataclass
+class Job:
+    """A validated generation request, ready for the engine."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: Adapter | None
+    route: str
+    start: float = field(default_factory=time.monotonic)
+
+    @property
+    def adapter_name(self) -> str:
+        return self.adapter.name if self.adapter else ""
+
+
+@dataclass
+class Result:
+    """A finished request: its tokens as delivered, and the engine's record of it."""
+
+    events: list[TokenEvent]
+    seq: Sequence
+
+    @property
+    def text(self) -> str:
+        return self.seq.text
+
+    @property
+    def finish_reason(self) -> FinishReason:
+        return self.seq.finish_reason
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response was ready."""
+
+
+class Service:
+    def __init__(self, config: Config, base: BaseModel, registry: AdapterRegistry, engine: AsyncEngine):
+        self.config = config
+        self.base = base
+        self.registry = registry
+        self.engine = engine
+        self.metrics = Metrics(engine.engine, registry)
+        self.draining = False
+        self.in_flight = 0  # HTTP requests being handled
+        self.started = time.time()
+
+    # ---- auth -------------------------------------------------------------------------------------
+    def authorize(self, request: Request, admin: bool = False) -> None:
+        """Generation needs --api-key when set; adapter changes need --admin-key (else --api-key) when set."""
+        key = (self.config.admin_key or self.config.api_key) if admin else self.config.api_key
+        if not key:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key")
+        if not given:
+            raise Unauthorized("missing credentials: send 'Authorization: Bearer <key>'")
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            raise Forbidden("this key does not grant " + ("adapter changes" if admin else "generation"))
+
+    # ---- generation ---------------------------------------------------------------------------------
+    def adapter(self, name: str | None) -> Adapter | None:
+        """None, '' or the base model's own name mean no adapter."""
+        if name in (None, "", self.base.name):
+            return None
+        return self.registry.get(name)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.base.tokenizer(text, add_special_tokens=True).input_ids
+
+    def prepare(self, route: str, prompt, params: SamplingParams, adapter_name: str | None,
+                truncate: int | None = None) -> Job:
+        """Validate one request against the server's limits. `prompt` is text or token ids."""
+        adapter = self.adapter(adapter_name)
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if truncate is not None:
+            ids = ids[-truncate:]
+        if not ids:
+            bos = self.base.tokenizer.bos_token_id
+            if bos is None:
+                raise InvalidRequest("inputs", "must not be empty")
+            ids = [bos]
+        limit = self.config.max_input_tokens
+        if len(ids) > limit:
+            raise InvalidRequest("inputs", f"{len(ids)} tokens is more than the {limit} allowed (--max-input-tokens)")
+        if params.max_new_tokens > self.config.max_new_tokens:
+            raise InvalidRequest("max_new_tokens", f"{params.max_new_tokens} is more than the "
+                                 f"{self.config.max_new_tokens} allowed (--max-new-tokens)")
+        total = len(ids) + params.max_new_tokens + (adapter.prefix_length if adapter else 0)
+        positions = self.base.max_positions
+        if positions and total > positions:
+            raise InvalidRequest("max_new_tokens", f"prompt ({len(ids)}) + virtual tokens + max_new_tokens "
+                                 f"= {total} exceeds the model's {positions} positions")
+        return Job(ids, params, adapter, route)
+
+    def start(self, job: Job) -> Stream:
+        return self.engine.generate(job.prompt_ids, job.params, job.adapter)
+
+    async def collect(self, stream: Stream, request: Request | None = None) -> Result:
+        """All of a request's tokens; aborts it if the client disconnects meanwhile."""
+        events: list[TokenEvent] = []
+
+        async def consume():
+            async for event in stream:
+                events.append(event)
+
+        task = asyncio.ensure_future(consume())
+        try:
+            while not task.done():
+                done, _ = await asyncio.wait({task}, timeout=0.5)
+                if not done and request is not None and await request.is_disconnected():
+                    stream.abort()
+                    task.cancel()
+                    raise ClientGone()
+            task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+        return Result(events, stream.seq)
+
+    def record(self, job: Job, seq: Sequence) -> None:
+        """Metrics and the one log line of a finished generation request."""
+        now = time.monotonic()
+        self.metrics.adapter_requests.inc(adapter=job.adapter_name)
+        self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+        self.metrics.generated_tokens.inc(len(seq.output_ids))
+        self.metrics.latency.observe(now - job.start)
+        ttft = (seq.first_token_time - seq.arrival_time) if seq.first_token_time else None
+        if ttft is not None:
+            self.metrics.ttft.observe(ttft)
+        log.info(
+            "route=%s adapter=%s prompt_tokens=%d generated_tokens=%d finish=%s ttft=%s total=%.3fs",
+            job.route, job.adapter_name or "-", len(job.prompt_ids), len(seq.output_ids),
+            seq.finish_reason.value if seq.finish_reason else "aborted",
+            f"{ttft:.3f}s" if ttft is not None else "-", now - job.start,
+        )
+
+    def idle(self) -> bool:
+        return self.in_flight == 0 and not self.engine.engine.has_work()
