@@ -65,7 +65,7 @@ class DrainingServer(uvicorn.Server):
                 self.should_exit = True
             elif time.monotonic() > self.drain_deadline:
                 log.warning("shutdown timeout: aborting the requests still running")
-                self.service.engine.engine.fail_all(RuntimeError("the server shut down"))
+                self.service.engine.engine.abort_all(RuntimeError("the server shut down before the request finished"))
                 self.should_exit = True
         return await super().on_tick(counter)
 

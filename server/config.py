@@ -109,7 +109,7 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
             try:
                 raw = _converter(f)(environ[env_var(f.name)])
             except ValueError:
-                raise SystemExit(f"{env_var(f.name)}={environ[env_var(f.name)]!r} is not a valid {f.name}")
+                raise SystemExit(f"{env_var(f.name)}={environ[env_var(f.name)]!r} is not a valid {f.name}") from None
         if raw is not None:
             values[f.name] = raw
     config = Config(**values)

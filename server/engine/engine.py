@@ -45,9 +45,13 @@ class Engine:
             seq.seed = seq.params.seed
         else:
             seq.seed = random.getrandbits(63)
-        with self._lock:
-            self.scheduler.add(seq)
         self._detokenizers[seq.id] = IncrementalDetokenizer(self.tokenizer)
+        try:
+            with self._lock:
+                self.scheduler.add(seq)
+        except Overloaded:
+            del self._detokenizers[seq.id]
+            raise
         return seq
 
     def abort(self, seq: Sequence) -> None:
@@ -78,17 +82,24 @@ class Engine:
             self._deliver(out)
         return outputs
 
-    def fail_all(self, error: Exception) -> None:
-        """After an error in a step: end every request with it, and start over with an empty batch."""
+    def abort_all(self, error: Exception) -> None:
+        """From any thread: end every request with `error`; their rows are freed at the next step."""
         with self._lock:
             seqs = list(self.scheduler.running) + list(self.scheduler.waiting)
+        for seq in seqs:
+            if not seq.finished and not seq.aborted:
+                seq.aborted = True
+                if seq.on_token:
+                    seq.on_token(seq, error)
+
+    def fail_all(self, error: Exception) -> None:
+        """On the stepping thread, after a failed step: end every request and start from an empty batch."""
+        self.abort_all(error)
+        with self._lock:
             self.scheduler.running.clear()
             self.scheduler.waiting.clear()
         self.runner.reset()
-        for seq in seqs:
-            seq.finish_reason = FinishReason.ABORT
-            if seq.on_token:
-                seq.on_token(seq, error)
+        self._detokenizers.clear()
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: Adapter | None = None) -> Sequence:
         """Run one request to the end on this thread (tests, benchmarks, the single-request path)."""
@@ -197,7 +208,10 @@ class Stream:
         self.seq: Sequence | None = None
 
     def _put(self, _seq, event) -> None:  # engine thread
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:  # the event loop has closed: nobody is listening any more
+            pass
 
     def __aiter__(self):
         return self._events()

@@ -34,7 +34,8 @@ class Scheduler:
         release = [s for s in self.running if s.finished or s.aborted]
         if release:
             self.running = [s for s in self.running if not (s.finished or s.aborted)]
-        if any(s.aborted for s in self.waiting):
+        if any(s.aborted for s in self.waiting):  # released too, though they hold no row yet
+            release += [s for s in self.waiting if s.aborted]
             self.waiting = deque(s for s in self.waiting if not s.aborted)
         step = ScheduledStep(release=release, decode=bool(self.running))
         budget = self.max_prefill_tokens
