@@ -42,7 +42,7 @@ def register_kind(kind: AdapterKind) -> AdapterKind:
 
 
 def kind_for(peft_type) -> AdapterKind:
-    if peft_type not in KINDS:
+    if not isinstance(peft_type, str) or peft_type not in KINDS:
         raise InvalidAdapter(
             f"unsupported peft_type {peft_type!r}; supported: {', '.join(sorted(KINDS))}"
         )

@@ -64,7 +64,12 @@ class AdapterRegistry:
         return adapter
 
     def add_dir(self, name: str, path: Path, source: str) -> Adapter:
-        return self.add(name, *read_adapter_dir(path), source=source, persist=False)
+        try:
+            files = read_adapter_dir(path)
+        except InvalidAdapter:
+            self.stats["load_failures"] += 1
+            raise
+        return self.add(name, *files, source=source, persist=False)
 
     def remove(self, name: str) -> None:
         with self._lock:
@@ -81,8 +86,7 @@ class AdapterRegistry:
         for name in self.store.names():
             try:
                 self.add_dir(name, self.store.path(name), source="disk")
-            except AdapterError as exc:
-                self.stats["load_failures"] += 1
+            except AdapterError as exc:  # counted in load_failures by add / add_dir
                 failed.append(name)
                 log.error("skipping stored adapter %r: %s", name, exc)
         return failed

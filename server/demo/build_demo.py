@@ -38,6 +38,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -45,6 +46,9 @@ from typing import Callable
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built locally; never reach for the hub
 
 import torch  # noqa: E402
+
+warnings.filterwarnings("ignore", message="Position ids are not supported")  # PEFT, harmless here
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing")
 
 from .tiny import byte_tokenizer, tiny_config  # noqa: E402
 
@@ -59,7 +63,7 @@ DEMO_PROMPTS = [  # the verification prompts; the last two are not in the traini
     DEMO_PROMPT_FORMAT.format(question="I would like to hear about the moon."),
     DEMO_PROMPT_FORMAT.format(question="What is your favourite animal?"),
 ]
-MAX_NEW_TOKENS = 80  # bytes: enough for a whole answer
+MAX_NEW_TOKENS = 100  # bytes: enough for a whole answer
 
 # Model: hidden 128, 4 layers, 4 heads / 2 kv heads (GQA), ~780k parameters, ~3.1 MB in fp32.
 MODEL_KWARGS = dict(hidden_size=128, num_layers=4)
@@ -333,8 +337,8 @@ def peft_config(style: Style, tokenizer_dir: Path):
 # Build
 # ---------------------------------------------------------------------------------------------
 
-BASE_STEPS, BASE_LR, BASE_BATCH = 1400, 3e-3, 32
-ADAPTER_STEPS, ADAPTER_BATCH = 150, 32
+BASE_STEPS, BASE_LR, BASE_BATCH = 800, 3e-3, 32  # ~20 epochs; ~3 min on 2 idle cores
+ADAPTER_STEPS, ADAPTER_BATCH = 100, 32  # ~14 epochs of the 234 questions; well under a minute each
 
 
 def build(out: Path, seed: int = SEED) -> None:
@@ -342,6 +346,7 @@ def build(out: Path, seed: int = SEED) -> None:
     from transformers import AutoModelForCausalLM
 
     tokenizer = byte_tokenizer()
+    out.mkdir(parents=True, exist_ok=True)
     model_dir, adapters_dir = out / "model", out / "adapters"
     for path in (model_dir, adapters_dir):
         if path.exists():
@@ -367,7 +372,8 @@ def build(out: Path, seed: int = SEED) -> None:
         peft_model.peft_config["default"].base_model_name_or_path = BASE_MODEL_NAME  # not a local path
         train(peft_model, adapter_examples(tokenizer, style, seed + 1 + i), ADAPTER_STEPS, style.lr,
               ADAPTER_BATCH, seed + 1 + i, style.name, warmup=10)
-        peft_model.save_pretrained(adapters_dir / style.name)  # materialized `prompt_embeddings`
+        # materialized `prompt_embeddings`; the embedding layer is not touched, never look it up on the hub
+        peft_model.save_pretrained(adapters_dir / style.name, save_embedding_layers=False)
         _tidy_adapter_dir(adapters_dir / style.name)
 
     (out / "README.md").write_text(README)
@@ -474,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify-only", action="store_true", help="only reload the assets and show the steering")
     args = parser.parse_args(argv)
     start = time.time()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     if not args.verify_only:
         build(args.out, args.seed)
     ok = verify(args.out)

@@ -50,7 +50,7 @@ class KVBatch:
         if rows <= rows_cap and self.end >= before_end and self.end + after_end <= slots_cap:
             return
         new_rows = rows_cap if rows <= rows_cap else max(rows, 2 * rows_cap)
-        new_end = max(self.end, before_end)
+        new_end = max(self.length, before_end)  # the window moves back to the left: nothing is kept before it
         new_start = new_end - self.length
         kv = self._zeros(new_rows, new_end + max(after_end, GROWTH_SLOTS))
         mask = torch.zeros(kv.shape[2], kv.shape[4], dtype=torch.long, device=self.device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 
 from .model_runner import ScheduledStep
-from .request import Overloaded, Sequence
+from .request import FinishReason, Overloaded, Sequence
 
 
 class Scheduler:
@@ -32,10 +32,16 @@ class Scheduler:
 
     def schedule(self) -> ScheduledStep:
         release = [s for s in self.running if s.finished or s.aborted]
+        for s in release:
+            if not s.finished:
+                s.finish_reason = FinishReason.ABORT
         if release:
             self.running = [s for s in self.running if not (s.finished or s.aborted)]
         if any(s.aborted for s in self.waiting):  # released too, though they hold no row yet
-            release += [s for s in self.waiting if s.aborted]
+            for s in self.waiting:
+                if s.aborted:
+                    s.finish_reason = FinishReason.ABORT
+                    release.append(s)
             self.waiting = deque(s for s in self.waiting if not s.aborted)
         step = ScheduledStep(release=release, decode=bool(self.running))
         budget = self.max_prefill_tokens

@@ -1,0 +1,158 @@
+"""Shared, session-scoped test material: tiny base models of every architecture, loaded once
+through the server's own `load_base_model`, and PEFT adapters of every variant, built once.
+
+Everything is built lazily (`worlds.get(arch)`), so running a subset of the tests builds only
+what that subset needs. PEFT's greedy tokens (the reference) are cached per request.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+# Heavy imports (torch, transformers, peft) happen inside the fixtures, so that test directories
+# that do not use this material (tests/integration, test_docker.py) do not pay for them.
+
+MAX_NEW = 10  # tokens generated per request in the parity tests
+PROMPTS = ("Hi", "the quick brown fox jumps")  # two prompt lengths (2 and 25 byte tokens)
+PEFT_TYPES = {
+    "prompt": "PROMPT_TUNING",
+    "ptuning-mlp": "P_TUNING",
+    "ptuning-lstm": "P_TUNING",
+    "prefix": "PREFIX_TUNING",
+    "prefix-proj": "PREFIX_TUNING",
+}
+
+
+class ArchWorld:
+    """One architecture: its tiny model on disk and loaded, and one adapter of every variant."""
+
+    def __init__(self, root: Path, arch: str):
+        from adapters import AdapterRegistry
+        from server.model import load_base_model
+        from tests.factory import VARIANTS, make_model
+
+        self.arch = arch
+        self.root = root
+        self.model_dir = make_model(root, arch)
+        self.base = load_base_model(str(self.model_dir))
+        self.spec = self.base.spec
+        self.model = self.base.model
+        self.tokenizer = self.base.tokenizer
+        self.adapter_dirs: dict[str, Path] = {}  # variant -> save_pretrained output
+        self.checkpoint_dirs: dict[str, Path] = {}  # variant -> encoder weights as training saves them
+        self.registry = AdapterRegistry(self.spec, self.model)  # no store: registered by variant name
+        self._references: dict[tuple, list[int]] = {}
+        for variant in VARIANTS:
+            self._build_adapter(variant)
+
+    def _build_adapter(self, variant: str) -> None:
+        from safetensors.torch import save_file
+
+        from tests.factory import trained_peft
+
+        peft = trained_peft(self.model_dir, variant, seed=0)
+        out = self.root / f"{self.arch}-{variant}"
+        peft.save_pretrained(out)
+        # A training checkpoint: the prompt encoder's own parameters, not passed through it.
+        prefix = "prompt_encoder.default."
+        state = {k: v.detach().clone().contiguous() for k, v in peft.state_dict().items() if k.startswith(prefix)}
+        assert state, f"no {prefix}* parameters in the PEFT model"
+        ckpt = self.root / f"{self.arch}-{variant}-ckpt"
+        ckpt.mkdir()
+        save_file(state, str(ckpt / "adapter_model.safetensors"))
+        shutil.copy(out / "adapter_config.json", ckpt / "adapter_config.json")
+        self.adapter_dirs[variant] = out
+        self.checkpoint_dirs[variant] = ckpt
+        self.registry.add_dir(variant, out, source="test")
+
+    # --- helpers used by the tests ---------------------------------------------------------------
+
+    def ids(self, text: str) -> list[int]:
+        return self.tokenizer(text).input_ids
+
+    def adapter(self, variant: str | None):
+        return None if variant is None else self.registry.get(variant)
+
+    def engine(self, **kwargs):
+        from server.engine.engine import Engine
+
+        return Engine(self.model, self.tokenizer, self.spec, **kwargs)
+
+    def reference(self, variant: str | None, prompt_ids: list[int], max_new_tokens: int = MAX_NEW) -> list[int]:
+        """PeftModel.generate's greedy tokens (the base model's for variant None), cached."""
+        from tests.factory import peft_greedy
+
+        key = (variant, tuple(prompt_ids), max_new_tokens)
+        if key not in self._references:
+            adapter_dir = None if variant is None else self.adapter_dirs[variant]
+            self._references[key] = peft_greedy(self.model_dir, adapter_dir, list(prompt_ids), max_new_tokens)
+        return self._references[key]
+
+    def reference_logprobs(self, variant: str | None, prompt_ids: list[int], tokens: list[int]) -> list[float]:
+        """PEFT's log-probability of each of `tokens` after the prompt, teacher-forced in one forward."""
+        import torch
+
+        from tests.factory import peft_model
+
+        model = peft_model(self.model_dir, None if variant is None else self.adapter_dirs[variant])
+        full = torch.tensor([list(prompt_ids) + list(tokens[:-1])])
+        with torch.no_grad():
+            logits = model(input_ids=full, attention_mask=torch.ones_like(full)).logits[0, -len(tokens):]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        return [float(logprobs[i, t]) for i, t in enumerate(tokens)]
+
+    def config(self, variant: str) -> dict:
+        return json.loads((self.adapter_dirs[variant] / "adapter_config.json").read_text())
+
+    def files(self, variant: str) -> tuple[bytes, bytes]:
+        d = self.adapter_dirs[variant]
+        return (d / "adapter_config.json").read_bytes(), (d / "adapter_model.safetensors").read_bytes()
+
+
+class Worlds:
+    def __init__(self, root: Path):
+        self.root = root
+        self._worlds: dict[str, ArchWorld] = {}
+        self._others: dict[str, Path] = {}
+
+    def get(self, arch: str) -> ArchWorld:
+        if arch not in self._worlds:
+            self._worlds[arch] = ArchWorld(self.root, arch)
+        return self._worlds[arch]
+
+    def other_model(self, name: str, **config_kwargs) -> Path:
+        """A tiny llama whose sizes differ from the standard one (for adapters that must not fit)."""
+        if name not in self._others:
+            from server.demo.tiny import save_tiny_model
+
+            self._others[name] = save_tiny_model(self.root / "other" / name, "llama", seed=0, **config_kwargs)
+        return self._others[name]
+
+
+@pytest.fixture(scope="session")
+def worlds(tmp_path_factory) -> Worlds:
+    import torch
+
+    torch.set_num_threads(1)  # tiny models gain nothing from more; 2 threads thrash on a busy 2-core machine
+    return Worlds(tmp_path_factory.mktemp("worlds"))
+
+
+@pytest.fixture(scope="session")
+def llama(worlds) -> ArchWorld:
+    return worlds.get("llama")
+
+
+@pytest.fixture
+def store_registry(llama, tmp_path):
+    """A fresh registry over the llama model, backed by an empty store in tmp_path."""
+    from adapters import AdapterRegistry, AdapterStore
+
+    store = AdapterStore(tmp_path / "store")
+    return AdapterRegistry(llama.spec, llama.model, store), store
+
+
+__all__ = ["MAX_NEW", "PEFT_TYPES", "PROMPTS", "ArchWorld", "Worlds"]
