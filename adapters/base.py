@@ -33,6 +33,19 @@ class AdapterKind(ABC):
         """Kind-specific checks of `adapter_config.json` against the base model."""
 
 
+class EmbeddingKind(AdapterKind):
+    """Kinds whose rows are virtual-token input embeddings (prompt tuning, p-tuning)."""
+
+    rows_are_embeddings = True
+
+    def table_width(self, spec: ModelSpec) -> int:
+        return spec.hidden_size
+
+    def check_config(self, config: dict, spec: ModelSpec) -> None:
+        check_matches(config, "token_dim", spec.hidden_size, "hidden size")
+        check_matches(config, "num_layers", spec.num_layers, "number of layers")
+
+
 KINDS: dict[str, AdapterKind] = {}
 
 

@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from .base import AdapterKind, check_matches, config_int, register_kind
+from .base import EmbeddingKind, config_int, register_kind
 from .errors import InvalidAdapter
 from .spec import ModelSpec
 
 ENCODER_TYPES = ("MLP", "LSTM")
 
 
-class PTuning(AdapterKind):
+class PTuning(EmbeddingKind):
     peft_type = "P_TUNING"
-    rows_are_embeddings = True
-
-    def table_width(self, spec: ModelSpec) -> int:
-        return spec.hidden_size
 
     def check_config(self, config: dict, spec: ModelSpec) -> None:
-        check_matches(config, "token_dim", spec.hidden_size, "hidden size")
-        check_matches(config, "num_layers", spec.num_layers, "number of layers")
+        super().check_config(config, spec)
         encoder_type = config.get("encoder_reparameterization_type", "MLP")
         if encoder_type not in ENCODER_TYPES:
             raise InvalidAdapter(

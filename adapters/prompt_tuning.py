@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .base import AdapterKind, check_matches, config_int, register_kind
-from .spec import ModelSpec
+from .base import EmbeddingKind, config_int, register_kind
 
 
-class PromptTuning(AdapterKind):
+class PromptTuning(EmbeddingKind):
     peft_type = "PROMPT_TUNING"
-    rows_are_embeddings = True
-
-    def table_width(self, spec: ModelSpec) -> int:
-        return spec.hidden_size
-
-    def check_config(self, config: dict, spec: ModelSpec) -> None:
-        check_matches(config, "token_dim", spec.hidden_size, "hidden size")
-        check_matches(config, "num_layers", spec.num_layers, "number of layers")
 
     def encoder(self, config: dict) -> torch.nn.Module:
         return PromptEmbedding(config_int(config, "num_virtual_tokens"), config_int(config, "token_dim"))
