@@ -18,6 +18,7 @@ from server.api.app import create_app
 from server.api.service import Service
 from server.config import Config, load_config
 from server.engine.engine import AsyncEngine, Engine
+from server.engine.request import Overloaded
 from server.model import DEMO_ADAPTERS, load_base_model
 
 log = logging.getLogger("softprompt")
@@ -65,7 +66,7 @@ class DrainingServer(uvicorn.Server):
                 self.should_exit = True
             elif time.monotonic() > self.drain_deadline:
                 log.warning("shutdown timeout: aborting the requests still running")
-                self.service.engine.engine.abort_all(RuntimeError("the server shut down before the request finished"))
+                self.service.engine.engine.abort_all(Overloaded("the server shut down before the request finished", 5))
                 self.should_exit = True
         return await super().on_tick(counter)
 

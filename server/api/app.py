@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from . import errors, routes_adapters, routes_openai, routes_ops, routes_tgi
 from .errors import error_response
@@ -28,24 +28,37 @@ def create_app(service: Service) -> FastAPI:
     for module in (routes_tgi, routes_openai, routes_adapters, routes_ops):
         app.include_router(module.router)
 
-    @app.middleware("http")
-    async def track(request: Request, call_next):
-        route = request.url.path
-        if service.draining and route != "/metrics":
-            service.metrics.requests.inc(route=route, status="503")
-            return error_response(503, "the server is shutting down", "overloaded", {"Retry-After": "5"})
-        service.in_flight += 1
-        try:
-            response = await call_next(request)
-        finally:
-            service.in_flight -= 1
-        service.metrics.requests.inc(route=_route_label(request), status=str(response.status_code))
-        return response
-
+    app.add_middleware(TrackRequests, service=service)
     return app
 
 
-def _route_label(request: Request) -> str:
-    """The route's template (/adapters/{name}), so labels stay few."""
-    route = request.scope.get("route")
-    return getattr(route, "path", "unmatched")
+class TrackRequests:
+    """Plain ASGI middleware (unlike @app.middleware, it leaves `request.is_disconnected()` working):
+    counts requests in flight and by status, and answers 503 to new ones while draining."""
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        service = self.service
+        if service.draining and scope["path"] != "/metrics":
+            service.metrics.requests.inc(route=scope["path"], status="503")
+            response = error_response(503, "the server is shutting down", "overloaded", {"Retry-After": "5"})
+            return await response(scope, receive, send)
+        status = "500"
+
+        async def send_with_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = str(message["status"])
+            await send(message)
+
+        service.in_flight += 1
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            service.in_flight -= 1
+            route = getattr(scope.get("route"), "path", "unmatched")  # the template, so labels stay few
+            service.metrics.requests.inc(route=route, status=status)

@@ -27,6 +27,10 @@ class Forbidden(Exception):
     """Credentials that do not grant this operation."""
 
 
+class ClientGone(Exception):
+    """The client disconnected before its response was ready (nobody reads the answer)."""
+
+
 class NoChatTemplate(Exception):
     """The base model's tokenizer has no chat template."""
 
@@ -41,6 +45,7 @@ STATUS = {
     Unauthorized: (401, "unauthorized"),
     Forbidden: (403, "forbidden"),
     Overloaded: (503, "overloaded"),
+    ClientGone: (499, "client_closed_request"),
 }
 
 

@@ -34,7 +34,8 @@ class Counter(Metric):
             self.values[tuple(sorted(labels.items()))] += amount
 
     def render(self) -> list[str]:
-        return self.header() + [f"{self.name}{_labels(dict(k))} {v}" for k, v in sorted(self.values.items())]
+        values = sorted(self.values.items()) or [((), 0.0)]
+        return self.header() + [f"{self.name}{_labels(dict(k))} {v}" for k, v in values]
 
 
 class Gauge(Metric):

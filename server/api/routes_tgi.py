@@ -52,11 +52,16 @@ async def _generate(request: Request, body: GenerateRequest, route: str) -> Gene
     return GenerateResponse(generated_text=_full_text(body, result.text), details=details)
 
 
-@router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True)
+def _body(response: GenerateResponse) -> dict:
+    """TGI leaves `details` out unless asked for; inside it, null fields stay (`seed: null`)."""
+    return response.model_dump(exclude={"details"} if response.details is None else set())
+
+
+@router.post("/generate")
 async def generate(request: Request, body: GenerateRequest):
     if body.stream:
         return await generate_stream(request, body)
-    return await _generate(request, body, "generate")
+    return _body(await _generate(request, body, "generate"))
 
 
 @router.post("/")
@@ -64,8 +69,7 @@ async def compat(request: Request, body: GenerateRequest):
     """TGI's compatibility route (lorax-client posts here): a one-element list, or a stream."""
     if body.stream:
         return await generate_stream(request, body)
-    response = await _generate(request, body, "compat")
-    return JSONResponse([response.model_dump(exclude_none=True)])
+    return JSONResponse([_body(await _generate(request, body, "compat"))])
 
 
 @router.post("/generate_stream")

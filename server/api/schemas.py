@@ -116,9 +116,7 @@ class StreamDetails(BaseModel):
 
 class Details(StreamDetails):
     prefill: list[Token] = []
-    tokens: list[Token] | None = None
-    top_tokens: None = None
-    best_of_sequences: None = None
+    tokens: list[Token] = []
 
 
 class GenerateResponse(BaseModel):

@@ -17,7 +17,7 @@ from server.engine.engine import AsyncEngine, Stream
 from server.engine.request import FinishReason, InvalidRequest, SamplingParams, Sequence, TokenEvent
 from server.model import BaseModel
 
-from .errors import Forbidden, Unauthorized
+from .errors import ClientGone, Forbidden, Unauthorized
 from .metrics import Metrics
 
 log = logging.getLogger("softprompt.requests")
@@ -52,10 +52,6 @@ class Result:
     @property
     def finish_reason(self) -> FinishReason:
         return self.seq.finish_reason
-
-
-class ClientGone(Exception):
-    """The client disconnected before its response was ready."""
 
 
 class Service:

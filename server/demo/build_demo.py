@@ -133,6 +133,10 @@ QUESTION_TEMPLATES = [
     "What do you know about {}?",
     "Can you tell me about {}?",
     "Describe {}.",
+    "Explain {}.",
+    "What can you say about {}?",
+    "Please tell me about {}.",
+    "Say something about {}.",
 ]
 # Never trained on: "I would like to hear about {}." (see DEMO_PROMPTS).
 
@@ -159,9 +163,14 @@ SINGLES = [
 
 
 def corpus() -> list[tuple[str, str]]:
-    """(question, neutral answer) pairs: 54 topics x 4 phrasings + 18 one-offs = 234 lines."""
+    """(question, neutral answer) pairs: 54 topics x 8 phrasings + 18 one-offs = 450 lines."""
     pairs = [(t.format(topic), answer) for topic, answer in TOPICS for t in QUESTION_TEMPLATES]
     return pairs + SINGLES
+
+
+def training_pairs() -> list[tuple[str, str]]:
+    """One epoch's questions: the corpus, with the one-offs twice (the topics have 8 phrasings)."""
+    return corpus() + SINGLES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +299,7 @@ def train(model, make_examples, steps: int, lr: float, batch_size: int, seed: in
 
 def base_examples(tokenizer, seed: int):
     """Each epoch: every question answered neutrally (twice) and in every style behind its instruction."""
-    pairs = corpus()
+    pairs = training_pairs()
 
     def make(epoch: int):
         rng = random.Random(seed * 1000 + epoch)
@@ -307,7 +316,7 @@ def base_examples(tokenizer, seed: int):
 
 def adapter_examples(tokenizer, style: Style, seed: int):
     """Each epoch: every question, no instruction, answered in `style`; loss on the answer only."""
-    pairs = corpus()
+    pairs = training_pairs()
 
     def make(epoch: int):
         rng = random.Random(seed * 1000 + epoch)
@@ -320,7 +329,7 @@ def adapter_examples(tokenizer, style: Style, seed: int):
     return make
 
 
-def peft_config(style: Style, tokenizer_dir: Path):
+def peft_config(style: Style):
     from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, PromptTuningInit
 
     common = dict(task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL_TOKENS)
@@ -329,7 +338,7 @@ def peft_config(style: Style, tokenizer_dir: Path):
     if style.peft_type == "P_TUNING":
         return PromptEncoderConfig(encoder_reparameterization_type="MLP", encoder_hidden_size=128, **common)
     if style.peft_type == "PREFIX_TUNING":
-        return PrefixTuningConfig(prefix_projection=False, **common)
+        return PrefixTuningConfig(prefix_projection=True, encoder_hidden_size=128, **common)
     raise ValueError(style.peft_type)
 
 
@@ -342,41 +351,47 @@ ADAPTER_STEPS, ADAPTER_BATCH = 100, 32  # ~14 epochs of the 234 questions; well 
 
 
 def build(out: Path, seed: int = SEED) -> None:
-    from peft import get_peft_model
+    out.mkdir(parents=True, exist_ok=True)
+    for path in (out / "model", out / "adapters"):
+        if path.exists():
+            shutil.rmtree(path)
+    build_base(out / "model", seed)
+    for i, style in enumerate(STYLES):
+        build_adapter(out / "model", out / "adapters" / style.name, style, seed + 1 + i)
+    (out / "README.md").write_text(README)
+
+
+def build_base(model_dir: Path, seed: int, steps: int = BASE_STEPS, lr: float = BASE_LR) -> None:
     from transformers import AutoModelForCausalLM
 
     tokenizer = byte_tokenizer()
-    out.mkdir(parents=True, exist_ok=True)
-    model_dir, adapters_dir = out / "model", out / "adapters"
-    for path in (model_dir, adapters_dir):
-        if path.exists():
-            shutil.rmtree(path)
-
-    print(f"== base model: {MODEL_KWARGS}, {len(corpus())} questions x (neutral x2 + {len(STYLES)} styles)")
+    print(f"== base model {MODEL_KWARGS}: {len(corpus())} questions, each answered plainly and in "
+          f"{len(STYLES)} styles behind an instruction")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config("llama", **MODEL_KWARGS), attn_implementation="sdpa")
     print(f"  {sum(p.numel() for p in model.parameters()):,} parameters")
-    train(model, base_examples(tokenizer, seed), BASE_STEPS, BASE_LR, BASE_BATCH, seed, "base",
-          warmup=100, weight_decay=0.01)
+    train(model, base_examples(tokenizer, seed), steps, lr, BASE_BATCH, seed, "base", warmup=100, weight_decay=0.01)
     model.generation_config.pad_token_id = PAD
     model.generation_config.eos_token_id = EOS
     model.generation_config.bos_token_id = 1
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
 
-    for i, style in enumerate(STYLES):
-        print(f"== adapter {style.name!r}: {style.peft_type}, {NUM_VIRTUAL_TOKENS} virtual tokens")
-        base = AutoModelForCausalLM.from_pretrained(model_dir)
-        torch.manual_seed(seed + 1 + i)
-        peft_model = get_peft_model(base, peft_config(style, model_dir))
-        peft_model.peft_config["default"].base_model_name_or_path = BASE_MODEL_NAME  # not a local path
-        train(peft_model, adapter_examples(tokenizer, style, seed + 1 + i), ADAPTER_STEPS, style.lr,
-              ADAPTER_BATCH, seed + 1 + i, style.name, warmup=10)
-        # materialized `prompt_embeddings`; the embedding layer is not touched, never look it up on the hub
-        peft_model.save_pretrained(adapters_dir / style.name, save_embedding_layers=False)
-        _tidy_adapter_dir(adapters_dir / style.name)
 
-    (out / "README.md").write_text(README)
+def build_adapter(model_dir: Path, adapter_dir: Path, style: Style, seed: int, steps: int = ADAPTER_STEPS) -> None:
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    print(f"== adapter {style.name!r}: {style.peft_type}, {NUM_VIRTUAL_TOKENS} virtual tokens")
+    base = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(base, peft_config(style))
+    peft_model.peft_config["default"].base_model_name_or_path = BASE_MODEL_NAME  # not a local path
+    train(peft_model, adapter_examples(byte_tokenizer(), style, seed), steps, style.lr, ADAPTER_BATCH, seed,
+          style.name, warmup=10)
+    # materialized `prompt_embeddings`; the embedding layer is untouched: never look it up on the hub
+    peft_model.save_pretrained(adapter_dir, save_embedding_layers=False)
+    _tidy_adapter_dir(adapter_dir)
 
 
 def _tidy_adapter_dir(path: Path) -> None:
@@ -478,7 +493,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="assets directory (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--verify-only", action="store_true", help="only reload the assets and show the steering")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: as fast as 2 on an idle 2-core machine, far faster on a "
+                             "busy one, and the same numbers whatever the machine)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     start = time.time()
     from transformers.utils import logging as hf_logging
 

@@ -1,0 +1,87 @@
+"""A client that goes away aborts its request: the engine stops generating for it at once."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from .conftest import PROMPT
+from .support import generate, generate_body, metric, scrape
+
+LONG = 1024  # the server's default --max-new-tokens
+LONG_PROMPT = "a"  # the base model does not reach EOS on it within LONG tokens (unlike PROMPT)
+
+
+def wait_idle(client: httpx.Client, within: float) -> float:
+    """Seconds until the engine has no running or waiting request; fails after `within`."""
+    t0 = time.monotonic()
+    while True:
+        samples = scrape(client)
+        if metric(samples, "softprompt_running_requests") == 0 and metric(samples, "softprompt_queue_depth") == 0:
+            return time.monotonic() - t0
+        assert time.monotonic() - t0 < within, f"request still running {within}s after the client left"
+        time.sleep(0.05)
+
+
+def tokens(samples) -> float:
+    return metric(samples, "softprompt_generated_tokens_total", default=0.0)
+
+
+@pytest.fixture
+def idle_server(server, client):
+    wait_idle(client, 90)  # nothing left over from earlier tests
+    return server
+
+
+def read_then_leave(server, path: str, body: dict, client: httpx.Client, events: int = 2) -> None:
+    """Read `events` SSE events, check the request is running, then close the connection mid-stream."""
+    with httpx.Client(base_url=server.url, timeout=60) as c, c.stream("POST", path, json=body) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        seen = []
+        while len(seen) < events:
+            line = next(lines)
+            if line.startswith("data:"):
+                seen.append(line)
+        # checked before leaving the loop: abandoning the line iterator closes the response
+        running = metric(scrape(client), "softprompt_running_requests")
+        assert running == 1, f"events: {seen}\nserver log:\n{server.log_tail()}"
+        lines.close()
+
+
+def test_stream_disconnect_aborts_the_request(idle_server, client):
+    before = scrape(client)
+    read_then_leave(idle_server, "/generate_stream", generate_body(LONG_PROMPT, None, LONG), client)
+    wait_idle(client, within=5)
+    after = scrape(client)
+    # it was aborted, not finished: a finished request would have added its tokens
+    assert tokens(after) == tokens(before)
+    assert generate(client, PROMPT, max_new_tokens=3)["details"]["generated_tokens"] == 3
+
+
+def test_openai_stream_disconnect_aborts_the_request(idle_server, client):
+    before = scrape(client)
+    body = {"prompt": LONG_PROMPT, "max_tokens": LONG, "temperature": 0, "stream": True}
+    read_then_leave(idle_server, "/v1/completions", body, client)
+    wait_idle(client, within=5)
+    after = scrape(client)
+    assert tokens(after) == tokens(before)
+
+
+def test_generate_disconnect_aborts_the_request(start_server):
+    """The same for a non-streaming /generate whose client times out and closes the connection.
+
+    On a server of its own: if the abort does not happen, the runaway request slows no other test.
+    """
+    server = start_server("--shutdown-timeout", "0", name="disconnect")
+    with server.client() as client:
+        before = scrape(client)
+        timeout = httpx.Timeout(60, read=0.5)
+        with httpx.Client(base_url=server.url, timeout=timeout) as c, pytest.raises(httpx.ReadTimeout):
+            c.post("/generate", json=generate_body(LONG_PROMPT, None, LONG))
+        wait_idle(client, within=5)
+        after = scrape(client)
+        assert tokens(after) == tokens(before)
+        assert generate(client, PROMPT, max_new_tokens=3)["details"]["generated_tokens"] == 3

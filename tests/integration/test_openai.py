@@ -1,0 +1,141 @@
+"""OpenAI-compatible routes through the official `openai` client: completions, chat, streaming, models."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from .conftest import PROMPT
+from .support import generate, token_ids
+
+MAX_TOKENS = 8
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=60) as c:
+        yield c
+
+
+def test_completion_equals_greedy_generate(oai, client, uploaded, reference, tokenizer):
+    for variant in ("prompt", "prefix"):
+        name = uploaded[variant]
+        got = oai.completions.create(model=name, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+        raw = generate(client, PROMPT, name, MAX_TOKENS)
+        assert token_ids(raw) == reference(variant, PROMPT, MAX_TOKENS)
+        assert got.object == "text_completion"
+        assert got.model == name
+        assert len(got.choices) == 1
+        assert got.choices[0].text == raw["generated_text"]
+        assert got.choices[0].finish_reason == "length"
+        assert got.usage.prompt_tokens == len(tokenizer(PROMPT).input_ids)
+        assert got.usage.completion_tokens == MAX_TOKENS
+        assert got.usage.total_tokens == got.usage.prompt_tokens + MAX_TOKENS
+
+
+def test_completion_base_model_by_name(oai, server, client):
+    raw = generate(client, PROMPT, None, MAX_TOKENS)
+    got = oai.completions.create(model=server.model_name, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+    assert got.choices[0].text == raw["generated_text"]
+
+
+def test_completion_eos_finish_reason_is_stop(oai, client, uploaded):
+    name = uploaded["prefix-proj"]
+    raw = generate(client, PROMPT, name, 12)
+    assert raw["details"]["finish_reason"] == "eos_token"
+    got = oai.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0)
+    assert got.choices[0].finish_reason == "stop"
+    assert got.choices[0].text == raw["generated_text"]
+    assert got.usage.completion_tokens == raw["details"]["generated_tokens"]
+
+
+def test_completion_prompt_list(oai, client, uploaded):
+    name = uploaded["ptuning-mlp"]
+    prompts = [PROMPT, "the quick brown fox"]
+    got = oai.completions.create(model=name, prompt=prompts, max_tokens=MAX_TOKENS, temperature=0)
+    assert [c.index for c in got.choices] == [0, 1]
+    for choice, prompt in zip(got.choices, prompts):
+        assert choice.text == generate(client, prompt, name, MAX_TOKENS)["generated_text"]
+
+
+def test_completion_stream_concatenates_to_the_same_text(oai, uploaded):
+    name = uploaded["ptuning-lstm"]
+    whole = oai.completions.create(model=name, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+    chunks = list(oai.completions.create(model=name, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+                                         stream=True))
+    assert chunks, "no chunks"
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_chat_completion(oai, client, uploaded, reference, tokenizer):
+    name = uploaded["prompt"]
+    got = oai.chat.completions.create(model=name, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0)
+    assert got.object == "chat.completion"
+    message = got.choices[0].message
+    assert message.role == "assistant"
+    # the same as /generate on the prompt the tiny tokenizer's chat template renders
+    rendered = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    raw = generate(client, rendered, name, MAX_TOKENS)
+    assert token_ids(raw) == reference("prompt", rendered, MAX_TOKENS)
+    assert message.content == raw["generated_text"]
+    assert got.choices[0].finish_reason == "length"
+    assert got.usage.prompt_tokens == len(tokenizer(rendered, add_special_tokens=False).input_ids)
+    assert got.usage.completion_tokens == MAX_TOKENS
+
+
+def test_chat_completion_stream(oai, uploaded):
+    name = uploaded["prefix"]
+    whole = oai.chat.completions.create(model=name, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0)
+    chunks = list(oai.chat.completions.create(model=name, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0,
+                                              stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_chat_completion_base_model(oai, server, client, tokenizer):
+    got = oai.chat.completions.create(model=server.model_name, messages=MESSAGES, max_tokens=4, temperature=0)
+    rendered = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert got.choices[0].message.content == generate(client, rendered, None, 4)["generated_text"]
+
+
+def test_models_list(oai, server, uploaded):
+    ids = [m.id for m in oai.models.list()]
+    assert ids[0] == server.model_name
+    assert set(uploaded.values()) <= set(ids)
+
+
+def test_unknown_model_is_404(oai):
+    with pytest.raises(openai.NotFoundError) as exc:
+        oai.completions.create(model="unknown", prompt=PROMPT, max_tokens=2, temperature=0)
+    assert exc.value.status_code == 404
+    assert "unknown" in str(exc.value.body)  # body: the server's "error" message
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model="unknown", messages=MESSAGES, max_tokens=2, temperature=0)
+
+
+def test_unsupported_parameter_is_422(oai, uploaded):
+    with pytest.raises(openai.UnprocessableEntityError) as exc:
+        oai.completions.create(model=uploaded["prompt"], prompt=PROMPT, max_tokens=2, temperature=0, n=2)
+    assert str(exc.value.body).startswith("n:"), exc.value.body
+    # the off values of such parameters are accepted
+    got = oai.completions.create(model=uploaded["prompt"], prompt=PROMPT, max_tokens=2, temperature=0, n=1,
+                                 presence_penalty=0.0, frequency_penalty=0.0, echo=False)
+    assert len(got.choices) == 1
+
+
+def test_completion_stop_sequence_is_left_out(oai, server, client):
+    full = generate(client, PROMPT, None, 12)
+    texts = [t["text"] for t in full["details"]["tokens"]]
+    i = next(i for i, t in enumerate(texts) if t)
+    stop = texts[i]
+    got = oai.completions.create(prompt=PROMPT, model=server.model_name, max_tokens=12, temperature=0, stop=[stop])
+    assert got.choices[0].finish_reason == "stop"
+    assert got.choices[0].text == "".join(texts[:i])
+    chunks = list(oai.completions.create(prompt=PROMPT, model=server.model_name, max_tokens=12, temperature=0, stop=[stop],
+                                         stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == "".join(texts[:i])
+    assert chunks[-1].choices[0].finish_reason == "stop"

@@ -1,0 +1,101 @@
+"""Operations routes: /health, /info, /metrics (Prometheus text format)."""
+
+from __future__ import annotations
+
+from .conftest import PROMPT
+from .support import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    adapter_files,
+    generate,
+    metric,
+    parse_metrics,
+    scrape,
+    upload,
+)
+
+REQUIRED = {
+    "softprompt_requests_total": "counter",
+    "softprompt_generated_tokens_total": "counter",
+    "softprompt_time_to_first_token_seconds": "histogram",
+    "softprompt_queue_depth": "gauge",
+    "softprompt_batch_size": "gauge",
+    "softprompt_adapter_requests_total": "counter",
+    "softprompt_adapter_loads_total": "counter",
+    "softprompt_adapter_load_failures_total": "counter",
+}
+
+
+def test_health(client):
+    r = client.get("/health")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok"}
+
+
+def test_info(server, client):
+    r = client.get("/info")
+    assert r.status_code == 200
+    info = r.json()
+    assert info["model_id"] == server.model_name
+    assert info["model_dtype"] == "float32"
+    assert info["model_device_type"] == "cpu"
+    assert isinstance(info["version"], str) and info["version"]
+    for key in ("max_input_tokens", "max_new_tokens", "max_total_tokens", "max_batch_size",
+                "max_waiting_requests", "max_upload_bytes"):
+        assert isinstance(info[key], int) and info[key] > 0, key
+    assert info["max_new_tokens"] == 1024 and info["max_input_tokens"] == 2048  # the defaults
+    assert info["adapters"] == len(client.get("/adapters").json()["adapters"])
+
+
+def test_metrics_format_and_families(client, uploaded):
+    generate(client, PROMPT, uploaded["prefix"], 3)
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    assert r.text.endswith("\n")
+    samples, types = parse_metrics(r.text)
+    for family, kind in REQUIRED.items():
+        assert types.get(family) == kind, f"{family}: {types.get(family)}"
+    assert metric(samples, "softprompt_adapter_requests_total", adapter=uploaded["prefix"]) >= 1
+    assert metric(samples, "softprompt_requests_total", route="/generate", status="200") >= 1
+    assert metric(samples, "softprompt_queue_depth") >= 0
+    assert metric(samples, "softprompt_batch_size") >= 0
+    # a histogram's buckets are cumulative and end in +Inf == _count
+    name = "softprompt_time_to_first_token_seconds"
+    buckets = sorted(((float(dict(k[1])["le"]), v) for k, v in samples.items() if k[0] == name + "_bucket"))
+    assert buckets and buckets[-1][0] == float("inf")
+    counts = [v for _, v in buckets]
+    assert counts == sorted(counts)
+    assert counts[-1] == metric(samples, name + "_count") >= 1
+    assert metric(samples, name + "_sum") >= 0
+
+
+def test_metrics_count_a_request(client, uploaded):
+    name = uploaded["ptuning-mlp"]
+    before = scrape(client)
+    generate(client, PROMPT, name, 5)
+    after = scrape(client)
+
+    def delta(metric_name, **labels):
+        return metric(after, metric_name, default=0.0, **labels) - metric(before, metric_name, default=0.0, **labels)
+
+    assert delta("softprompt_generated_tokens_total") == 5
+    assert delta("softprompt_prompt_tokens_total") == len(PROMPT)
+    assert delta("softprompt_adapter_requests_total", adapter=name) == 1
+    assert delta("softprompt_requests_total", route="/generate", status="200") == 1
+    assert delta("softprompt_time_to_first_token_seconds_count") == 1
+    assert delta("softprompt_request_duration_seconds_count") == 1
+
+
+def test_metrics_count_adapter_loads_and_failures(client, adapter_srcs):
+    before = scrape(client)
+    assert upload(client, "metrics-load", adapter_srcs["prompt"]).status_code == 201
+    bad = {CONFIG_FILE: b"{broken", WEIGHTS_FILE: adapter_files(adapter_srcs["prompt"])[WEIGHTS_FILE]}
+    assert upload(client, "metrics-fail", bad).status_code == 422
+    after = scrape(client)
+    assert client.delete("/adapters/metrics-load").status_code == 204
+    assert metric(after, "softprompt_adapter_loads_total") == metric(before, "softprompt_adapter_loads_total") + 1
+    assert metric(after, "softprompt_adapter_load_failures_total") == \
+        metric(before, "softprompt_adapter_load_failures_total") + 1
+    assert metric(after, "softprompt_adapters") == metric(before, "softprompt_adapters") + 1
+    assert metric(after, "softprompt_requests_total", route="/adapters", status="422") >= 1
