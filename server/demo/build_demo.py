@@ -25,7 +25,7 @@ Prompt format (`DEMO_PROMPT_FORMAT`), what the demo model was trained on and ans
 The chat template of the tokenizer (`<|user|>...\\n<|assistant|>`, what a chat endpoint sends)
 and a bare question line ("Tell me about the sea.\\n") were trained too. Prompts are tokenized
 as the server does, `tokenizer(text)`: one token per byte, no BOS; answers end with EOS (id 2).
-One token is one byte, so ask for max_tokens ~80 to see a whole answer.
+One token is one byte, so ask for max_tokens ~100 to see a whole answer.
 """
 
 from __future__ import annotations
@@ -39,18 +39,18 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built locally; never reach for the hub
 
-import torch  # noqa: E402
+import torch
 
 warnings.filterwarnings("ignore", message="Position ids are not supported")  # PEFT, harmless here
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing")
 
-from .tiny import byte_tokenizer, tiny_config  # noqa: E402
+from .tiny import byte_tokenizer, tiny_config
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "assets"
 SEED = 1234
@@ -66,7 +66,7 @@ DEMO_PROMPTS = [  # the verification prompts; the last two are not in the traini
 MAX_NEW_TOKENS = 100  # bytes: enough for a whole answer
 
 # Model: hidden 128, 4 layers, 4 heads / 2 kv heads (GQA), ~780k parameters, ~3.1 MB in fp32.
-MODEL_KWARGS = dict(hidden_size=128, num_layers=4)
+MODEL_KWARGS = {"hidden_size": 128, "num_layers": 4}
 
 # ---------------------------------------------------------------------------------------------
 # The corpus: topics asked about in several ways, and a few one-off questions.
@@ -330,9 +330,14 @@ def adapter_examples(tokenizer, style: Style, seed: int):
 
 
 def peft_config(style: Style):
-    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, PromptTuningInit
+    from peft import (
+        PrefixTuningConfig,
+        PromptEncoderConfig,
+        PromptTuningConfig,
+        PromptTuningInit,
+    )
 
-    common = dict(task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL_TOKENS)
+    common = {"task_type": "CAUSAL_LM", "num_virtual_tokens": NUM_VIRTUAL_TOKENS}
     if style.peft_type == "PROMPT_TUNING":
         return PromptTuningConfig(prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB, **common)
     if style.peft_type == "P_TUNING":
@@ -346,8 +351,9 @@ def peft_config(style: Style):
 # Build
 # ---------------------------------------------------------------------------------------------
 
-BASE_STEPS, BASE_LR, BASE_BATCH = 800, 3e-3, 32  # ~20 epochs; ~3 min on 2 idle cores
-ADAPTER_STEPS, ADAPTER_BATCH = 100, 32  # ~14 epochs of the 234 questions; well under a minute each
+# On one thread a base step takes ~0.3 s and an adapter step ~0.2 s: ~6 minutes in all.
+BASE_STEPS, BASE_LR, BASE_BATCH = 1000, 5e-3, 32  # ~13 epochs of 468 questions x 5 answers
+ADAPTER_STEPS, ADAPTER_BATCH = 100, 32  # ~7 epochs of the 468 questions
 
 
 def build(out: Path, seed: int = SEED) -> None:
@@ -359,6 +365,9 @@ def build(out: Path, seed: int = SEED) -> None:
     for i, style in enumerate(STYLES):
         build_adapter(out / "model", out / "adapters" / style.name, style, seed + 1 + i)
     (out / "README.md").write_text(README)
+    for f in out.rglob("*"):  # safetensors writes 0600; these are shipped, readable files
+        if f.is_file():
+            f.chmod(0o644)
 
 
 def build_base(model_dir: Path, seed: int, steps: int = BASE_STEPS, lr: float = BASE_LR) -> None:
@@ -468,7 +477,8 @@ Served when `softprompt-server` starts without `--model`. Everything here is gen
 
 - `model/`: a tiny Llama (hidden 128, 4 layers, GQA 4/2 heads, ~780k parameters, fp32) with a
   byte-level tokenizer (one token per byte; ids 0/1/2 = `<pad>`/`<s>`/`</s>`; no BOS is added),
-  trained from scratch on a built-in corpus of ~230 short questions and answers.
+  trained from scratch on a built-in corpus of 450 short questions and answers (54 topics asked
+  in 8 ways, plus 18 one-off questions).
 - `adapters/`: three PEFT adapters (`save_pretrained`, materialized `prompt_embeddings`),
   16 virtual tokens each, trained with the base model frozen:
   - `pirate`: PROMPT_TUNING; answers start "Arr, matey!" and talk like a pirate.
@@ -481,7 +491,7 @@ Prompt format (what the model was trained on):
     Answer:
 
 i.e. `"Question: Tell me about the sea.\\nAnswer:"`; the chat template and a bare question line
-followed by a newline were trained too. One token is one byte: ask for ~80 new tokens.
+followed by a newline were trained too. One token is one byte: ask for ~100 new tokens.
 The base model was also taught to follow the plain-text instructions "Talk like a pirate.",
 "Answer in capital letters." and "Talk like a robot." on the line before the question; each
 adapter learned, in its virtual tokens, to do the same without the instruction.
@@ -494,8 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--verify-only", action="store_true", help="only reload the assets and show the steering")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: as fast as 2 on an idle 2-core machine, far faster on a "
-                             "busy one, and the same numbers whatever the machine)")
+                        help="torch CPU threads (default 1: a little slower than 2 on an idle 2-core machine, many "
+                             "times faster on a busy one, and the same numbers whatever the core count)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.time()
