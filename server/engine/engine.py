@@ -27,7 +27,7 @@ class Engine:
                  max_prefill_tokens: int = 4096):
         self.tokenizer = tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        self.runner = ModelRunner(model, spec, pad)
+        self.runner = ModelRunner(model, spec, pad, max_rows=max_batch_size)
         self.scheduler = Scheduler(max_batch_size, max_waiting, max_prefill_tokens)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.special_ids = set(tokenizer.all_special_ids)

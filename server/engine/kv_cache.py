@@ -22,8 +22,9 @@ GROWTH_SLOTS = 64  # slots added on the right at least, when a reallocation happ
 
 
 class KVBatch:
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, device, dtype):
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, device, dtype, max_rows: int):
         self.dims = (num_layers, num_kv_heads, head_dim)
+        self.max_rows = max_rows  # the buffer never holds more rows (the scheduler's batch limit)
         self.device, self.dtype = torch.device(device), dtype
         self.rows = 0  # active rows are 0..rows-1
         self.start = self.end = 0  # the window of slots the active rows use
@@ -49,7 +50,7 @@ class KVBatch:
             self.start = self.end = before_end  # empty: place the window freely
         if rows <= rows_cap and self.end >= before_end and self.end + after_end <= slots_cap:
             return
-        new_rows = rows_cap if rows <= rows_cap else max(rows, 2 * rows_cap)
+        new_rows = rows_cap if rows <= rows_cap else max(rows, min(2 * rows_cap, self.max_rows))
         new_end = max(self.length, before_end)  # the window moves back to the left: nothing is kept before it
         new_start = new_end - self.length
         kv = self._zeros(new_rows, new_end + max(after_end, GROWTH_SLOTS))

@@ -17,7 +17,7 @@ from .kv_cache import KVBatch
 from .request import Sequence
 from .sampler import RowSampler, sample
 
-PAD_WASTE = 0.25  # prefill newcomers in one forward while padding adds at most this share of tokens
+PAD_WASTE = 0.1  # prefill newcomers in one forward while padding adds at most this share of tokens
 
 
 @dataclass
@@ -37,10 +37,11 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, model, spec: ModelSpec, pad_token_id: int):
+    def __init__(self, model, spec: ModelSpec, pad_token_id: int, max_rows: int):
         self.model = model
         self.spec = spec
         self.pad_token_id = pad_token_id
+        self.max_rows = max_rows
         self.kv: KVBatch
         self.seqs: list[Sequence]  # row order
         self.samplers: list[RowSampler]  # row order
@@ -49,7 +50,7 @@ class ModelRunner:
     def reset(self) -> None:
         """Drop every row (after a failed step)."""
         self.kv = KVBatch(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, self.spec.device,
-                          self.spec.dtype)
+                          self.spec.dtype, self.max_rows)
         self.seqs, self.samplers = [], []
 
     @torch.inference_mode()
@@ -57,6 +58,8 @@ class ModelRunner:
         if step.release:
             self._release(step.release)
         outputs = self._decode() if step.decode and self.seqs else []
+        if step.prefill:
+            self._reserve_for(step.prefill)
         for group in _groups_by_length(step.prefill):
             outputs += self._prefill(group)
         return outputs
@@ -67,6 +70,12 @@ class ModelRunner:
         for src, dst in self.kv.close_rows(rows):
             self.seqs[dst], self.samplers[dst] = self.seqs[src], self.samplers[src]
         del self.seqs[self.kv.rows:], self.samplers[self.kv.rows:]
+
+    def _reserve_for(self, newcomers: list[Sequence]) -> None:
+        """One reallocation at most per step: room for every newcomer and for the batch's generation."""
+        before = max(s.prefix_length for s in newcomers) + max(len(s.prompt_ids) for s in newcomers)
+        after = max(s.params.max_new_tokens - len(s.output_ids) for s in self.seqs + newcomers)
+        self.kv.reserve(self.kv.rows + len(newcomers), before, after)
 
     def _decode(self) -> list[StepOutput]:
         mask, cache = self.kv.decode_inputs()

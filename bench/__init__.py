@@ -1,0 +1,1 @@
+"""Benchmarks of the serving engine against PEFT and Hugging Face `generate` baselines."""
