@@ -124,18 +124,22 @@ class Service:
             async for event in stream:
                 events.append(event)
 
+        async def disconnected():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
         task = asyncio.ensure_future(consume())
+        watcher = asyncio.ensure_future(disconnected()) if request is not None else None
         try:
-            while not task.done():
-                done, _ = await asyncio.wait({task}, timeout=0.5)
-                if not done and request is not None and await request.is_disconnected():
-                    stream.abort()
-                    task.cancel()
-                    raise ClientGone()
+            await asyncio.wait({t for t in (task, watcher) if t}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():  # the client went away first
+                stream.abort()
+                raise ClientGone()
             task.result()
         finally:
-            if not task.done():
-                task.cancel()
+            for t in (task, watcher):
+                if t is not None and not t.done():
+                    t.cancel()
         return Result(events, stream.seq)
 
     def record(self, job: Job, seq: Sequence) -> None:
