@@ -43,16 +43,14 @@ def _refuse_unsupported(values: dict[str, Any], prefix: str = "") -> None:
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown client fields are accepted at their defaults
+    """Unknown client fields are kept (in `model_dump()`), so `_OFF_VALUES` can check them undeclared."""
 
-    def extras(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
+    model_config = ConfigDict(extra="allow")
 
 
 class GenerateParameters(_Lenient):
     adapter_id: str | None = None
     adapter_source: str | None = None  # LoRAX: only adapters registered here ("local") are served
-    api_token: str | None = None
     max_new_tokens: int | None = Field(default=20)
     do_sample: bool | None = False
     temperature: float | None = None
@@ -64,16 +62,6 @@ class GenerateParameters(_Lenient):
     details: bool | None = False
     return_full_text: bool | None = False
     truncate: int | None = None  # keep only the last `truncate` prompt tokens
-    best_of: int | None = None
-    decoder_input_details: bool | None = False
-    watermark: bool | None = False
-    top_n_tokens: int | None = None
-    typical_p: float | None = None
-    frequency_penalty: float | None = None
-    grammar: Any = None
-    response_format: Any = None
-    adapter_parameters: Any = None
-    merged_adapters: Any = None
 
     def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
         _refuse_unsupported(self.model_dump(), "parameters.")
@@ -142,14 +130,6 @@ class _OpenAIBase(_Lenient):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool | None = False
-    n: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict | None = None
-    logprobs: Any = None
-    top_logprobs: int | None = None
-    user: str | None = None
-    stream_options: dict | None = None
     repetition_penalty: float | None = None  # common extension (vLLM, TGI)
     top_k: int | None = None  # common extension (vLLM, TGI)
 
@@ -171,9 +151,6 @@ class _OpenAIBase(_Lenient):
 
 class CompletionRequest(_OpenAIBase):
     prompt: str | list[str]
-    echo: bool | None = False
-    suffix: str | None = None
-    best_of: int | None = None
 
     def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
         return self._params(self.max_tokens if self.max_tokens is not None else 16, default_max_new_tokens)
@@ -197,9 +174,6 @@ class ChatMessage(_Lenient):
 class ChatCompletionRequest(_OpenAIBase):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
-    tools: Any = None
-    tool_choice: Any = None
-    response_format: Any = None
 
     def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -34,7 +34,7 @@ class Engine:
         self._lock = threading.Lock()  # guards the scheduler's queues between submitters and the stepper
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self.accepting = True
-        self.stats = Counter()  # steps, generated_tokens, prefill_tokens, requests_finished
+        self.stats = Counter()  # steps, prefill_tokens, requests_finished
         self.last_batch_size = 0
 
     def submit(self, seq: Sequence) -> Sequence:
@@ -121,7 +121,6 @@ class Engine:
         text = detok.step(seq.output_ids) if detok else ""
         seq.text += text
         seq.finish_reason = self._finish_reason(seq, out.token_id, len(text))
-        self.stats["generated_tokens"] += 1
         if seq.finished:
             seq.finish_time = now
             self.stats["requests_finished"] += 1
