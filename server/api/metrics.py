@@ -100,8 +100,8 @@ class Metrics:
             Gauge(p + "queue_depth", "Requests waiting to be scheduled", lambda: engine.num_waiting),
             Gauge(p + "running_requests", "Requests in the running batch", lambda: engine.num_running),
             Gauge(p + "adapters", "Adapters registered", lambda: len(registry)),
-            Gauge(p + "kv_cache_bytes", "Bytes held by the running batch's key/value buffer",
-                  lambda: engine.runner.kv.nbytes()),
+            Gauge(p + "kv_cache_bytes", "Bytes held by the running requests' key/value pool",
+                  lambda: engine.runner.pool.nbytes()),
         ]
 
     def render(self) -> str:

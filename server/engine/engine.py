@@ -26,8 +26,7 @@ class Engine:
     def __init__(self, model, tokenizer, spec: ModelSpec, max_batch_size: int = 64, max_waiting: int = 256,
                  max_prefill_tokens: int = 4096):
         self.tokenizer = tokenizer
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        self.runner = ModelRunner(model, spec, pad, max_rows=max_batch_size)
+        self.runner = ModelRunner(model, spec)
         self.scheduler = Scheduler(max_batch_size, max_waiting, max_prefill_tokens)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.special_ids = set(tokenizer.all_special_ids)

@@ -50,11 +50,12 @@ def test_mixed_batch_equals_alone_and_peft(worlds, arch):
             submitted.append((seq, variant, p))
         for _ in range(3 if i < len(WAVES) - 1 else 0):
             engine.step()
-            max_rows = max(max_rows, engine.runner.kv.rows)
+            max_rows = max(max_rows, len(engine.runner.rows))
 
     def track(_):
         nonlocal max_rows
-        max_rows = max(max_rows, engine.runner.kv.rows)
+        max_rows = max(max_rows, len(engine.runner.rows))
+        check_memory(engine)
 
     _drain(engine, on_step=track)
     assert max_rows >= 6, "the requests did not share batches"
@@ -69,7 +70,7 @@ def test_mixed_batch_equals_alone_and_peft(worlds, arch):
         assert seq.logprobs == pytest.approx(alone.logprobs, abs=1e-4), label
         # greedy decoding is prefix-closed: fewer new tokens give the first tokens of PEFT's answer
         assert seq.output_ids == w.reference(variant, ids)[: seq.params.max_new_tokens], label
-    assert engine.runner.kv.rows == 0
+    assert len(engine.runner.rows) == 0
     assert engine.num_running == engine.num_waiting == 0
     assert engine.stats["requests_finished"] == len(submitted)
 
@@ -124,7 +125,7 @@ def test_seeded_sampling_is_independent_of_the_batch(worlds, arch):
     _drain(engine)
     assert seq.output_ids == alone.output_ids
     assert seq.seed == 1234
-    assert engine.runner.kv.rows == 0
+    assert len(engine.runner.rows) == 0
 
 
 def test_seeds_matter_and_sampling_differs_from_greedy(llama):
@@ -158,13 +159,13 @@ def test_abort_running_request(llama):
     seqs = [engine.submit(_seq(llama, v, p)) for v, p in specs]
     engine.step()
     engine.step()
-    assert engine.runner.kv.rows == 4 and engine.num_running == 4
+    assert len(engine.runner.rows) == 4 and engine.num_running == 4
     victim = seqs[1]  # not the last row: the last one moves into its place
     produced = len(victim.output_ids)
     assert produced == 2
     engine.abort(victim)
     engine.step()
-    assert engine.runner.kv.rows == 3
+    assert len(engine.runner.rows) == 3
     assert victim not in engine.runner.seqs
     assert engine.num_running == 3
     _drain(engine)
@@ -172,7 +173,7 @@ def test_abort_running_request(llama):
     for seq, (variant, prompt) in zip(seqs, specs):
         if seq is not victim:
             assert seq.output_ids == llama.reference(variant, llama.ids(prompt)), variant
-    assert engine.runner.kv.rows == 0
+    assert len(engine.runner.rows) == 0
 
 
 def test_abort_last_row_and_all_rows(llama):
@@ -181,11 +182,11 @@ def test_abort_last_row_and_all_rows(llama):
     engine.step()
     engine.abort(seqs[2])
     engine.step()
-    assert engine.runner.kv.rows == 2
+    assert len(engine.runner.rows) == 2
     for s in seqs[:2]:
         engine.abort(s)
     engine.step()
-    assert engine.runner.kv.rows == 0 and not engine.has_work()
+    assert len(engine.runner.rows) == 0 and not engine.has_work()
     # the engine is usable afterwards, and correct
     ids = llama.ids(PROMPTS[1])
     seq = engine.generate(ids, SamplingParams(max_new_tokens=MAX_NEW), llama.adapter("ptuning-lstm"))
@@ -206,7 +207,7 @@ def test_abort_waiting_request(llama):
     assert waiting.output_ids == []
     assert first.output_ids == llama.reference("prompt", llama.ids(PROMPTS[0]))
     assert third.output_ids == llama.reference(None, llama.ids(PROMPTS[0]))
-    assert engine.runner.kv.rows == 0
+    assert len(engine.runner.rows) == 0
 
 
 # --- limits ---------------------------------------------------------------------------------------
@@ -226,7 +227,7 @@ def test_queue_full_raises_overloaded(llama):
     assert a.output_ids == llama.reference("prompt", llama.ids(PROMPTS[0]))
     assert b.output_ids == llama.reference(None, llama.ids(PROMPTS[1]))
     assert c.output_ids == llama.reference("prefix", llama.ids(PROMPTS[0]))
-    assert engine.runner.kv.rows == 0
+    assert len(engine.runner.rows) == 0
 
 
 def test_max_batch_size_and_fcfs(llama):
@@ -236,7 +237,7 @@ def test_max_batch_size_and_fcfs(llama):
     admitted_at: dict[int, int] = {}
 
     def check(step):
-        assert engine.runner.kv.rows <= 2 and engine.num_running <= 2
+        assert len(engine.runner.rows) <= 2 and engine.num_running <= 2
         for i, s in enumerate(seqs):
             if s.output_ids and i not in admitted_at:
                 admitted_at[i] = step
@@ -249,7 +250,7 @@ def test_max_batch_size_and_fcfs(llama):
     for i, (s, v) in enumerate(zip(seqs, variants)):
         ids = llama.ids(PROMPTS[i % 2])
         assert s.output_ids == llama.reference(v, ids)[: 3 + i], v
-    assert engine.runner.kv.rows == 0
+    assert len(engine.runner.rows) == 0
 
 
 def test_prefill_budget_counts_virtual_tokens(llama):
@@ -318,7 +319,7 @@ def test_finish_reason_eos(llama):
     assert seq.finish_reason == FinishReason.LENGTH
     assert seq.output_ids == free.output_ids
     _drain(engine)
-    assert engine.runner.kv.rows == 0
+    assert len(engine.runner.rows) == 0
 
 
 def _ascii_stop(tok, output_ids):
@@ -354,7 +355,7 @@ def test_finish_reason_stop_string(llama):
         assert seq.finish_reason == FinishReason.STOP and seq.text.endswith(two)
         assert seq.output_ids == free.output_ids[: k + 2]
     _drain(engine)
-    assert engine.runner.kv.rows == 0
+    assert len(engine.runner.rows) == 0
 
 
 def test_rows_freed_after_everything_finishes(llama):
@@ -363,16 +364,34 @@ def test_rows_freed_after_everything_finishes(llama):
         for p in PROMPTS:
             engine.submit(_seq(llama, v, p, max_new_tokens=3))
     _drain(engine)
-    assert engine.runner.kv.rows == 0
-    assert engine.runner.seqs == [] and engine.runner.samplers == []
+    assert engine.runner.rows == [] and engine.runner.pool.held == 0
+    assert engine.runner.pool.nbytes() == 0, "an idle engine still holds key/value memory"
     assert not engine.has_work()
 
 
-def test_steady_load_memory_stays_bounded(llama):
-    """Under continuous traffic the batch never empties. Its window of slots stays short (a few
-    requests of ~10 tokens each), so the key/value buffer must not keep growing with the number of
-    steps served: a server under steady load would otherwise run out of memory."""
+def check_memory(engine) -> int:
+    """Every running request holds one segment of at most prefix + prompt + generated slots (plus
+    the growth chunk not yet written); segments do not overlap. Returns the slots held."""
     from server.engine.kv_cache import GROWTH_SLOTS
+
+    rows = engine.runner.rows
+    segments = sorted((row.segment for row in rows), key=lambda seg: seg.start)
+    for a, b in zip(segments, segments[1:]):
+        assert a.start + a.capacity <= b.start, "two requests share key/value slots"
+    for row in rows:
+        s, seg = row.seq, row.segment
+        assert seg.length == s.prefix_length + len(s.prompt_ids) + max(len(s.output_ids) - 1, 0)
+        assert seg.capacity <= s.prefix_length + len(s.prompt_ids) + len(s.output_ids) + GROWTH_SLOTS
+    held = sum(seg.capacity for seg in segments)
+    assert engine.runner.pool.held == held
+    return held
+
+
+def test_steady_load_memory_stays_bounded(llama):
+    """Under continuous traffic the engine never empties, so the pool is never handed back: it
+    must not keep growing with the number of steps served, and each request holds only its own
+    slots (a server under steady load would otherwise run out of memory)."""
+    from server.engine.kv_cache import POOL_ROUND
 
     variants = [None, "prompt", "prefix", "ptuning-mlp", "prefix-proj", "ptuning-lstm"]
     ids = llama.ids(PROMPTS[0])
@@ -380,22 +399,21 @@ def test_steady_load_memory_stays_bounded(llama):
     alone = {v: alone_engine.generate(ids, SamplingParams(max_new_tokens=6), llama.adapter(v)).output_ids
              for v in variants}
     engine = llama.engine()
-    seqs, longest_window = [], 0
+    seqs, most_held, largest_pool = [], 0, 0
     for step in range(150):
         if step % 3 == 0:
             v = variants[(step // 3) % len(variants)]
             seqs.append((engine.submit(_seq(llama, v, PROMPTS[0], max_new_tokens=6)), v))
         engine.step()
-        assert engine.runner.kv.rows > 0
-        longest_window = max(longest_window, engine.runner.kv.length)
+        assert len(engine.runner.rows) > 0
+        most_held = max(most_held, check_memory(engine))
+        largest_pool = max(largest_pool, engine.runner.pool.slots)
     _drain(engine)
     for seq, v in seqs:
         assert seq.output_ids == alone[v], v
-    assert longest_window <= 20
-    slots = engine.runner.kv.kv.shape[4]
-    assert slots <= 2 * longest_window + GROWTH_SLOTS, (
-        f"after 150 steps the KV buffer has {slots} slots for a window of at most {longest_window}"
-    )
+    assert largest_pool <= 2 * most_held + POOL_ROUND, (
+        f"after 150 steps the pool has {largest_pool} slots while requests held at most {most_held}")
+    assert engine.runner.pool.nbytes() == 0
 
 
 def test_aborted_waiting_request_leaves_no_state(llama):
@@ -410,5 +428,5 @@ def test_aborted_waiting_request_leaves_no_state(llama):
         engine.abort(seq)
     _drain(engine)
     assert running.finished and all(not s.output_ids for s in queued)
-    assert engine.runner.kv.rows == 0
+    assert len(engine.runner.rows) == 0
     assert engine._detokenizers == {}, f"{len(engine._detokenizers)} detokenizers kept for requests that are gone"

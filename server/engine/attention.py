@@ -1,0 +1,181 @@
+"""Attention over the KV pool for one packed step: every running request's new tokens in one sequence.
+
+The engine runs the model on `input_ids [1, tokens]`: one token per decoding request and the
+whole prompt of each newcomer, back to back with no padding. This module registers an attention
+implementation with transformers that, given a `RaggedStep` in the forward's keyword arguments,
+writes each layer's new keys/values into the requests' pool segments and attends each request's
+queries to its own segment only (causal, aligned to the segment's end). Forwards without a
+`RaggedStep` (adapter materialization, plain `generate`) run transformers' own SDPA attention.
+
+Each request attends over exactly its prefix + prompt + generated keys, so no compute or memory
+goes to padding. On CPU the per-request attention calls read less memory than one padded batched
+call (`bench/README.md`); on CUDA with half precision the whole step is one variable-length flash
+attention call (`torch.nn.attention.varlen`), used once a self-check shows it matches.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from .kv_cache import KVPool
+
+log = logging.getLogger(__name__)
+
+NAME = "softprompt_ragged"
+NO_MASK = torch.empty(1, 1, 0, 0)  # a 4-D mask: transformers passes it through untouched, we ignore it
+
+
+@dataclass
+class RaggedStep:
+    """Where one packed forward's tokens go in the pool. Host lists, so no device syncs per layer."""
+
+    pool: KVPool
+    slots: torch.Tensor  # [tokens] the pool slot each packed token's key/value is written to
+    q_lens: list[int]  # per request: its tokens in this forward (1 when decoding, the prompt when new)
+    kv_lens: list[int]  # per request: its segment's written length after this forward
+    pieces: list[int]  # per request: the index of its segment in `split_sizes`' pieces
+    split_sizes: list[int]  # the pool's slots cut into segments and the gaps between them
+    _varlen: dict | None = None  # device tensors for the flash path, built on first use
+
+    @classmethod
+    def build(cls, pool: KVPool, starts: list[int], q_lens: list[int], kv_lens: list[int]) -> RaggedStep:
+        """starts, q_lens, kv_lens: per request, in packing order; segments must not overlap."""
+        slots = []
+        for start, q, kv in zip(starts, q_lens, kv_lens):
+            slots.extend(range(start + kv - q, start + kv))
+        pieces = [0] * len(starts)
+        sizes, at = [], 0
+        for i in sorted(range(len(starts)), key=starts.__getitem__):
+            sizes.append(starts[i] - at)
+            pieces[i] = len(sizes)
+            sizes.append(kv_lens[i])
+            at = starts[i] + kv_lens[i]
+        sizes.append(pool.slots - at)
+        return cls(pool, torch.tensor(slots, device=pool.device), q_lens, kv_lens, pieces, sizes)
+
+
+def ragged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, ragged=None,
+                     sliding_window=None, **kwargs):
+    """query: [1, heads, tokens, head_dim]; key, value: [1, kv_heads, tokens, head_dim] (this forward's)."""
+    if ragged is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      sliding_window=sliding_window, **kwargs)
+    window = sliding_window or getattr(module, "sliding_window", None)
+    kv = ragged.pool.kv[module.layer_idx]  # [2, kv_heads, slots, head_dim]
+    kv[0].index_copy_(1, ragged.slots, key[0])
+    kv[1].index_copy_(1, ragged.slots, value[0])
+    if _use_varlen(query, kv.shape[1], window):
+        out = _varlen(ragged, query, kv, scaling)
+    else:
+        out = _per_request(ragged, query, kv, scaling, window)
+    return out[None], None  # [1, tokens, heads, head_dim]
+
+
+def _per_request(ragged: RaggedStep, query, kv, scaling, window) -> torch.Tensor:
+    heads, kv_heads, head_dim = query.shape[1], kv.shape[1], query.shape[3]
+    keys = kv[0:1].split(ragged.split_sizes, dim=2)  # pieces [1, kv_heads, n, head_dim]
+    values = kv[1:2].split(ragged.split_sizes, dim=2)
+    queries = query[0].transpose(0, 1).contiguous().split(ragged.q_lens)  # [n, heads, head_dim] each
+    outs = []
+    for q, piece, kv_len in zip(queries, ragged.pieces, ragged.kv_lens):
+        k, v = keys[piece], values[piece]
+        n = q.shape[0]
+        if n == 1:
+            if window and kv_len > window:
+                k, v = k[:, :, -window:], v[:, :, -window:]  # decoding: a query head per row of its kv head group, no mask needed
+            o = F.scaled_dot_product_attention(q.view(1, kv_heads, heads // kv_heads, head_dim), k, v, scale=scaling)
+            outs.append(o.view(1, heads, head_dim))
+        else:
+            mask = _causal_mask(n, kv_len, window, q.device)
+            o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask, scale=scaling,
+                                               enable_gqa=heads != kv_heads)
+            outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs)  # [tokens, heads, head_dim]
+
+
+def _causal_mask(n: int, kv_len: int, window: int | None, device) -> torch.Tensor:
+    """[n, kv_len] bool: query i (the (kv_len - n + i)-th key) sees keys up to itself, within `window`."""
+    q_pos = torch.arange(kv_len - n, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None]
+    mask = k_pos <= q_pos
+    if window:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA, half precision: one variable-length flash attention call per layer
+
+
+_VARLEN_OK: dict[tuple, bool] = {}
+
+
+def _use_varlen(query, kv_heads: int, window) -> bool:
+    if query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16) or window:
+        return False
+    key = (query.device, query.dtype, query.shape[1], kv_heads, query.shape[3])
+    if key not in _VARLEN_OK:
+        _VARLEN_OK[key] = _varlen_self_check(*key)
+    return _VARLEN_OK[key]
+
+
+def _varlen(ragged: RaggedStep, query, kv, scaling) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    if ragged._varlen is None:
+        device = query.device
+        starts, at = [], 0
+        for size in ragged.split_sizes:
+            starts.append(at)
+            at += size
+        cu_q = [0]
+        for n in ragged.q_lens:
+            cu_q.append(cu_q[-1] + n)
+        k_starts = [starts[p] for p in ragged.pieces]
+        ragged._varlen = dict(
+            cu_seq_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
+            cu_seq_k=torch.tensor(k_starts + [ragged.pool.slots], dtype=torch.int32, device=device),
+            seqused_k=torch.tensor(ragged.kv_lens, dtype=torch.int32, device=device),
+            max_q=max(ragged.q_lens), max_k=max(ragged.kv_lens))
+    q = query[0].transpose(0, 1).contiguous()  # [tokens, heads, head_dim]
+    k, v = kv[0].transpose(0, 1), kv[1].transpose(0, 1)  # [slots, kv_heads, head_dim]
+    return varlen_attn(q, k, v, scale=scaling, window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1],
+                       **ragged._varlen)
+
+
+def _varlen_self_check(device, dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Run both paths on a small random step; use the flash one only if it works and agrees."""
+    try:
+        pool = KVPool(1, kv_heads, head_dim, device, dtype)
+        segs = [pool.allocate(c) for c in (64, 24, 40)][::-1]  # out of packing order, as in a long-running batch
+        lens_q, lens_kv = [1, 7, 1], [17, 20, 50]
+        for seg, n, q in zip(segs, lens_kv, lens_q):
+            pool.kv[:, :, :, seg.start:seg.start + n - q].normal_()
+        step = RaggedStep.build(pool, [s.start for s in segs], lens_q, lens_kv)
+        query = torch.randn(1, heads, sum(lens_q), head_dim, device=device, dtype=dtype)
+        kv = pool.kv[0]
+        kv[:, :, step.slots] = torch.randn(2, kv_heads, sum(lens_q), head_dim, device=device, dtype=dtype)
+        fast = _varlen(step, query, kv, None).float()
+        slow = _per_request(step, query, kv, None, None).float()
+        ok = torch.allclose(fast, slow, atol=2e-2, rtol=2e-2)
+    except Exception as exc:  # an older GPU or a build without flash attention
+        log.warning("variable-length flash attention unavailable (%s); attending per request", exc)
+        return False
+    if not ok:
+        log.warning("variable-length flash attention disagrees with the reference; attending per request")
+    return ok
+
+
+def install(model) -> None:
+    """Route the model's attention through `ragged_attention` (plain SDPA when no RaggedStep is given)."""
+    AttentionInterface.register(NAME, ragged_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    if model.config._attn_implementation != NAME:
+        model.set_attn_implementation(NAME)
