@@ -87,9 +87,9 @@ def _per_request(ragged: RaggedStep, query, kv, scaling, window) -> torch.Tensor
     for q, piece, kv_len in zip(queries, ragged.pieces, ragged.kv_lens):
         k, v = keys[piece], values[piece]
         n = q.shape[0]
-        if n == 1:
+        if n == 1:  # decoding: the query heads of a kv head group become its query rows, no mask needed
             if window and kv_len > window:
-                k, v = k[:, :, -window:], v[:, :, -window:]  # decoding: a query head per row of its kv head group, no mask needed
+                k, v = k[:, :, -window:], v[:, :, -window:]
             o = F.scaled_dot_product_attention(q.view(1, kv_heads, heads // kv_heads, head_dim), k, v, scale=scaling)
             outs.append(o.view(1, heads, head_dim))
         else:

@@ -12,6 +12,7 @@ import random
 import threading
 import time
 from collections import Counter
+
 from adapters import Adapter, ModelSpec
 
 from .detokenizer import IncrementalDetokenizer
