@@ -446,38 +446,27 @@ class _Timers:
 
 def profile_engine(world: World) -> None:
     """Re-run ours-mixed twice more: once with per-phase timers, once under torch.profiler."""
-    from server.engine import kv_cache
+    from server.engine import attention
 
     timers = _Timers(world.device)
     shape = defaultdict(int)  # work done, independent of timing noise
 
     def count_structure(runner):
-        kv = runner.kv
-        zeros, decode, prefill = kv._zeros, runner._decode, runner._prefill
+        forward = runner._forward
 
-        def counted_zeros(rows, slots):
-            buf = zeros(rows, slots)
-            if buf.numel():
-                shape["kv allocations"] += 1
-                shape["kv bytes allocated"] += buf.numel() * buf.element_size()
-                shape["kv largest rows"] = max(shape["kv largest rows"], rows)
-                shape["kv largest bytes"] = max(shape["kv largest bytes"], buf.numel() * buf.element_size())
-            return buf
+        def counted_forward(batch, tokens):
+            shape["forwards"] += 1
+            shape["tokens fed (prompts + fed-back)"] += sum(len(t) for t in tokens)
+            shape["largest forward (tokens)"] = max(shape["largest forward (tokens)"], sum(len(t) for t in tokens))
+            shape["keys attended (sum over forwards and requests)"] += sum(
+                row.segment.length + len(t) for row, t in zip(batch, tokens))
+            out = forward(batch, tokens)
+            shape["largest pool (slots)"] = max(shape["largest pool (slots)"], runner.pool.slots)
+            shape["largest pool bytes"] = max(shape["largest pool bytes"], runner.pool.nbytes())
+            shape["most slots held"] = max(shape["most slots held"], runner.pool.held)
+            return out
 
-        def counted_decode():
-            shape["decode steps"] += 1
-            shape["decode attended slots (window x rows)"] += (kv.length + 1) * kv.rows
-            shape["decode real context (prefix + prompt + generated)"] += sum(
-                s.prefix_length + len(s.prompt_ids) + len(s.output_ids) for s in runner.seqs)
-            return decode()
-
-        def counted_prefill(seqs):
-            shape["prefill forwards"] += 1
-            shape["prefill padded tokens"] += len(seqs) * max(len(s.prompt_ids) for s in seqs)
-            shape["prefill real tokens"] += sum(len(s.prompt_ids) for s in seqs)
-            return prefill(seqs)
-
-        kv._zeros, runner._decode, runner._prefill = counted_zeros, counted_decode, counted_prefill
+        runner._forward = counted_forward
 
     def instrument(engine):
         runner = engine.runner
@@ -485,44 +474,32 @@ def profile_engine(world: World) -> None:
         timers.wrap(engine.scheduler, "schedule", "scheduler.schedule")
         timers.wrap(engine, "_deliver", "engine._deliver (detokenize, finish checks)")
         timers.wrap(runner, "run", "runner.run")
-        timers.wrap(runner, "_release", "release", phase="release")
-        timers.wrap(runner, "_decode", "decode", phase="decode")
-        timers.wrap(runner, "_prefill", "prefill", phase="prefill")
-        timers.wrap(runner, "_forward", "{phase}.model forward")
-        timers.wrap(runner, "_sample", "{phase}.sample")
-        kv = runner.kv
-        for attr in ("open_rows", "prefill_inputs", "decode_inputs", "advance", "close_rows", "reserve"):
-            timers.wrap(kv, attr, "{phase}.kv." + attr)
+        timers.wrap(runner, "_release", "runner.run.release (free segments)")
+        timers.wrap(runner, "_admit", "runner.run.admit (allocate, copy prefix)")
+        timers.wrap(runner, "_forward", "runner.run.model forward")
+        timers.wrap(runner, "_sample", "runner.run.sample")
+        attention.install(runner.model)  # registers the wrapped attention below
 
-    original_update = kv_cache._BufferLayer.update
-
-    def update(self, *a, **k):  # the KV writes and window views inside each layer's attention
-        _sync(timers.device)
-        t = time.perf_counter()
-        try:
-            return original_update(self, *a, **k)
-        finally:
-            _sync(timers.device)
-            timers.acc[f"{timers.phase}.model forward.cache update (KV write)"] += time.perf_counter() - t
-
-    kv_cache._BufferLayer.update = update
+    originals = {name: getattr(attention, name) for name in ("ragged_attention", "_per_request", "_varlen")}
+    timers.wrap(attention, "ragged_attention", "runner.run.model forward.attention (KV write + attend)")
+    timers.wrap(attention, "_per_request", "runner.run.model forward.attention.attend")
+    timers.wrap(attention, "_varlen", "runner.run.model forward.attention.attend")
     try:
         res = run_ours(world, True, name="ours-mixed (timed phases)", instrument=instrument)
     finally:
-        kv_cache._BufferLayer.update = original_update
+        for name, fn in originals.items():
+            setattr(attention, name, fn)
+        attention.install(world.model)
 
     wall = res.wall_s
     print(f"\n== Profile of ours-mixed: {res.extra['steps']} steps, wall {wall:.2f} s with timers "
           f"(timers add a little overhead) ==")
-    steps_other = wall - timers.acc["runner.run"] - timers.acc["scheduler.schedule"] \
-        - timers.acc["engine._deliver (detokenize, finish checks)"]
-    rows = [(k, v) for k, v in timers.acc.items()]
-    rows.append(("engine loop rest (submit, step bookkeeping)", steps_other))
-    for phase in ("prefill", "decode"):
-        inner = sum(v for k, v in timers.acc.items() if k.startswith(phase + ".") and k.count(".") == 1
-                    and not k.endswith("reserve"))
-        kv_inner = sum(v for k, v in timers.acc.items() if k.startswith(phase + ".kv.") and not k.endswith("reserve"))
-        rows.append((f"{phase}.other (building inputs, python)", timers.acc[phase] - inner - kv_inner))
+    acc = timers.acc
+    rows = list(acc.items())
+    rows.append(("engine loop rest (submit, step bookkeeping)", wall - acc["runner.run"] - acc["scheduler.schedule"]
+                 - acc["engine._deliver (detokenize, finish checks)"]))
+    rows.append(("runner.run.other (building inputs, python)", acc["runner.run"] - sum(
+        v for k, v in acc.items() if k.startswith("runner.run.") and k.count(".") == 2)))
     print(f"  {'phase':62s} {'seconds':>8s} {'share':>7s} {'calls':>6s}")
     for k, v in sorted(rows, key=lambda kv: kv[0]):
         print(f"  {k:62s} {v:8.3f} {v / wall:7.1%} {timers.calls.get(k, ''):>6}")
@@ -530,10 +507,7 @@ def profile_engine(world: World) -> None:
     print("\n  work done (independent of timing noise):")
     for k, v in shape.items():
         print(f"  {k:62s} {v / 1e6:10.1f} MB" if "bytes" in k else f"  {k:62s} {v:10d}")
-    if shape["decode real context (prefix + prompt + generated)"]:
-        print(f"  decode attention reads {shape['decode attended slots (window x rows)'] / shape['decode real context (prefix + prompt + generated)']:.2f}"
-              f" x the real context (left padding of the shared window); prefill forwards run "
-              f"{shape['prefill padded tokens'] / max(1, shape['prefill real tokens']):.2f} x the real prompt tokens")
+    print("  attention reads exactly each request's prefix + prompt + generated keys: no padding anywhere")
 
     # torch.profiler: which ops the forwards spend their time in
     from torch.profiler import ProfilerActivity, profile

@@ -58,8 +58,14 @@ class KVPool:
             if size >= capacity:
                 self._take(i, capacity)
                 return Segment(start, capacity)
-        self._grow(capacity)
+        self.reserve(capacity)
         return self.allocate(capacity)
+
+    def reserve(self, slots: int) -> None:
+        """Grow once, if needed, so that `slots` more fit at the end (before admitting many requests)."""
+        tail = self.free[-1][1] if self.free and sum(self.free[-1]) == self.slots else 0
+        if tail < slots:
+            self._grow(slots - tail)
 
     def release(self, seg: Segment) -> None:
         self._give(seg.start, seg.capacity)

@@ -71,6 +71,8 @@ class ModelRunner:
             seg = row.segment
             if seg.length == seg.capacity:
                 self.pool.extend(seg, seg.capacity + GROWTH_SLOTS)
+        if step.prefill:
+            self.pool.reserve(sum(_first_capacity(seq) for seq in step.prefill))
         new_rows = [self._admit(seq) for seq in step.prefill]
         if not rows and not new_rows:
             return []
@@ -89,8 +91,7 @@ class ModelRunner:
 
     def _admit(self, seq: Sequence) -> _Row:
         """A segment for the newcomer, its adapter's prefix written at the start."""
-        own = len(seq.prompt_ids) + min(seq.params.max_new_tokens, GROWTH_SLOTS)
-        segment = self.pool.allocate(seq.prefix_length + own)
+        segment = self.pool.allocate(_first_capacity(seq))
         if seq.adapter is not None:
             self.pool.write_prefix(segment, seq.adapter.kv)
         return _Row(seq, RowSampler(seq.params, seq.seed, self.spec.device), segment)
@@ -123,3 +124,8 @@ class ModelRunner:
         history = [s.prompt_ids + s.output_ids for s in seqs] if needs_history else [[]] * len(seqs)
         tokens, logprobs = sample(logits, [row.sampler for row in batch], history)
         return [StepOutput(s, t, lp) for s, t, lp in zip(seqs, tokens, logprobs)]
+
+
+def _first_capacity(seq: Sequence) -> int:
+    """A newcomer's first segment: prefix, prompt and the first tokens it will feed back."""
+    return seq.prefix_length + len(seq.prompt_ids) + min(seq.params.max_new_tokens, GROWTH_SLOTS)

@@ -37,6 +37,17 @@ def test_first_fit_reuse_and_coalescing():
     assert pool.free[0] == [0, 10] and pool.free[-1][0] == 25
 
 
+def test_reserve_grows_once_for_many_newcomers():
+    pool = _pool()
+    pool.allocate(100)
+    pool.reserve(64 * 150)
+    slots = pool.slots
+    assert slots >= 100 + 64 * 150
+    for _ in range(64):
+        pool.allocate(150)
+    assert pool.slots == slots, "admitting the reserved requests reallocated the pool"
+
+
 def test_extend_in_place_or_by_moving_keeps_the_keys():
     pool = _pool()
     a = pool.allocate(8)
