@@ -93,7 +93,7 @@ class Metrics:
             Gauge(p + "adapter_loads_total", "Adapters loaded and registered", lambda: registry.stats["loads"], "counter"),
             Gauge(p + "adapter_load_failures_total", "Adapters refused or failed to load",
                   lambda: registry.stats["load_failures"], "counter"),
-            Gauge(p + "batch_size", "Rows in the last engine step", lambda: engine.last_batch_size),
+            Gauge(p + "batch_size", "Requests in the last engine step", lambda: engine.last_batch_size),
             Gauge(p + "engine_steps_total", "Engine steps run", lambda: engine.stats["steps"], "counter"),
             Gauge(p + "prefill_tokens_total", "Prompt plus virtual tokens admitted to prefill",
                   lambda: engine.stats["prefill_tokens"], "counter"),
@@ -102,6 +102,8 @@ class Metrics:
             Gauge(p + "adapters", "Adapters registered", lambda: len(registry)),
             Gauge(p + "kv_cache_bytes", "Bytes held by the running requests' key/value pool",
                   lambda: engine.runner.pool.nbytes()),
+            Gauge(p + "kv_cache_slots_held", "Token slots of the key/value pool held by running requests",
+                  lambda: engine.runner.pool.held),
         ]
 
     def render(self) -> str:

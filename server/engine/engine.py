@@ -55,7 +55,7 @@ class Engine:
         return seq
 
     def abort(self, seq: Sequence) -> None:
-        """Stop a request from any thread: it leaves the batch at the next step and frees its row."""
+        """Stop a request from any thread: it leaves the batch at the next step and frees its KV segment."""
         seq.aborted = True
 
     def has_work(self) -> bool:
@@ -83,7 +83,7 @@ class Engine:
         return outputs
 
     def abort_all(self, error: Exception) -> None:
-        """From any thread: end every request with `error`; their rows are freed at the next step."""
+        """From any thread: end every request with `error`; their KV segments are freed at the next step."""
         with self._lock:
             seqs = list(self.scheduler.running) + list(self.scheduler.waiting)
         for seq in seqs:
@@ -197,7 +197,7 @@ class Stream:
     """A request's tokens as an async iterator; the last event has `finish_reason` set.
 
     Closing it early (a client that disconnects) aborts the request, which leaves the batch and
-    frees its row at the next step.
+    frees its KV segment at the next step.
     """
 
     def __init__(self, engine: AsyncEngine):

@@ -1,7 +1,7 @@
 """Which requests run in the next step: first come, first served, within the batch limits. No tensors.
 
 A step decodes every running request once and admits waiting requests in arrival order while
-the batch has rows free and the prefill token budget (prompt plus virtual tokens) lasts. The
+the batch has room and the prefill token budget (prompt plus virtual tokens) lasts. The
 oldest waiting request is always admitted first, and alone if it exceeds the budget by itself,
 so nothing waits forever behind later arrivals.
 """
@@ -37,7 +37,7 @@ class Scheduler:
                 s.finish_reason = FinishReason.ABORT
         if release:
             self.running = [s for s in self.running if not (s.finished or s.aborted)]
-        if any(s.aborted for s in self.waiting):  # released too, though they hold no row yet
+        if any(s.aborted for s in self.waiting):  # released too, though they hold no KV yet
             for s in self.waiting:
                 if s.aborted:
                     s.finish_reason = FinishReason.ABORT

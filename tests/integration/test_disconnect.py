@@ -25,6 +25,15 @@ def wait_idle(client: httpx.Client, within: float) -> float:
         time.sleep(0.05)
 
 
+def assert_memory_freed(client: httpx.Client) -> None:
+    """The aborted request's key/value segment is back in the pool, and the idle pool's memory freed."""
+    deadline = time.monotonic() + 2
+    while metric(scrape(client), "softprompt_kv_cache_slots_held") != 0:
+        assert time.monotonic() < deadline, "the aborted request still holds key/value memory"
+        time.sleep(0.02)
+    assert metric(scrape(client), "softprompt_kv_cache_bytes") == 0
+
+
 def tokens(samples) -> float:
     return metric(samples, "softprompt_generated_tokens_total", default=0.0)
 
@@ -58,6 +67,7 @@ def test_stream_disconnect_aborts_the_request(idle_server, client):
     after = scrape(client)
     # it was aborted, not finished: a finished request would have added its tokens
     assert tokens(after) == tokens(before)
+    assert_memory_freed(client)
     assert generate(client, PROMPT, max_new_tokens=3)["details"]["generated_tokens"] == 3
 
 
