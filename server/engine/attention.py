@@ -67,6 +67,9 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
     if ragged is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       sliding_window=sliding_window, **kwargs)
+    unsupported = [name for name in ("softcap", "s_aux") if kwargs.get(name) is not None]
+    if unsupported:
+        raise NotImplementedError(f"attention with {', '.join(unsupported)} is not supported")
     window = sliding_window or getattr(module, "sliding_window", None)
     kv = ragged.pool.kv[module.layer_idx]  # [2, kv_heads, slots, head_dim]
     kv[0].index_copy_(1, ragged.slots, key[0])
@@ -91,7 +94,7 @@ def _per_request(ragged: RaggedStep, query, kv, scaling, window) -> torch.Tensor
             if window and kv_len > window:
                 k, v = k[:, :, -window:], v[:, :, -window:]
             o = F.scaled_dot_product_attention(q.view(1, kv_heads, heads // kv_heads, head_dim), k, v, scale=scaling)
-            outs.append(o.view(1, heads, head_dim))
+            outs.append(o.reshape(1, heads, head_dim))  # CUDA's memory-efficient kernel returns it strided
         else:
             mask = _causal_mask(n, kv_len, window, q.device)
             o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask, scale=scaling,
@@ -151,31 +154,43 @@ def _varlen(ragged: RaggedStep, query, kv, scaling) -> torch.Tensor:
 
 
 def _varlen_self_check(device, dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
-    """Run both paths on a small random step; use the flash one only if it works and agrees."""
+    """Run both paths on small random steps, prefill and decode mixed, then decode only with keys
+    longer than a kernel block; use the flash path only if it works and agrees."""
     try:
-        pool = KVPool(1, kv_heads, head_dim, device, dtype)
-        segs = [pool.allocate(c) for c in (64, 24, 40)][::-1]  # out of packing order, as in a long-running batch
-        lens_q, lens_kv = [1, 7, 1], [17, 20, 50]
-        for seg, n, q in zip(segs, lens_kv, lens_q):
-            pool.kv[:, :, :, seg.start:seg.start + n - q].normal_()
-        step = RaggedStep.build(pool, [s.start for s in segs], lens_q, lens_kv)
-        query = torch.randn(1, heads, sum(lens_q), head_dim, device=device, dtype=dtype)
-        kv = pool.kv[0]
-        kv[:, :, step.slots] = torch.randn(2, kv_heads, sum(lens_q), head_dim, device=device, dtype=dtype)
-        fast = _varlen(step, query, kv, None).float()
-        slow = _per_request(step, query, kv, None, None).float()
-        ok = torch.allclose(fast, slow, atol=2e-2, rtol=2e-2)
+        for q_lens, kv_lens in (([1, 7, 1], [17, 20, 50]), ([1, 1, 1], [300, 1, 41])):
+            pool = KVPool(1, kv_heads, head_dim, device, dtype)
+            segs = [pool.allocate(n + 8) for n in kv_lens][::-1]  # out of packing order, as in a long run
+            for seg in segs:
+                pool.kv[:, :, :, seg.start:seg.start + seg.capacity].normal_()
+            step = RaggedStep.build(pool, [s.start for s in segs], q_lens, kv_lens[::-1])
+            query = torch.randn(1, heads, sum(q_lens), head_dim, device=device, dtype=dtype)
+            fast = _varlen(step, query, pool.kv[0], None).float()
+            slow = _per_request(step, query, pool.kv[0], None, None).float()
+            if not torch.allclose(fast, slow, atol=2e-2, rtol=2e-2):
+                log.warning("variable-length flash attention disagrees with the reference; attending per request")
+                return False
     except Exception as exc:  # an older GPU or a build without flash attention
         log.warning("variable-length flash attention unavailable (%s); attending per request", exc)
         return False
-    if not ok:
-        log.warning("variable-length flash attention disagrees with the reference; attending per request")
-    return ok
+    return True
 
 
 def install(model) -> None:
-    """Route the model's attention through `ragged_attention` (plain SDPA when no RaggedStep is given)."""
+    """Route the model's attention through `ragged_attention` (plain SDPA when no RaggedStep is given).
+
+    Raises ValueError for models whose attention does not go through transformers' attention
+    interface, or that need what the ragged path does not do (logit soft-capping, attention sinks).
+    """
+    name = type(model).__name__
+    if not type(model).is_backend_compatible():
+        raise ValueError(f"{name} does not use transformers' attention interface, so its keys and values "
+                         "cannot be served from the adapter KV pool; this architecture is not supported")
+    if getattr(model.config, "attn_logit_softcapping", None) or any(hasattr(m, "sinks") for m in model.modules()):
+        raise ValueError(f"{name} uses attention logit soft-capping or attention sinks, which the adapter "
+                         "KV pool's attention does not implement; this architecture is not supported")
     AttentionInterface.register(NAME, ragged_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     if model.config._attn_implementation != NAME:
         model.set_attn_implementation(NAME)
+    if model.config._attn_implementation != NAME:
+        raise ValueError(f"{name} refused the attention implementation the engine needs")

@@ -74,7 +74,11 @@ class Engine:
             step = self.scheduler.schedule()
         for seq in step.release:
             self._detokenizers.pop(seq.id, None)
-        outputs = self.runner.run(step)
+        try:
+            outputs = self.runner.run(step)
+        except Exception as exc:
+            self.fail_all(RuntimeError(f"generation failed: {exc}"))
+            raise
         self.stats["steps"] += 1
         self.stats["prefill_tokens"] += sum(s.prefill_tokens for s in step.prefill)
         self.last_batch_size = len(outputs)
@@ -93,7 +97,7 @@ class Engine:
                     seq.on_token(seq, error)
 
     def fail_all(self, error: Exception) -> None:
-        """On the stepping thread, after a failed step: end every request and start from an empty batch."""
+        """After a failed step, on the stepping thread: end every request and start from an empty batch."""
         self.abort_all(error)
         with self._lock:
             self.scheduler.running.clear()
@@ -188,9 +192,8 @@ class AsyncEngine:
                     return
             try:
                 self.engine.step()
-            except Exception as exc:  # a failed step must not kill the server: fail its requests
-                log.exception("engine step failed; failing the requests in the batch")
-                self.engine.fail_all(RuntimeError(f"generation failed: {exc}"))
+            except Exception:  # a failed step must not kill the server; its requests were failed
+                log.exception("engine step failed; failed the requests in the batch")
 
 
 class Stream:

@@ -58,14 +58,24 @@ class KVPool:
             if size >= capacity:
                 self._take(i, capacity)
                 return Segment(start, capacity)
-        self.reserve(capacity)
+        self.reserve([capacity])
         return self.allocate(capacity)
 
-    def reserve(self, slots: int) -> None:
-        """Grow once, if needed, so that `slots` more fit at the end (before admitting many requests)."""
-        tail = self.free[-1][1] if self.free and sum(self.free[-1]) == self.slots else 0
-        if tail < slots:
-            self._grow(slots - tail)
+    def reserve(self, capacities: list[int]) -> None:
+        """Grow once, if needed, so that segments of these capacities can all be allocated, in order."""
+        free = [list(interval) for interval in self.free]
+        missing = 0
+        for capacity in capacities:  # the same first fit as `allocate`, on a copy
+            for interval in free:
+                if interval[1] >= capacity:
+                    interval[0] += capacity
+                    interval[1] -= capacity
+                    break
+            else:
+                missing += capacity
+        if missing:
+            tail = free[-1][1] if free and sum(free[-1]) == self.slots else 0
+            self._grow(missing - tail)
 
     def release(self, seg: Segment) -> None:
         self._give(seg.start, seg.capacity)
@@ -75,12 +85,18 @@ class KVPool:
             self.kv, self.free = self._zeros(0), []
 
     def extend(self, seg: Segment, capacity: int) -> None:
-        """Make `seg` hold `capacity` slots, in place if the slots after it are free, else by moving it."""
+        """Make `seg` hold `capacity` slots: in place if the slots after it are free (growing the pool
+        when it ends the pool), else by moving it."""
         extra = capacity - seg.capacity
         if extra <= 0:
             return
-        i = bisect.bisect_left(self.free, [seg.start + seg.capacity, 0])
-        if i < len(self.free) and self.free[i][0] == seg.start + seg.capacity and self.free[i][1] >= extra:
+        after = seg.start + seg.capacity
+        i = bisect.bisect_left(self.free, [after, 0])
+        room = self.free[i][1] if i < len(self.free) and self.free[i][0] == after else 0
+        if room < extra and after + room == self.slots:  # the pool's last segment: grow the pool
+            self._grow(extra - room)
+            room = self.free[i][1]
+        if room >= extra:
             self._take(i, extra)
             seg.capacity = capacity
             return

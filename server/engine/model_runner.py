@@ -72,7 +72,7 @@ class ModelRunner:
             if seg.length == seg.capacity:
                 self.pool.extend(seg, seg.capacity + GROWTH_SLOTS)
         if step.prefill:
-            self.pool.reserve(sum(_first_capacity(seq) for seq in step.prefill))
+            self.pool.reserve([_first_capacity(seq) for seq in step.prefill])
         new_rows = [self._admit(seq) for seq in step.prefill]
         if not rows and not new_rows:
             return []
@@ -99,12 +99,9 @@ class ModelRunner:
     def _forward(self, batch: list[_Row], tokens: list[list[int]]) -> torch.Tensor:
         """tokens: per row, the ids it adds in this forward. Returns each row's last logits [rows, vocab]."""
         q_lens = [len(t) for t in tokens]
-        starts = [row.segment.start for row in batch]
-        positions = []
-        for row, n in zip(batch, q_lens):
-            positions.extend(range(row.segment.length, row.segment.length + n))
-            row.segment.length += n
-        ragged = attention.RaggedStep.build(self.pool, starts, q_lens, [row.segment.length for row in batch])
+        kv_lens = [row.segment.length + n for row, n in zip(batch, q_lens)]
+        positions = [p for row, n in zip(batch, kv_lens) for p in range(row.segment.length, n)]
+        ragged = attention.RaggedStep.build(self.pool, [row.segment.start for row in batch], q_lens, kv_lens)
         device = self.spec.device
         last = torch.tensor(q_lens, device=device).cumsum(0) - 1  # [rows] each row's last token
         out = self.model(
@@ -115,6 +112,8 @@ class ModelRunner:
             use_cache=False,
             logits_to_keep=last,
         )
+        for row, n in zip(batch, kv_lens):
+            row.segment.length = n
         return out.logits[0]  # [rows, vocab]
 
     @staticmethod

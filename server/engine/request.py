@@ -105,6 +105,10 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
 
+    def __post_init__(self):
+        if not self.prompt_ids:
+            raise InvalidRequest("inputs", "the prompt has no tokens")
+
     @property
     def prefix_length(self) -> int:
         return 0 if self.adapter is None else self.adapter.prefix_length

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.request import FinishReason, Overloaded, SamplingParams, Sequence
+from server.engine.request import FinishReason, InvalidRequest, Overloaded, SamplingParams, Sequence
 from tests.conftest import MAX_NEW, PROMPTS
 from tests.factory import ARCHITECTURES
 
@@ -430,3 +430,39 @@ def test_aborted_waiting_request_leaves_no_state(llama):
     assert running.finished and all(not s.output_ids for s in queued)
     assert len(engine.runner.rows) == 0
     assert engine._detokenizers == {}, f"{len(engine._detokenizers)} detokenizers kept for requests that are gone"
+
+
+def test_failed_step_fails_its_requests_and_leaves_a_clean_engine(llama, monkeypatch):
+    """A forward that raises (say, out of memory) fails the requests of that step with the error,
+    frees everything, and the next request is served as if nothing had happened."""
+    engine = llama.engine()
+    errors = []
+
+    def submit(variant, prompt):
+        seq = _seq(llama, variant, prompt)
+        seq.on_token = lambda _, event: errors.append(event)
+        return engine.submit(seq)
+
+    seqs = [submit(v, PROMPTS[1]) for v in ("prompt", None)]
+    engine.step()
+    late = submit("prefix", PROMPTS[0])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(engine.runner, "_forward", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.step()
+    monkeypatch.undo()
+    assert all(s.aborted for s in seqs + [late])
+    assert sum(isinstance(e, RuntimeError) and "out of memory" in str(e) for e in errors) == 3
+    assert not engine.has_work() and engine.runner.rows == [] and engine.runner.pool.nbytes() == 0
+    ids = llama.ids(PROMPTS[1])
+    again = engine.generate(ids, SamplingParams(max_new_tokens=MAX_NEW), llama.adapter("prompt"))
+    assert again.output_ids == llama.engine().generate(ids, SamplingParams(max_new_tokens=MAX_NEW),
+                                                       llama.adapter("prompt")).output_ids
+
+
+def test_empty_prompt_is_refused():
+    with pytest.raises(InvalidRequest, match="no tokens"):
+        Sequence([], SamplingParams())

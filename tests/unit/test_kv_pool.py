@@ -41,7 +41,7 @@ def test_first_fit_reuse_and_coalescing():
 def test_reserve_grows_once_for_many_newcomers():
     pool = _pool()
     pool.allocate(100)
-    pool.reserve(64 * 150)
+    pool.reserve([150] * 64)
     slots = pool.slots
     assert slots >= 100 + 64 * 150
     for _ in range(64):
@@ -247,3 +247,32 @@ def test_varlen_path_builds_flash_arguments_right(monkeypatch):
     assert attention._varlen_self_check(torch.device("cpu"), torch.float32, 4, 4, HEAD_DIM)
     monkeypatch.setattr(varlen, "varlen_attn", _flash_varlen_reference(bottom_right=False))
     assert not attention._varlen_self_check(torch.device("cpu"), torch.float32, 4, 2, HEAD_DIM)
+
+
+def test_last_segment_grows_in_place_and_reserve_uses_holes():
+    pool = _pool()
+    a = pool.allocate(32)
+    a.length = 32
+    _fill(pool, a, 3.0)
+    for capacity in range(64, 4000, 32):  # one request decoding alone: never copied
+        pool.extend(a, capacity)
+        assert a.start == 0 and a.capacity == capacity
+    assert (pool.kv[:, :, :, :32] == 3.0).all()
+    b = pool.allocate(100)
+    c = pool.allocate(100)
+    pool.release(b)
+    slots = pool.slots
+    pool.reserve([60, 40])  # both fit in b's hole
+    assert pool.slots == slots
+    assert [pool.allocate(60).start, pool.allocate(40).start] == [b.start, b.start + 60]
+    del c
+
+
+def test_models_outside_the_attention_interface_are_refused(tmp_path):
+    from transformers import AutoModelForCausalLM, GPTNeoConfig
+
+    config = GPTNeoConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                          attention_types=[[["global", "local"], 1]], max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match="GPTNeoForCausalLM does not use transformers' attention interface"):
+        attention.install(model)
