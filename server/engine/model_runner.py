@@ -24,8 +24,8 @@ from .sampler import RowSampler, sample
 class ScheduledStep:
     """What the scheduler asks the runner to do in one step."""
 
-    release: list[Sequence] = field(default_factory=list)  # finished or aborted: free their rows first
-    decode: bool = False  # every running row generates one token
+    release: list[Sequence] = field(default_factory=list)  # finished or aborted: free their KV segments first
+    decode: bool = False  # every running request generates one token
     prefill: list[Sequence] = field(default_factory=list)  # newcomers: prefill, then their first token
 
 
