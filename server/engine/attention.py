@@ -8,9 +8,10 @@ queries to its own segment only (causal, aligned to the segment's end). Forwards
 `RaggedStep` (adapter materialization, plain `generate`) run transformers' own SDPA attention.
 
 Each request attends over exactly its prefix + prompt + generated keys, so no compute or memory
-goes to padding. On CPU the per-request attention calls read less memory than one padded batched
-call (`bench/README.md`); on CUDA with half precision the whole step is one variable-length flash
-attention call (`torch.nn.attention.varlen`), used once a self-check shows it matches.
+goes to padding. On CPU that is one SDPA call per request (measured at 64 requests: about 0.6 of
+the time of one batched call over a padded window); on CUDA with half precision the whole step is
+one variable-length flash attention call (`torch.nn.attention.varlen`), used once a self-check
+on first use shows it matches the per-request path.
 """
 
 from __future__ import annotations
