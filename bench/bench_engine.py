@@ -421,16 +421,12 @@ class _Timers:
         self.device = device
         self.acc: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
-        self.phase = "?"
 
-    def wrap(self, obj, attr: str, bucket: str, phase: str | None = None):
+    def wrap(self, obj, attr: str, name: str):
+        """Replace `obj.attr` by a version that adds its wall time (device synced) to `name`."""
         fn = getattr(obj, attr)
 
         def timed(*a, **k):
-            previous = self.phase
-            if phase is not None:
-                self.phase = phase
-            name = bucket.format(phase=self.phase)
             _sync(self.device)
             t = time.perf_counter()
             try:
@@ -439,7 +435,6 @@ class _Timers:
                 _sync(self.device)
                 self.acc[name] += time.perf_counter() - t
                 self.calls[name] += 1
-                self.phase = previous
 
         setattr(obj, attr, timed)
 

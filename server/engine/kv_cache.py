@@ -54,32 +54,31 @@ class KVPool:
         return self.kv.numel() * self.kv.element_size()
 
     def allocate(self, capacity: int) -> Segment:
-        for i, (start, size) in enumerate(self.free):
-            if size >= capacity:
-                self._take(i, capacity)
-                return Segment(start, capacity)
-        self.reserve([capacity])
-        return self.allocate(capacity)
+        i = _first_fit(self.free, capacity)
+        if i is None:
+            self.reserve([capacity])
+            i = _first_fit(self.free, capacity)
+        start = self.free[i][0]
+        self._take(i, capacity)
+        return Segment(start, capacity)
 
     def reserve(self, capacities: list[int]) -> None:
         """Grow once, if needed, so that segments of these capacities can all be allocated, in order."""
         free = [list(interval) for interval in self.free]
         missing = 0
         for capacity in capacities:  # the same first fit as `allocate`, on a copy
-            for interval in free:
-                if interval[1] >= capacity:
-                    interval[0] += capacity
-                    interval[1] -= capacity
-                    break
-            else:
+            i = _first_fit(free, capacity)
+            if i is None:
                 missing += capacity
+            else:
+                free[i][0] += capacity
+                free[i][1] -= capacity
         if missing:
             tail = free[-1][1] if free and sum(free[-1]) == self.slots else 0
             self._grow(missing - tail)
 
     def release(self, seg: Segment) -> None:
-        self._give(seg.start, seg.capacity)
-        self.held -= seg.capacity
+        self._put_back(seg.start, seg.capacity)
         seg.capacity = seg.length = 0
         if self.held == 0:  # nothing running: hand the memory back
             self.kv, self.free = self._zeros(0), []
@@ -102,8 +101,7 @@ class KVPool:
             return
         moved = self.allocate(capacity)  # may grow the pool: offsets stay valid
         self.kv[:, :, :, moved.start:moved.start + seg.length] = self.kv[:, :, :, seg.start:seg.end]
-        self._give(seg.start, seg.capacity)
-        self.held -= seg.capacity
+        self._put_back(seg.start, seg.capacity)
         seg.start, seg.capacity = moved.start, capacity
 
     def write_prefix(self, seg: Segment, prefix: torch.Tensor) -> None:
@@ -119,6 +117,11 @@ class KVPool:
         else:
             self.free[i] = [start + size, have - size]
         self.held += size
+
+    def _put_back(self, start: int, size: int) -> None:
+        """A segment's slots become free again."""
+        self._give(start, size)
+        self.held -= size
 
     def _give(self, start: int, size: int) -> None:
         i = bisect.bisect_left(self.free, [start, 0])
@@ -136,3 +139,8 @@ class KVPool:
         kv[:, :, :, :old] = self.kv
         self.kv = kv
         self._give(old, new - old)
+
+
+def _first_fit(free: list[list[int]], size: int) -> int | None:
+    """The index of the first free interval that holds `size` slots."""
+    return next((i for i, (_, have) in enumerate(free) if have >= size), None)
