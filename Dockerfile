@@ -8,7 +8,9 @@
 # TORCH_VARIANT picks both the PyTorch wheel index (https://download.pytorch.org/whl/<variant>)
 # and the base image: cu126 / cu128 / cu129 / cu130 use the CUDA runtime image (CUDA_IMAGE),
 # cpu uses a slim Python image (CPU_IMAGE). The CUDA build of torch is installed first, then
-# the project with `pip install .`, whose `torch==<TORCH_VERSION>` pin is then already satisfied.
+# the project with `pip install -c constraints.txt .`: every other package at the exact version of
+# the lock (constraints.txt), so an image built next month runs what the tests ran. The lock's
+# `torch==<TORCH_VERSION>` admits the CUDA build (2.13.0+cu128 is a 2.13.0), already installed.
 # Needs BuildKit (the default builder since Docker 23): only the selected base stage is built.
 #
 # See docker/DEPLOY.md for running it, docker/compose.yaml and docker/softprompt.env.example.
@@ -49,18 +51,20 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 
 RUN python3 -m venv /opt/venv
 
-# Its own layer, before the sources are copied: code changes do not download torch again.
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
+# Its own layer, before the sources are copied: code changes do not download torch again. Only
+# torch comes from the PyTorch index (--no-deps); its dependencies (the CUDA libraries, triton,
+# at the exact versions this torch build names) come from PyPI with the rest, through the lock.
+RUN pip install --no-cache-dir --no-deps --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
     && python -c "from importlib.metadata import version; print(version('torch'))" > /opt/venv/torch-build
 
 WORKDIR /src
 # README.md is the package's long description; the wildcard keeps the build going without one.
-COPY pyproject.toml README.md* ./
+COPY pyproject.toml constraints.txt README.md* ./
 COPY server ./server
 COPY adapters ./adapters
 # Not editable: the venv is copied into the runtime stage without the sources. The last check
 # fails the build if resolving the project's dependencies replaced the torch build above.
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir -c constraints.txt . \
     && pip check \
     && python -c "import sys; from importlib.metadata import version; want = open('/opt/venv/torch-build').read().strip(); \
 sys.exit(0 if version('torch') == want else 'pip install . replaced torch ' + want + ' by ' + version('torch'))"

@@ -235,9 +235,30 @@ def test_torch_is_installed_from_the_variant_index_at_the_pyproject_pin():
 
     runs = [rest for keyword, rest in instructions if keyword == "RUN"]
     torch_step = next(i for i, run in enumerate(runs) if '"torch==${TORCH_VERSION}"' in run)
-    project_step = next(i for i, run in enumerate(runs) if "pip install --no-cache-dir ." in run)
+    project_step = next(i for i, run in enumerate(runs) if "pip install --no-cache-dir -c constraints.txt ." in run)
     assert '--index-url "${TORCH_INDEX_URL}"' in runs[torch_step]
     assert torch_step < project_step, "torch first, so `pip install .` finds the pin satisfied"
+
+
+def test_every_install_goes_through_the_lock():
+    """The image installs what the tests ran: the project and its dependencies through constraints.txt,
+    whose torch pin is the Dockerfile's and admits the CUDA builds (no local version label)."""
+    lock = (REPO / "constraints.txt").read_text()
+    (pinned,) = re.findall(r"^torch==(\S+)$", lock, flags=re.M)
+    assert "+" not in pinned, "a local label (+cpu) in the lock would refuse the image's CUDA torch"
+    (in_pyproject,) = re.findall(r'"torch==([^"]+)"', (REPO / "pyproject.toml").read_text())
+    assert pinned == in_pyproject
+    instructions = dockerfile_instructions()
+    assert any(keyword == "COPY" and "constraints.txt" in rest.split() for keyword, rest in instructions)
+    for run in (rest for keyword, rest in instructions if keyword == "RUN"):
+        for install in re.findall(r"pip install --[^&]*", run):
+            assert "-c constraints.txt" in install or "--no-deps" in install, f"unlocked install: {install}"
+    quick_start = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("python3 -m venv")]
+    assert len(quick_start) == 2, "the README's two set-up commands (serve, test)"
+    assert quick_start[1] in (REPO / ".ci" / "run").read_text(), "CI runs the README's exact test command"
+    for command in quick_start:
+        for install in re.findall(r"pip install[^&]*", command):
+            assert "-c constraints.txt" in install, f"README: unlocked install: {install}"
 
 
 def test_torch_variant_selects_the_base_image():
