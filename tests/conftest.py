@@ -83,27 +83,26 @@ class ArchWorld:
         return Engine(self.model, self.tokenizer, self.spec, **kwargs)
 
     def reference(self, variant: str | None, prompt_ids: list[int], max_new_tokens: int = MAX_NEW) -> list[int]:
-        """PeftModel.generate's greedy tokens (the base model's for variant None), cached."""
+        """PeftModel.generate's greedy tokens (the base model's for variant None): `tests.oracle.expected`."""
+        from tests import oracle
         from tests.factory import peft_greedy
 
+        adapter_dir = None if variant is None else self.adapter_dirs[variant]
         key = (variant, tuple(prompt_ids), max_new_tokens)
         if key not in self._references:
-            adapter_dir = None if variant is None else self.adapter_dirs[variant]
-            self._references[key] = peft_greedy(self.model_dir, adapter_dir, list(prompt_ids), max_new_tokens)
+            self._references[key] = oracle.expected(
+                self.arch, variant, list(prompt_ids), max_new_tokens, self.model_dir, adapter_dir,
+                live=lambda: peft_greedy(self.model_dir, adapter_dir, list(prompt_ids), max_new_tokens))
         return self._references[key]
 
     def reference_logprobs(self, variant: str | None, prompt_ids: list[int], tokens: list[int]) -> list[float]:
         """PEFT's log-probability of each of `tokens` after the prompt, teacher-forced in one forward."""
-        import torch
+        from tests import oracle
+        from tests.factory import teacher_forced_logprobs
 
-        from tests.factory import peft_model
-
-        model = peft_model(self.model_dir, None if variant is None else self.adapter_dirs[variant])
-        full = torch.tensor([list(prompt_ids) + list(tokens[:-1])])
-        with torch.no_grad():
-            logits = model(input_ids=full, attention_mask=torch.ones_like(full)).logits[0, -len(tokens):]
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        return [float(logprobs[i, t]) for i, t in enumerate(tokens)]
+        adapter_dir = None if variant is None else self.adapter_dirs[variant]
+        return oracle.expected_logprobs(self.arch, variant, list(prompt_ids), list(tokens), live=lambda: (
+            teacher_forced_logprobs(self.model_dir, adapter_dir, list(prompt_ids), list(tokens))))
 
     def config(self, variant: str) -> dict:
         return json.loads((self.adapter_dirs[variant] / "adapter_config.json").read_text())
@@ -131,6 +130,20 @@ class Worlds:
 
             self._others[name] = save_tiny_model(self.root / "other" / name, "llama", seed=0, **config_kwargs)
         return self._others[name]
+
+
+def pytest_addoption(parser):
+    from tests import oracle
+
+    parser.addoption("--peft-oracle", choices=oracle.MODES, default="required",
+                     help="required: a PEFT that fails its check fails every parity test (the locked install); "
+                          "optional: parity tests then use the golden references alone (.ci/run-latest)")
+
+
+def pytest_configure(config):
+    from tests import oracle
+
+    oracle.mode = config.getoption("--peft-oracle")
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ every variant with non-trivial random weights, saved with `save_pretrained` as u
 
 from __future__ import annotations
 
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -23,7 +24,8 @@ VARIANTS = {
         task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=32
     ),
 }
-__all__ = ["ARCHITECTURES", "VARIANTS", "make_model", "make_adapter", "peft_model", "peft_greedy"]
+__all__ = ["ARCHITECTURES", "VARIANTS", "make_model", "make_adapter", "load_peft", "peft_model", "peft_greedy",
+           "teacher_forced_logprobs"]
 
 
 def make_model(root: Path, arch: str) -> Path:
@@ -35,13 +37,14 @@ def make_model(root: Path, arch: str) -> Path:
 
 
 def trained_peft(model_dir: Path, variant: str, seed: int = 0):
-    """A PEFT model of `variant` in training mode, its trainable weights perturbed so they matter."""
-    torch.manual_seed(seed)
+    """A PEFT model of `variant` in training mode, its trainable weights drawn from `seed` alone
+    (not PEFT's own initialisation, which may change between releases), large enough to matter."""
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), VARIANTS[variant]())
     with torch.no_grad():
-        for param in model.parameters():
+        for name, param in sorted(model.named_parameters()):
             if param.requires_grad:
-                param.add_(torch.randn_like(param) * 0.5)
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
     return model
 
 
@@ -54,17 +57,38 @@ def make_adapter(model_dir: Path, out: Path, variant: str, seed: int = 0) -> Pat
 
 
 @lru_cache(maxsize=32)
-def peft_model(model_dir: Path, adapter_dir: Path | None):
+def load_peft(model_dir: Path, adapter_dir: Path | None):
+    """PEFT's model (the base model for adapter_dir None), unchecked: see `peft_model`."""
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     return base if adapter_dir is None else PeftModel.from_pretrained(base, adapter_dir).eval()
 
 
+def peft_model(model_dir: Path, adapter_dir: Path | None):
+    """PEFT's model for tests that compare with live PEFT, once the oracle check has passed."""
+    from tests import oracle
+
+    oracle.require_live()
+    return load_peft(Path(model_dir), None if adapter_dir is None else Path(adapter_dir))
+
+
 def peft_greedy(model_dir: Path, adapter_dir: Path | None, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """The reference: PeftModel.generate's greedy tokens, cut after the first EOS as the server does."""
-    model = peft_model(Path(model_dir), None if adapter_dir is None else Path(adapter_dir))
+    """PeftModel.generate's greedy tokens, cut after the first EOS as the server does. Unchecked:
+    tests reach it through `tests.oracle.expected`, which checks PEFT first."""
+    model = load_peft(Path(model_dir), None if adapter_dir is None else Path(adapter_dir))
     ids = torch.tensor([prompt_ids])
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=0)
     tokens = out[0, len(prompt_ids):].tolist()
     eos = model.config.eos_token_id
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def teacher_forced_logprobs(model_dir: Path, adapter_dir: Path | None, prompt_ids: list[int],
+                            tokens: list[int]) -> list[float]:
+    """PEFT's log-probability of each of `tokens` after the prompt, in one forward. Unchecked."""
+    model = load_peft(Path(model_dir), None if adapter_dir is None else Path(adapter_dir))
+    full = torch.tensor([list(prompt_ids) + list(tokens[:-1])])
+    with torch.no_grad():
+        logits = model(input_ids=full, attention_mask=torch.ones_like(full)).logits[0, -len(tokens):]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return [float(logprobs[i, t]) for i, t in enumerate(tokens)]

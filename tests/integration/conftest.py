@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from tests import oracle
 from tests.factory import VARIANTS, make_adapter, make_model, peft_greedy
 
 from .support import ServerProcess, upload
 
 PROMPT = "Hello world"
+EOS_PROMPT = "Hi end"  # the prefix-proj adapter ends it with EOS within a few tokens (PEFT agrees)
 
 
 @pytest.fixture(scope="session")
@@ -40,14 +42,16 @@ def tokenizer(model_dir):
 
 @pytest.fixture(scope="session")
 def reference(model_dir, adapter_srcs, tokenizer):
-    """reference(variant | None, prompt, n): PeftModel.generate's greedy token ids."""
+    """reference(variant | None, prompt, n): PeftModel.generate's greedy token ids (`tests.oracle.expected`)."""
     cache: dict[tuple, list[int]] = {}
 
     def ref(variant: str | None, prompt: str, max_new_tokens: int) -> list[int]:
         key = (variant, prompt, max_new_tokens)
         if key not in cache:
             ids = tokenizer(prompt).input_ids
-            cache[key] = peft_greedy(model_dir, None if variant is None else adapter_srcs[variant], ids, max_new_tokens)
+            adapter_dir = None if variant is None else adapter_srcs[variant]
+            cache[key] = oracle.expected("llama", variant, ids, max_new_tokens, model_dir, adapter_dir,
+                                         live=lambda: peft_greedy(model_dir, adapter_dir, ids, max_new_tokens))
         return cache[key]
 
     return ref

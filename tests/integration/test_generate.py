@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .conftest import PROMPT
+from .conftest import EOS_PROMPT, PROMPT
 from .support import generate, generate_body, sse_events, token_ids
 
 MAX_NEW = 8
@@ -67,14 +67,14 @@ def test_return_full_text(client):
 
 
 def test_eos_finishes_early(client, uploaded, reference):
-    """The prefix-projection adapter ends 'Hello world' with EOS within a few tokens (PEFT agrees)."""
-    expected = reference("prefix-proj", PROMPT, 12)
+    """The prefix-projection adapter ends EOS_PROMPT with EOS within a few tokens (PEFT agrees)."""
+    expected = reference("prefix-proj", EOS_PROMPT, 12)
     assert expected[-1] == 2 and len(expected) < 12, "the material no longer ends with EOS here"
-    body = generate(client, PROMPT, uploaded["prefix-proj"], 12)
+    body = generate(client, EOS_PROMPT, uploaded["prefix-proj"], 12)
     assert token_ids(body) == expected
     assert body["details"]["finish_reason"] == "eos_token"
     assert body["details"]["tokens"][-1]["special"] is True
-    events = stream(client, generate_body(PROMPT, uploaded["prefix-proj"], 12))
+    events = stream(client, generate_body(EOS_PROMPT, uploaded["prefix-proj"], 12))
     assert [e["token"]["id"] for e in events] == expected
     assert events[-1]["details"]["finish_reason"] == "eos_token"
 

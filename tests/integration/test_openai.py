@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from .conftest import PROMPT
+from .conftest import EOS_PROMPT, PROMPT
 from .support import generate, token_ids
 
 MAX_TOKENS = 8
@@ -42,9 +42,9 @@ def test_completion_base_model_by_name(oai, server, client):
 
 def test_completion_eos_finish_reason_is_stop(oai, client, uploaded):
     name = uploaded["prefix-proj"]
-    raw = generate(client, PROMPT, name, 12)
+    raw = generate(client, EOS_PROMPT, name, 12)
     assert raw["details"]["finish_reason"] == "eos_token"
-    got = oai.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0)
+    got = oai.completions.create(model=name, prompt=EOS_PROMPT, max_tokens=12, temperature=0)
     assert got.choices[0].finish_reason == "stop"
     assert got.choices[0].text == raw["generated_text"]
     assert got.usage.completion_tokens == raw["details"]["generated_tokens"]
