@@ -60,5 +60,7 @@ def virtual_tokens_to_kv(model, embeddings: torch.Tensor) -> torch.Tensor:
     n = embeddings.shape[0]
     positions = torch.arange(n, device=embeddings.device)[None]
     out = model(inputs_embeds=embeddings[None], position_ids=positions, use_cache=True)
-    layers = out.past_key_values.layers
-    return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in layers]).contiguous()
+    # The cache object a forward returns is a transformers internal (server/engine/attention.py lists
+    # them, with their tests): `cache` since 5.24, `past_key_values` before (5.24 warns on the old name).
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]).contiguous()

@@ -19,6 +19,7 @@ from server.api.service import Service
 from server.config import Config, load_config
 from server.engine.engine import AsyncEngine, Engine
 from server.engine.request import Overloaded
+from server.engine.self_check import SelfCheckFailed, check_packed_forward
 from server.model import DEMO_ADAPTERS, load_base_model
 
 log = logging.getLogger("softprompt")
@@ -38,6 +39,10 @@ def build_service(config: Config) -> Service:
              f" ({len(failed)} failed: {', '.join(failed)})" if failed else "")
     engine = Engine(base.model, base.tokenizer, base.spec, max_batch_size=config.max_batch_size,
                     max_waiting=config.max_waiting, max_prefill_tokens=config.max_prefill_tokens)
+    try:
+        check_packed_forward(engine.runner)
+    except SelfCheckFailed as exc:
+        raise SystemExit(f"refusing to start: {exc}") from exc
     return Service(config, base, registry, AsyncEngine(engine))
 
 

@@ -8,7 +8,10 @@ what that subset needs. PEFT's greedy tokens (the reference) are cached per requ
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import traceback
 from pathlib import Path
 
 import pytest
@@ -144,6 +147,25 @@ def pytest_configure(config):
     from tests import oracle
 
     oracle.mode = config.getoption("--peft-oracle")
+    # transformers' deprecations are errors when the project's own code is what calls the old API:
+    # warnings attributed to server/ or adapters/, and transformers' logged deprecation notices
+    # ("`past_key_values` ... deprecated", 5.24) emitted while a server/ or adapters/ frame is on the stack.
+    for category in ("DeprecationWarning", "FutureWarning"):
+        config.addinivalue_line("filterwarnings", rf"error::{category}:(server|adapters)(\.|$)")
+    logging.getLogger("transformers").addHandler(_DeprecatedFromOurCode())
+
+
+class _DeprecatedFromOurCode(logging.Handler):
+    OURS = tuple(str(Path(__file__).resolve().parents[1] / d) + os.sep for d in ("server", "adapters"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "deprecat" not in message.lower():
+            return
+        ours = [f for f in traceback.extract_stack() if f.filename.startswith(self.OURS)]
+        if ours:
+            raise DeprecationWarning(f"{ours[-1].filename}:{ours[-1].lineno} uses a deprecated transformers "
+                                     f"API: {message}")
 
 
 @pytest.fixture(scope="session")

@@ -62,8 +62,14 @@ class ModelRunner:
     def seqs(self) -> list[Sequence]:
         return [row.seq for row in self.rows]
 
-    @torch.inference_mode()
     def run(self, step: ScheduledStep) -> list[StepOutput]:
+        batch, logits = self.forward(step)
+        return self._sample(batch, logits) if batch else []
+
+    @torch.inference_mode()
+    def forward(self, step: ScheduledStep) -> tuple[list[_Row], torch.Tensor | None]:
+        """Release, grow, admit, then one packed forward: the rows in packing order and each one's
+        last logits [rows, vocab] (no rows, None: nothing to run)."""
         if step.release:
             self._release(step.release)
         rows = self.rows if step.decode else []
@@ -75,12 +81,12 @@ class ModelRunner:
             self.pool.reserve([_first_capacity(seq) for seq in step.prefill])
         new_rows = [self._admit(seq) for seq in step.prefill]
         if not rows and not new_rows:
-            return []
+            return [], None
         tokens = [[row.seq.output_ids[-1]] for row in rows] + [row.seq.prompt_ids for row in new_rows]
         batch = rows + new_rows
         logits = self._forward(batch, tokens)
         self.rows += new_rows
-        return self._sample(batch, logits)
+        return batch, logits
 
     def _release(self, seqs: list[Sequence]) -> None:
         gone = {s.id for s in seqs}

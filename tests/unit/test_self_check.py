@@ -1,0 +1,61 @@
+"""The start-up self-check: passes on every architecture, refuses a deliberately broken attention."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from transformers import AttentionInterface
+
+from server.engine import attention
+from server.engine.kv_cache import KVPool
+from server.engine.self_check import SelfCheckFailed, check_packed_forward
+from tests.factory import ARCHITECTURES
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_self_check_passes_and_leaves_the_runner_idle(worlds, arch):
+    runner = worlds.get(arch).engine().runner
+    started = time.perf_counter()
+    assert check_packed_forward(runner) < 1e-4
+    assert time.perf_counter() - started < 1.0
+    assert runner.rows == [] and runner.pool.nbytes() == 0
+
+
+@pytest.fixture
+def broken_attention(monkeypatch):
+    """The registered attention, its packed-step output scaled: what a changed internal could do.
+    Installed now, and by every engine made during the test."""
+    original = attention.ragged_attention
+
+    def broken(module, query, key, value, attention_mask, ragged=None, **kwargs):
+        out, weights = original(module, query, key, value, attention_mask, ragged=ragged, **kwargs)
+        return (out * 0.5 if ragged is not None else out), weights
+
+    monkeypatch.setattr(attention, "ragged_attention", broken)
+    AttentionInterface.register(attention.NAME, broken)
+    yield
+    AttentionInterface.register(attention.NAME, original)
+
+
+def test_self_check_refuses_a_broken_attention(llama, broken_attention):
+    with pytest.raises(SelfCheckFailed) as failed:
+        check_packed_forward(llama.engine().runner)
+    message = str(failed.value)
+    assert "LlamaForCausalLM" in message and "transformers 5." in message and "prefill" in message
+
+
+def test_self_check_refuses_an_ignored_prefix(llama, monkeypatch):
+    """PEFT's own failure under transformers 5.24, in the server: the prefix silently dropped."""
+    monkeypatch.setattr(KVPool, "write_prefix", lambda self, seg, prefix: None)
+    with pytest.raises(SelfCheckFailed, match="LlamaForCausalLM"):
+        check_packed_forward(llama.engine().runner)
+
+
+def test_server_refuses_to_start_with_a_broken_attention(llama, broken_attention, tmp_path):
+    from server.__main__ import build_service
+    from server.config import load_config
+
+    config = load_config(["--model", str(llama.model_dir), "--adapter-dir", str(tmp_path / "store")])
+    with pytest.raises(SystemExit, match="refusing to start: LlamaForCausalLM under transformers"):
+        build_service(config)
