@@ -118,24 +118,19 @@ class Service:
 
     async def collect(self, stream: Stream, request: Request | None = None) -> Result:
         """All of a request's tokens; aborts it if the client disconnects meanwhile."""
-        events: list[TokenEvent] = []
-
-        async def consume():
-            async for event in stream:
-                events.append(event)
 
         async def disconnected():
             while (await request.receive())["type"] != "http.disconnect":
                 pass
 
-        task = asyncio.ensure_future(consume())
+        task = asyncio.ensure_future(stream.result())
         watcher = asyncio.ensure_future(disconnected()) if request is not None else None
         try:
             await asyncio.wait({t for t in (task, watcher) if t}, return_when=asyncio.FIRST_COMPLETED)
             if not task.done():  # the client went away first
                 stream.abort()
                 raise ClientGone()
-            task.result()
+            events = task.result()
         finally:
             for t in (task, watcher):
                 if t is not None and not t.done():

@@ -1,7 +1,9 @@
-"""The step loop: `scheduler.schedule()` -> `runner.run(step)` -> deliver each token.
+"""The step loop: `scheduler.schedule()` -> `runner.run(step)` -> deliver the step's tokens.
 
 `Engine` is synchronous and single-threaded in its stepping; `AsyncEngine` runs it on a
-background thread and hands tokens to asyncio consumers as they are sampled.
+background thread and hands each step's tokens to asyncio in one message: one wakeup of the
+event loop per step, not one per token, and a request's consumer is woken only when it reads
+every token (streaming) or when the request ends (everything else).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import random
 import threading
 import time
 from collections import Counter
+from typing import Callable
 
 from adapters import Adapter, ModelSpec
 
@@ -36,6 +39,7 @@ class Engine:
         self.accepting = True
         self.stats = Counter()  # steps, prefill_tokens, requests_finished
         self.last_batch_size = 0
+        self.emit: Callable[[list[Delivery]], None] = _call_back  # AsyncEngine: one hand-over per step
 
     def submit(self, seq: Sequence) -> Sequence:
         """Queue a request; raises Overloaded when the queue is full or the engine is stopping."""
@@ -82,19 +86,19 @@ class Engine:
         self.stats["steps"] += 1
         self.stats["prefill_tokens"] += sum(s.prefill_tokens for s in step.prefill)
         self.last_batch_size = len(outputs)
-        for out in outputs:
-            self._deliver(out)
+        self.emit([d for d in map(self._deliver, outputs) if d is not None])
         return outputs
 
     def abort_all(self, error: Exception) -> None:
         """From any thread: end every request with `error`; their KV segments are freed at the next step."""
         with self._lock:
             seqs = list(self.scheduler.running) + list(self.scheduler.waiting)
+        ended = []
         for seq in seqs:
             if not seq.finished and not seq.aborted:
                 seq.aborted = True
-                if seq.on_token:
-                    seq.on_token(seq, error)
+                ended.append((seq, error))
+        self.emit(ended)
 
     def fail_all(self, error: Exception) -> None:
         """After a failed step, on the stepping thread: end every request and start from an empty batch."""
@@ -112,10 +116,11 @@ class Engine:
             self.step()
         return seq
 
-    def _deliver(self, out: StepOutput) -> None:
+    def _deliver(self, out: StepOutput) -> Delivery | None:
+        """Record the token on its request; what its consumer is to be told, if it has one."""
         seq = out.seq
         if seq.aborted or seq.finished:
-            return
+            return None
         now = time.monotonic()
         if seq.first_token_time is None:
             seq.first_token_time = now
@@ -128,9 +133,9 @@ class Engine:
         if seq.finished:
             seq.finish_time = now
             self.stats["requests_finished"] += 1
-        if seq.on_token:
-            event = TokenEvent(out.token_id, text, out.logprob, out.token_id in self.special_ids, seq.finish_reason)
-            seq.on_token(seq, event)
+        if seq.on_token is None:
+            return None
+        return seq, TokenEvent(out.token_id, text, out.logprob, out.token_id in self.special_ids, seq.finish_reason)
 
     def _finish_reason(self, seq: Sequence, token_id: int, new_chars: int) -> FinishReason | None:
         if token_id in self.eos_ids and not seq.params.ignore_eos:
@@ -141,6 +146,14 @@ class Engine:
         if len(seq.output_ids) >= seq.params.max_new_tokens:
             return FinishReason.LENGTH
         return None
+
+
+Delivery = tuple[Sequence, "TokenEvent | Exception"]  # a request's token, or the error that ended it
+
+
+def _call_back(deliveries: list[Delivery]) -> None:
+    for seq, event in deliveries:
+        seq.on_token(seq, event)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -155,15 +168,22 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 class AsyncEngine:
-    """Runs an Engine on a background thread; `generate` streams a request's tokens to asyncio."""
+    """Runs an Engine on a background thread; `generate` streams a request's tokens to asyncio.
+
+    Start it from the event loop that consumes the streams: each step's tokens reach that loop
+    in one `call_soon_threadsafe`, and every callback of `Sequence.on_token` runs on it.
+    """
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._event_loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
+        self._event_loop = asyncio.get_running_loop()
+        self.engine.emit = self._hand_over
         self._thread.start()
 
     def stop(self) -> None:
@@ -175,13 +195,20 @@ class AsyncEngine:
     def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: Adapter | None = None) -> "Stream":
         """Queue a request (Overloaded at once if it cannot be) and return the stream of its tokens."""
         stream = Stream(self)
-        stream.seq = self.engine.submit(Sequence(list(prompt_ids), params, adapter, on_token=stream._put))
+        stream.seq = self.engine.submit(Sequence(list(prompt_ids), params, adapter, on_token=stream._push))
         self.wake()
         return stream
 
     def wake(self) -> None:
         with self._wake:
             self._wake.notify()
+
+    def _hand_over(self, deliveries: list[Delivery]) -> None:  # any thread, once per step
+        if deliveries:
+            try:
+                self._event_loop.call_soon_threadsafe(_call_back, deliveries)
+            except RuntimeError:  # the event loop has closed: nobody is listening any more
+                pass
 
     def _loop(self) -> None:
         while True:
@@ -197,38 +224,59 @@ class AsyncEngine:
 
 
 class Stream:
-    """A request's tokens as an async iterator; the last event has `finish_reason` set.
+    """A request's tokens, on the event loop: `async for` them as they come (streaming), or
+    `await result()` for all of them at the end; the last event has `finish_reason` set.
 
-    Closing it early (a client that disconnects) aborts the request, which leaves the batch and
-    frees its KV segment at the next step.
+    Leaving either early (a client that disconnects) aborts the request, which leaves the batch
+    and frees its KV segment at the next step.
     """
 
     def __init__(self, engine: AsyncEngine):
         self._engine = engine
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self.events: list[TokenEvent] = []
+        self._error: Exception | None = None
+        self._arrived = asyncio.Event()  # set on every delivery: wakes only a reader waiting on it
+        self._ended = asyncio.Event()  # set by the last event or an error
         self.seq: Sequence | None = None
 
-    def _put(self, _seq, event) -> None:  # engine thread
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        except RuntimeError:  # the event loop has closed: nobody is listening any more
-            pass
+    def _push(self, _seq, event) -> None:  # event loop thread
+        if isinstance(event, Exception):
+            self._error = event
+        else:
+            self.events.append(event)
+        if self._error is not None or event.finish_reason is not None:
+            self._ended.set()
+        self._arrived.set()
 
     def __aiter__(self):
-        return self._events()
+        return self._iterate()
 
-    async def _events(self):
+    async def _iterate(self):
+        read = 0
         try:
             while True:
-                event = await self._queue.get()
-                if isinstance(event, Exception):
-                    raise event
-                yield event
-                if event.finish_reason is not None:
-                    return
+                while read < len(self.events):
+                    event = self.events[read]
+                    read += 1
+                    yield event
+                    if event.finish_reason is not None:
+                        return
+                if self._error is not None:
+                    raise self._error
+                self._arrived.clear()
+                await self._arrived.wait()
         finally:
             self.abort()
+
+    async def result(self) -> list[TokenEvent]:
+        """Every event, once the request has ended (raises the error that ended it)."""
+        try:
+            await self._ended.wait()
+        finally:
+            self.abort()
+        if self._error is not None:
+            raise self._error
+        return self.events
 
     def abort(self) -> None:
         if not self.seq.finished:

@@ -93,7 +93,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: Adapter | None = None  # held for the whole request, even if the adapter is deleted meanwhile
-    on_token: Callable[["Sequence", TokenEvent], None] | None = None  # called on the engine thread
+    on_token: Callable[["Sequence", TokenEvent], None] | None = None  # on the stepping thread; AsyncEngine: its event loop
     seed: int = 0  # the sampling seed in use: params.seed, or one drawn at submission
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
