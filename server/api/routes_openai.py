@@ -50,7 +50,7 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-async def _respond(request: Request, jobs: list[Job], model: str, chat: bool, stream: bool):
+async def _respond(request: Request, jobs: list[Job], model: str, chat: bool, stream: bool, usage: bool = False):
     service = _service(request)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
@@ -58,7 +58,7 @@ async def _respond(request: Request, jobs: list[Job], model: str, chat: bool, st
     streams = [service.start(job) for job in jobs]  # all queued before any response is sent
 
     if stream:
-        return StreamingResponse(_stream(service, jobs, streams, rid, created, model, chat),
+        return StreamingResponse(_stream(service, jobs, streams, rid, created, model, chat, usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     try:
@@ -81,7 +81,7 @@ async def _respond(request: Request, jobs: list[Job], model: str, chat: bool, st
             "usage": _usage(jobs, generated)}
 
 
-async def _stream(service: Service, jobs: list[Job], streams, rid, created, model, chat):
+async def _stream(service: Service, jobs: list[Job], streams, rid, created, model, chat, usage):
     obj = "chat.completion.chunk" if chat else "text_completion"
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -125,6 +125,10 @@ async def _stream(service: Service, jobs: list[Job], streams, rid, created, mode
             if finish:
                 remaining -= 1
                 service.record(jobs[i], seq)
+        if usage and not remaining:  # OpenAI's stream_options.include_usage: one last chunk, no choices
+            generated = sum(len(s.seq.output_ids) for s in streams)
+            yield _sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+                        "usage": _usage(jobs, generated)})
         yield "data: [DONE]\n\n"
     finally:
         for t in tasks:
@@ -142,7 +146,8 @@ async def completions(request: Request, body: CompletionRequest):
     if not prompts:
         raise InvalidRequest("prompt", "must not be empty")
     jobs = [service.prepare("completions", p, params, body.model) for p in prompts]
-    return await _respond(request, jobs, body.model or service.base.name, chat=False, stream=bool(body.stream))
+    return await _respond(request, jobs, body.model or service.base.name, chat=False, stream=bool(body.stream),
+                          usage=body.include_usage)
 
 
 @router.post("/chat/completions")
@@ -156,7 +161,8 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
     jobs = [service.prepare("chat", ids, body.to_sampling_params(default_max_new_tokens=256), body.model)]
-    return await _respond(request, jobs, body.model or service.base.name, chat=True, stream=bool(body.stream))
+    return await _respond(request, jobs, body.model or service.base.name, chat=True, stream=bool(body.stream),
+                          usage=body.include_usage)
 
 
 @router.get("/models")

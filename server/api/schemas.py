@@ -132,6 +132,12 @@ class _OpenAIBase(_Lenient):
     stream: bool | None = False
     repetition_penalty: float | None = None  # common extension (vLLM, TGI)
     top_k: int | None = None  # common extension (vLLM, TGI)
+    ignore_eos: bool | None = False  # vLLM's extension: generate max_tokens whatever the model says
+    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
 
     def _params(self, max_tokens: int | None, default_max_new_tokens: int) -> SamplingParams:
         _refuse_unsupported(self.model_dump())
@@ -146,6 +152,7 @@ class _OpenAIBase(_Lenient):
             repetition_penalty=self.repetition_penalty,
             seed=self.seed,
             stop=tuple(stop),
+            ignore_eos=bool(self.ignore_eos),
         )
 
 

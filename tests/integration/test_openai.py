@@ -139,3 +139,20 @@ def test_completion_stop_sequence_is_left_out(oai, server, client):
                                          stream=True))
     assert "".join(c.choices[0].text for c in chunks) == "".join(texts[:i])
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_ignore_eos_and_streamed_usage(oai, client, uploaded):
+    """vLLM's `ignore_eos` runs past EOS to max_tokens; `stream_options.include_usage` ends the
+    stream with a usage chunk (no choices), as OpenAI's API does."""
+    name = uploaded["prefix-proj"]
+    ended = oai.completions.create(model=name, prompt=EOS_PROMPT, max_tokens=12, temperature=0)
+    assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens < 12
+    full = oai.completions.create(model=name, prompt=EOS_PROMPT, max_tokens=12, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 12
+    chunks = list(oai.completions.create(model=name, prompt=EOS_PROMPT, max_tokens=12, temperature=0, stream=True,
+                                         stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == full.choices[0].text
+    plain = list(oai.completions.create(model=name, prompt=EOS_PROMPT, max_tokens=4, temperature=0, stream=True))
+    assert all(c.usage is None for c in plain)
