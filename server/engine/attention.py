@@ -8,14 +8,35 @@ queries to its own segment only (causal, aligned to the segment's end). Forwards
 `RaggedStep` (adapter materialization, plain `generate`) run transformers' own SDPA attention.
 
 Each request attends over exactly its prefix + prompt + generated keys, so no compute or memory
-goes to padding. On CPU that is one SDPA call per request (measured at 64 decoding requests: about 0.7 of
-the time of one batched call over a padded window); on CUDA with half precision the whole step is
+goes to padding. On CPU the step's decoding requests go to one call of a small C++ kernel
+(`cpu_attention`, float32 and bfloat16, when it builds) and each prefilling request to one SDPA call;
+without the kernel every request takes one SDPA call (measured at 64 decoding requests: about 0.7 of
+the time of one batched call over a padded window). On CUDA with half precision the whole step is
 one variable-length flash attention call (`torch.nn.attention.varlen`), used once a self-check
 on first use shows it matches the per-request path.
+
+What the project relies on in transformers beyond its documented API, and the test guarding each
+(`self_check.py` also checks the whole packed forward against transformers' own at every start):
+- the attention implementation registered by name (`AttentionInterface`, `AttentionMaskInterface`)
+  and set with `set_attn_implementation`, read back from `config._attn_implementation`:
+  tests/unit/test_kv_pool.py::test_installed_attention_leaves_plain_forwards_alone, ::test_models_outside_the_attention_interface_are_refused;
+- `sdpa_attention_forward` for forwards without a RaggedStep, and `sdpa_mask` as our mask function:
+  test_kv_pool.py::test_installed_attention_leaves_plain_forwards_alone, tests/unit/test_adapters.py (materialization);
+- the forward's keyword arguments (`ragged`) reaching the attention function, and each attention
+  module's `layer_idx` and `sliding_window`: test_kv_pool.py::test_ragged_attention_matches_each_request_alone,
+  ::test_sliding_window_model_matches_transformers;
+- the empty 4-D mask (`NO_MASK`) passed through untouched: tests/unit/test_engine.py::test_mixed_batch_equals_alone_and_peft;
+- `logits_to_keep` as a tensor of row indices (model_runner.py): test_engine.py::test_mixed_batch_equals_alone_and_peft;
+- position ids restarting at each request inside one packed sequence: test_engine.py::test_mixed_batch_equals_alone_and_peft,
+  test_kv_pool.py::test_sliding_window_model_matches_transformers;
+- the cache object a forward returns with `use_cache=True` (`cache`, `past_key_values` before 5.24),
+  read by adapters/adapter.py's `virtual_tokens_to_kv`: test_adapters.py::test_greedy_tokens_equal_peft.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -25,6 +46,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from . import cpu_attention
 from .kv_cache import KVPool
 
 log = logging.getLogger(__name__)
@@ -39,11 +61,13 @@ class RaggedStep:
 
     pool: KVPool
     slots: torch.Tensor  # [tokens] the pool slot each packed token's key/value is written to
+    starts: list[int]  # per request: its segment's first slot
     q_lens: list[int]  # per request: its tokens in this forward (1 when decoding, the prompt when new)
     kv_lens: list[int]  # per request: its segment's written length after this forward
     pieces: list[int]  # per request: the index of its segment in `split_sizes`' pieces
     split_sizes: list[int]  # the pool's slots cut into segments and the gaps between them
     _varlen: dict | None = None  # device tensors for the flash path, built on first use
+    _decoding: _Decoding | None = None  # the CPU kernel's view of the step, built on first use
 
     @classmethod
     def build(cls, pool: KVPool, starts: list[int], q_lens: list[int], kv_lens: list[int]) -> RaggedStep:
@@ -59,7 +83,7 @@ class RaggedStep:
             sizes.append(kv_lens[i])
             at = starts[i] + kv_lens[i]
         sizes.append(pool.slots - at)
-        return cls(pool, torch.tensor(slots, device=pool.device), q_lens, kv_lens, pieces, sizes)
+        return cls(pool, torch.tensor(slots, device=pool.device), starts, q_lens, kv_lens, pieces, sizes)
 
 
 def ragged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, ragged=None,
@@ -83,12 +107,32 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 
 def _per_request(ragged: RaggedStep, query, kv, scaling, window) -> torch.Tensor:
-    heads, kv_heads, head_dim = query.shape[1], kv.shape[1], query.shape[3]
+    """[tokens, heads, head_dim]: each request's queries against its own segment, in packing order. The
+    decoding requests take one `cpu_attention` kernel call when it handles the tensors; the rest SDPA."""
+    q = query[0].transpose(0, 1).contiguous()  # [tokens, heads, head_dim]
+    if not cpu_attention.supports(q, kv):
+        return torch.cat(_sdpa_each(ragged, q, kv, scaling, window, range(len(ragged.q_lens))))
+    step = _decoding(ragged)
+    if not step.prefills:
+        return cpu_attention.decode(q, kv, step.starts, step.kv_lens, scaling, window)
+    out = torch.empty_like(q)
+    if len(step.decode_rows):
+        decoded = cpu_attention.decode(q[step.decode_rows], kv, step.starts, step.kv_lens, scaling, window)
+        out.index_copy_(0, step.decode_rows, decoded)
+    out.index_copy_(0, step.prefill_rows, torch.cat(_sdpa_each(ragged, q, kv, scaling, window, step.prefills)))
+    return out
+
+
+def _sdpa_each(ragged: RaggedStep, step_q, kv, scaling, window, requests) -> list[torch.Tensor]:
+    """One SDPA call per request of `requests` (indices); step_q: [tokens, heads, head_dim], the whole step's.
+    Returns each one's [n, heads, head_dim]."""
+    heads, kv_heads, head_dim = step_q.shape[1], kv.shape[1], step_q.shape[2]
     keys = kv[0:1].split(ragged.split_sizes, dim=2)  # pieces [1, kv_heads, n, head_dim]
     values = kv[1:2].split(ragged.split_sizes, dim=2)
-    queries = query[0].transpose(0, 1).contiguous().split(ragged.q_lens)  # [n, heads, head_dim] each
+    queries = step_q.split(ragged.q_lens)  # [n, heads, head_dim] each
     outs = []
-    for q, piece, kv_len in zip(queries, ragged.pieces, ragged.kv_lens):
+    for i in requests:
+        q, piece, kv_len = queries[i], ragged.pieces[i], ragged.kv_lens[i]
         k, v = keys[piece], values[piece]
         n = q.shape[0]
         if n == 1:  # decoding: the query heads of a kv head group become its query rows, no mask needed
@@ -101,7 +145,34 @@ def _per_request(ragged: RaggedStep, query, kv, scaling, window) -> torch.Tensor
             o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask, scale=scaling,
                                                enable_gqa=heads != kv_heads)
             outs.append(o[0].transpose(0, 1))
-    return torch.cat(outs)  # [tokens, heads, head_dim]
+    return outs
+
+
+@dataclass
+class _Decoding:
+    """A step split for the CPU kernel: decoding requests (one query each) and prefilling ones."""
+
+    decode_rows: torch.Tensor  # [decoding] int64, the decoding requests' token rows in the packed step
+    starts: torch.Tensor  # [decoding] int64, their segments' first slots
+    kv_lens: torch.Tensor  # [decoding] int64, their segments' written lengths
+    prefills: list[int]  # the prefilling requests, by index
+    prefill_rows: torch.Tensor  # [prefill tokens] int64, their token rows, in packing order
+
+
+def _decoding(ragged: RaggedStep) -> _Decoding:
+    """The step's split, built at its first layer and kept for the others."""
+    if ragged._decoding is None:
+        decoding = [i for i, n in enumerate(ragged.q_lens) if n == 1]
+        prefills = [i for i, n in enumerate(ragged.q_lens) if n > 1]
+        first_rows = list(itertools.accumulate(ragged.q_lens, initial=0))
+        longs = functools.partial(torch.tensor, dtype=torch.long)
+        ragged._decoding = _Decoding(
+            decode_rows=longs([first_rows[i] for i in decoding]),
+            starts=longs([ragged.starts[i] for i in decoding]),
+            kv_lens=longs([ragged.kv_lens[i] for i in decoding]),
+            prefills=prefills,
+            prefill_rows=longs([row for i in prefills for row in range(first_rows[i], first_rows[i + 1])]))
+    return ragged._decoding
 
 
 def _causal_mask(n: int, kv_len: int, window: int | None, device) -> torch.Tensor:

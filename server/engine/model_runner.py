@@ -14,7 +14,7 @@ import torch
 
 from adapters import ModelSpec
 
-from . import attention
+from . import attention, cpu_attention
 from .kv_cache import GROWTH_SLOTS, KVPool, Segment
 from .request import Sequence
 from .sampler import RowSampler, sample
@@ -48,6 +48,8 @@ class ModelRunner:
         self.model = model
         self.spec = spec
         attention.install(model)
+        if spec.device.type == "cpu":
+            cpu_attention.available()  # build or load the decode kernel now, not in the first request
         self.pool: KVPool
         self.rows: list[_Row]
         self.reset()

@@ -1,0 +1,98 @@
+"""What the serving path costs: the same workload through the HTTP server and through the engine
+in-process, in one run, alternating, on the peer benchmark's model, adapters and prompts.
+
+    python -m bench.serving                       # 64 requests, 64 new tokens, fp32, 3 rounds
+    python -m bench.serving --dtype bfloat16 --repeats 2
+
+Over HTTP: `/v1/completions` with `stream=true` (`bench.peer`'s client, all requests at once).
+In-process: the same prompts (tokenized as the server does), `SamplingParams` and adapters
+submitted to an `Engine` at once and stepped to the end on this thread. Both runs generate
+exactly `--new-tokens` per request (`ignore_eos`). The best of the rounds is kept for each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.peer import Run, build_setup, make_server, measure, warm_up
+from bench.peer import parse_args as peer_args
+
+
+def in_process(setup, args, dtype: str, workload: str) -> float:
+    """tokens/s of the engine alone on a workload ('base' or 'mixed'), every request submitted at once."""
+    from adapters import AdapterRegistry, AdapterStore
+    from server.engine.engine import Engine
+    from server.engine.request import SamplingParams, Sequence
+    from server.model import load_base_model
+
+    base = load_base_model(str(setup.model_dir), device="cpu", dtype=dtype)
+    registry = AdapterRegistry(base.spec, base.model, AdapterStore(setup.adapter_dir))
+    registry.load_store()
+    engine = Engine(base.model, base.tokenizer, base.spec, max_batch_size=max(64, args.requests),
+                    max_waiting=max(256, 2 * args.requests))
+    params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+    prompts = [base.tokenizer(p, add_special_tokens=True).input_ids for p in setup.prompts]
+
+    def adapter(i):
+        return registry.get(setup.adapters[i % len(setup.adapters)]) if workload == "mixed" else None
+
+    for i in range(4):  # warm-up, as the HTTP side gets
+        engine.generate(prompts[i], SamplingParams(max_new_tokens=2), adapter(i))
+    t = time.perf_counter()
+    seqs = [engine.submit(Sequence(ids, params, adapter(i))) for i, ids in enumerate(prompts)]
+    while engine.has_work():
+        engine.step()
+    wall = time.perf_counter() - t
+    return sum(len(s.output_ids) for s in seqs) / wall
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads in-process (0: torch's default)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    pargs = peer_args(["--requests", str(args.requests), "--new-tokens", str(args.new_tokens), "--single", "0"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    best = {"in-process": {}, "http": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        setup = build_setup(pargs, Path(tmp))
+        print(f"serving path: {args.requests} requests x {args.new_tokens} new tokens, {args.dtype}, "
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+        for rep in range(args.repeats):
+            for workload in ("base", "mixed"):
+                rate = in_process(setup, args, args.dtype, workload)
+                best["in-process"][workload] = max(rate, best["in-process"].get(workload, 0.0))
+            server = make_server("ours", pargs, setup, args.dtype, None, Path(tmp) / "logs", f"r{rep}")
+            try:
+                server.start()
+                warm_up("ours", server, pargs, setup, args.dtype)
+                runs: dict[str, Run] = measure("ours", server, pargs, setup, args.dtype)
+            finally:
+                server.stop()
+            for workload in ("base", "mixed"):
+                best["http"][workload] = max(runs[workload].tokens_per_s, best["http"].get(workload, 0.0))
+            print(f"  round {rep + 1}: in-process " + ", ".join(f"{w} {best['in-process'][w]:.1f}" for w in ("base", "mixed"))
+                  + f" | http base {runs['base'].tokens_per_s:.1f}, mixed {runs['mixed'].tokens_per_s:.1f} tok/s",
+                  flush=True)
+    print(f"\n{'workload':10s} {'in-process':>12s} {'http':>10s} {'http/in-process':>16s}")
+    for w in ("base", "mixed"):
+        a, b = best["in-process"][w], best["http"][w]
+        print(f"{w:10s} {a:12.1f} {b:10.1f} {b / a:16.2f}   (goal >= 0.95)")
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+    return best
+
+
+if __name__ == "__main__":
+    main()

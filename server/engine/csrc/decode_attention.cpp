@@ -1,0 +1,130 @@
+// Decode attention over the KV pool: one query per request against its own segment of the pool.
+// Built and called by server/engine/cpu_attention.py, which documents when and why.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kLanes = 8;  // independent partial sums: vectorizable without reassociating one sum
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
+  float sum = 0.f;
+  for (; i < n; ++i) sum += a[i] * b[i];
+  for (int64_t l = 0; l < kLanes; ++l) sum += acc[l];
+  return sum;
+}
+
+// A row of the pool as float: the row itself for float, converted into `buf` for bfloat16.
+inline const float* as_float(const float* row, int64_t, float*) { return row; }
+inline const float* as_float(const c10::BFloat16* row, int64_t n, float* buf) {
+  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(row[i]);
+  return buf;
+}
+
+// One request, one kv head: its `group` query heads against keys [lo, len) of its segment.
+// q, out: [group, dim]; k, v: [len, dim], rows contiguous.
+template <typename T>
+void attend_group(const T* q, const T* k, const T* v, int64_t lo, int64_t len, int64_t group, int64_t dim,
+                  float scale, T* out, std::vector<float>& work) {
+  const int64_t n = len - lo;
+  work.resize(group * (2 * dim + n + 1) + dim);
+  float* qf = work.data();        // [group, dim] scaled queries
+  float* acc = qf + group * dim;  // [group, dim] weighted sums of values
+  float* p = acc + group * dim;   // [group, n] scores, then unnormalized probabilities
+  float* total = p + group * n;   // [group] sums of p
+  float* row = total + group;     // [dim] a bfloat16 key or value row as float
+  for (int64_t i = 0; i < group * dim; ++i) {
+    qf[i] = static_cast<float>(q[i]) * scale;
+    acc[i] = 0.f;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const float* key = as_float(k + (lo + j) * dim, dim, row);
+    for (int64_t h = 0; h < group; ++h) p[h * n + j] = dot(qf + h * dim, key, dim);
+  }
+  for (int64_t h = 0; h < group; ++h) {
+    float* ph = p + h * n;
+    const float top = *std::max_element(ph, ph + n);
+    float sum = 0.f;
+    for (int64_t j = 0; j < n; ++j) {
+      ph[j] = std::exp(ph[j] - top);
+      sum += ph[j];
+    }
+    total[h] = sum;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const float* value = as_float(v + (lo + j) * dim, dim, row);
+    for (int64_t h = 0; h < group; ++h) {
+      const float w = p[h * n + j];
+      float* a = acc + h * dim;
+      for (int64_t i = 0; i < dim; ++i) a[i] += w * value[i];
+    }
+  }
+  for (int64_t h = 0; h < group; ++h)
+    for (int64_t i = 0; i < dim; ++i) out[h * dim + i] = static_cast<T>(acc[h * dim + i] / total[h]);
+}
+
+// query: [requests, heads, dim]; kv: [2, kv_heads, slots, dim]; starts, kv_lens: [requests] int64.
+// window > 0: each request attends only to its last `window` keys. Returns [requests, heads, dim].
+at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& kv, const at::Tensor& starts,
+                            const at::Tensor& kv_lens, double scale, int64_t window) {
+  TORCH_CHECK(query.dim() == 3 && kv.dim() == 4 && kv.size(0) == 2, "query [requests, heads, dim] and "
+              "kv [2, kv_heads, slots, dim] expected");
+  TORCH_CHECK(query.is_contiguous() && kv.is_contiguous(), "query and kv must be contiguous");
+  TORCH_CHECK(query.device().is_cpu() && kv.device().is_cpu(), "CPU tensors expected");
+  TORCH_CHECK(query.scalar_type() == kv.scalar_type(), "query and kv must have one dtype");
+  TORCH_CHECK(starts.scalar_type() == at::kLong && kv_lens.scalar_type() == at::kLong, "int64 starts, kv_lens");
+  const int64_t requests = query.size(0), heads = query.size(1), dim = query.size(2);
+  const int64_t kv_heads = kv.size(1), slots = kv.size(2);
+  TORCH_CHECK(kv.size(3) == dim && heads % kv_heads == 0, "head dims or head counts do not match");
+  TORCH_CHECK(starts.numel() == requests && kv_lens.numel() == requests, "one start and kv_len per request");
+  const at::Tensor starts_c = starts.contiguous(), lens_c = kv_lens.contiguous();
+  const int64_t* start = starts_c.data_ptr<int64_t>();
+  const int64_t* len = lens_c.data_ptr<int64_t>();
+  for (int64_t r = 0; r < requests; ++r)
+    TORCH_CHECK(len[r] > 0 && start[r] >= 0 && start[r] + len[r] <= slots, "request ", r, ": keys [",
+                start[r], ", ", start[r] + len[r], ") are not in the pool's ", slots, " slots");
+  const int64_t group = heads / kv_heads;
+  at::Tensor out = at::empty_like(query);
+
+  auto run = [&](auto* q, auto* pool, auto* o) {
+    at::parallel_for(0, requests * kv_heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> work;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t r = item / kv_heads, g = item % kv_heads;
+        const int64_t lo = window > 0 ? std::max<int64_t>(0, len[r] - window) : 0;
+        const int64_t q_at = (r * heads + g * group) * dim;
+        const auto* k = pool + (g * slots + start[r]) * dim;
+        const auto* v = pool + ((kv_heads + g) * slots + start[r]) * dim;
+        attend_group(q + q_at, k, v, lo, len[r], group, dim, static_cast<float>(scale), o + q_at, work);
+      }
+    });
+  };
+  if (query.scalar_type() == at::kFloat) {
+    run(query.data_ptr<float>(), kv.data_ptr<float>(), out.data_ptr<float>());
+  } else if (query.scalar_type() == at::kBFloat16) {
+    run(query.data_ptr<c10::BFloat16>(), kv.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>());
+  } else {
+    TORCH_CHECK(false, "float32 or bfloat16 expected, got ", query.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(softprompt, m) {
+  m.def("decode_attention(Tensor query, Tensor kv, Tensor starts, Tensor kv_lens, float scale, int window) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(softprompt, CPU, m) { m.impl("decode_attention", decode_attention); }
