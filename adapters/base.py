@@ -26,6 +26,16 @@ class AdapterKind(ABC):
         """Width of one row of the materialized table for this base model."""
 
     @abstractmethod
+    def encoder_sizes(self, config: dict) -> dict[str, int]:
+        """The fields of `adapter_config.json` the encoder's parameter shapes derive from, checked
+        (defaults filled in), e.g. {"num_virtual_tokens": 7, "token_dim": 64, "encoder_hidden_size": 32}."""
+
+    @abstractmethod
+    def encoder_shapes(self, config: dict) -> dict[str, tuple[int, ...]]:
+        """The shape of every parameter of `encoder(config)`, by state-dict name, computed without
+        building it: the weights file is checked against these before anything is allocated."""
+
+    @abstractmethod
     def encoder(self, config: dict) -> torch.nn.Module:
         """PEFT's encoder for this kind; its forward maps token indices [n] to the table [n, width]."""
 
@@ -44,6 +54,17 @@ class EmbeddingKind(AdapterKind):
     def check_config(self, config: dict, spec: ModelSpec) -> None:
         check_matches(config, "token_dim", spec.hidden_size, "hidden size")
         check_matches(config, "num_layers", spec.num_layers, "number of layers")
+        # PEFT records the attention heads here; ModelSpec knows the key/value heads, of which the
+        # attention heads are a multiple (GQA), and no model has more heads than hidden units.
+        heads = config.get("num_attention_heads")
+        if heads is not None:
+            heads = config_int(config, "num_attention_heads")
+            if heads % spec.num_kv_heads or heads > spec.hidden_size:
+                raise InvalidAdapter(
+                    f"adapter_config.json: num_attention_heads={heads} does not fit the base model, whose "
+                    f"attention heads are a multiple of its {spec.num_kv_heads} key/value heads and at most "
+                    f"its hidden size {spec.hidden_size}"
+                )
 
 
 KINDS: dict[str, AdapterKind] = {}
@@ -70,9 +91,19 @@ def config_int(config: dict, key: str, default: int | None = None, minimum: int 
     return value
 
 
+def linear_shapes(prefix: str, layers: list[tuple[int, int, int]]) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the `torch.nn.Linear(inputs, outputs)` at each (index, inputs, outputs) of a Sequential."""
+    shapes = {}
+    for index, inputs, outputs in layers:
+        shapes[f"{prefix}.{index}.weight"] = (outputs, inputs)
+        shapes[f"{prefix}.{index}.bias"] = (outputs,)
+    return shapes
+
+
 def check_matches(config: dict, key: str, expected: int, what: str) -> None:
     """PEFT records the base model's sizes in the config; a recorded size must match ours."""
-    if key in config and config[key] is not None and config[key] != expected:
+    value = config.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value != expected):
         raise InvalidAdapter(
-            f"adapter_config.json: {key}={config[key]} does not fit the base model, whose {what} is {expected}"
+            f"adapter_config.json: {key}={value!r} does not fit the base model, whose {what} is {expected}"
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import AdapterKind, check_matches, config_int, register_kind
+from .base import AdapterKind, check_matches, config_int, linear_shapes, register_kind
 from .spec import ModelSpec
 
 
@@ -20,12 +20,32 @@ class PrefixTuning(AdapterKind):
         check_matches(config, "token_dim", spec.kv_dim, "key/value width (kv heads x head dim)")
         check_matches(config, "num_attention_heads", spec.num_kv_heads, "number of key/value heads")
 
+    def encoder_sizes(self, config: dict) -> dict[str, int]:
+        sizes = {
+            "num_virtual_tokens": config_int(config, "num_virtual_tokens"),
+            "token_dim": config_int(config, "token_dim"),
+            "num_layers": config_int(config, "num_layers"),
+        }
+        if config.get("prefix_projection"):
+            sizes["encoder_hidden_size"] = config_int(config, "encoder_hidden_size")
+        return sizes
+
+    def encoder_shapes(self, config: dict) -> dict[str, tuple[int, ...]]:
+        sizes = self.encoder_sizes(config)
+        n, d = sizes["num_virtual_tokens"], sizes["token_dim"]
+        width = 2 * sizes["num_layers"] * d
+        if "encoder_hidden_size" not in sizes:
+            return {"embedding.weight": (n, width)}
+        h = sizes["encoder_hidden_size"]
+        return {"embedding.weight": (n, d)} | linear_shapes("transform", [(0, d, h), (2, h, width)])
+
     def encoder(self, config: dict) -> torch.nn.Module:
+        sizes = self.encoder_sizes(config)
         return PrefixEncoder(
-            num_virtual_tokens=config_int(config, "num_virtual_tokens"),
-            token_dim=config_int(config, "token_dim"),
-            num_layers=config_int(config, "num_layers"),
-            hidden_size=config_int(config, "encoder_hidden_size") if config.get("prefix_projection") else None,
+            num_virtual_tokens=sizes["num_virtual_tokens"],
+            token_dim=sizes["token_dim"],
+            num_layers=sizes["num_layers"],
+            hidden_size=sizes.get("encoder_hidden_size"),
         )
 
 

@@ -10,8 +10,19 @@ from .base import EmbeddingKind, config_int, register_kind
 class PromptTuning(EmbeddingKind):
     peft_type = "PROMPT_TUNING"
 
+    def encoder_sizes(self, config: dict) -> dict[str, int]:
+        return {
+            "num_virtual_tokens": config_int(config, "num_virtual_tokens"),
+            "token_dim": config_int(config, "token_dim"),
+        }
+
+    def encoder_shapes(self, config: dict) -> dict[str, tuple[int, ...]]:
+        sizes = self.encoder_sizes(config)
+        return {"embedding.weight": (sizes["num_virtual_tokens"], sizes["token_dim"])}
+
     def encoder(self, config: dict) -> torch.nn.Module:
-        return PromptEmbedding(config_int(config, "num_virtual_tokens"), config_int(config, "token_dim"))
+        sizes = self.encoder_sizes(config)
+        return PromptEmbedding(sizes["num_virtual_tokens"], sizes["token_dim"])
 
 
 class PromptEmbedding(torch.nn.Module):

@@ -10,20 +10,40 @@ import logging
 import threading
 from collections import Counter
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from .adapter import Adapter
 from .errors import AdapterError, AdapterExists, AdapterNotFound, InvalidAdapter
-from .loading import load_adapter, read_adapter_dir
+from .loading import LIMITS, Limits, load_adapter, read_adapter_dir
 from .spec import ModelSpec
 from .store import AdapterStore, check_name
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class _ForwardsThrough:
+    """The model, its forward calls run through `run_model`; everything else reads straight through."""
+
+    def __init__(self, model, run_model):
+        self._model, self._run_model = model, run_model
+
+    def __call__(self, *args, **kwargs):
+        return self._run_model(lambda: self._model(*args, **kwargs))
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
 
 
 class AdapterRegistry:
-    def __init__(self, spec: ModelSpec, model, store: AdapterStore | None = None):
+    def __init__(self, spec: ModelSpec, model, store: AdapterStore | None = None,
+                 run_model: Callable[[Callable[[], T]], T] | None = None, limits: Limits = LIMITS):
+        """run_model: where the model's forwards for materialization run (the server passes the
+        engine's `run_between_steps`, so they never overlap a step); default: on the caller's thread.
+        limits: the largest sizes an adapter's config may declare."""
         self.spec = spec
-        self.model = model
+        self.limits = limits
+        self.model = model if run_model is None else _ForwardsThrough(model, run_model)
         self.store = store
         self._adapters: dict[str, Adapter] = {}
         self._lock = threading.Lock()
@@ -50,7 +70,7 @@ class AdapterRegistry:
         if name in self._adapters:
             raise AdapterExists(f"adapter {name!r} already exists")
         try:
-            adapter = load_adapter(name, config_raw, weights_raw, self.spec, self.model, source)
+            adapter = load_adapter(name, config_raw, weights_raw, self.spec, self.model, source, limits=self.limits)
         except InvalidAdapter:
             self.stats["load_failures"] += 1
             raise
