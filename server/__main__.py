@@ -14,6 +14,7 @@ import time
 import uvicorn
 
 from adapters import AdapterRegistry, AdapterStore
+from adapters.loading import Limits
 from server.api.app import create_app
 from server.api.service import Service
 from server.config import Config, load_config
@@ -28,8 +29,16 @@ DEFAULT_ADAPTER_DIR = "adapter-store"
 
 def build_service(config: Config) -> Service:
     base = load_base_model(config.model, config.device, config.dtype, config.revision, name=config.model_name)
+    engine = AsyncEngine(Engine(base.model, base.tokenizer, base.spec, max_batch_size=config.max_batch_size,
+                                max_waiting=config.max_waiting, max_prefill_tokens=config.max_prefill_tokens))
+    try:
+        check_packed_forward(engine.engine.runner)
+    except SelfCheckFailed as exc:
+        raise SystemExit(f"refusing to start: {exc}") from exc
     store = AdapterStore(config.adapter_dir or DEFAULT_ADAPTER_DIR)
-    registry = AdapterRegistry(base.spec, base.model, store)
+    # Materializing an adapter is a model forward: on the engine thread, between steps, once serving.
+    registry = AdapterRegistry(base.spec, base.model, store, run_model=engine.run_between_steps,
+                               limits=Limits(max_virtual_tokens=config.max_virtual_tokens))
     if config.model is None and DEMO_ADAPTERS.is_dir():
         for path in sorted(p for p in DEMO_ADAPTERS.iterdir() if p.is_dir()):
             if not store.exists(path.name):
@@ -37,13 +46,7 @@ def build_service(config: Config) -> Service:
     failed = registry.load_store()
     log.info("registered %d adapters from %s%s", len(registry), store.root,
              f" ({len(failed)} failed: {', '.join(failed)})" if failed else "")
-    engine = Engine(base.model, base.tokenizer, base.spec, max_batch_size=config.max_batch_size,
-                    max_waiting=config.max_waiting, max_prefill_tokens=config.max_prefill_tokens)
-    try:
-        check_packed_forward(engine.runner)
-    except SelfCheckFailed as exc:
-        raise SystemExit(f"refusing to start: {exc}") from exc
-    return Service(config, base, registry, AsyncEngine(engine))
+    return Service(config, base, registry, engine)
 
 
 class DrainingServer(uvicorn.Server):

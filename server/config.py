@@ -30,6 +30,9 @@ class Config:
     max_input_tokens: int = 2048  # longest prompt accepted (422 above)
     max_new_tokens: int = 1024  # largest max_new_tokens accepted (422 above)
     max_upload_bytes: int = 256 * 1024 * 1024  # adapter upload cap (413 above)
+    max_virtual_tokens: int = 512  # most num_virtual_tokens an adapter may declare (422 above)
+    max_request_bytes: int = 4 * 1024 * 1024  # any other request body (413 above), before it is parsed
+    max_stop_sequences: int = 4  # stop sequences per request (422 above), as TGI
     api_key: str | None = field(default=None, repr=False)  # required for generation when set
     admin_key: str | None = field(default=None, repr=False)  # required for adapter changes when set
     shutdown_timeout: float = 30.0  # seconds running requests get to finish on SIGTERM
@@ -55,6 +58,9 @@ _HELP = {
     "max_input_tokens": "longest prompt in tokens (longer: 422)",
     "max_new_tokens": "largest max_new_tokens a request may ask for (larger: 422)",
     "max_upload_bytes": "largest adapter upload in bytes (larger: 413)",
+    "max_virtual_tokens": "most virtual tokens an adapter may declare (more: 422)",
+    "max_request_bytes": "largest body of any other request in bytes, refused before parsing (larger: 413)",
+    "max_stop_sequences": "most stop sequences per request (more: 422)",
     "api_key": "if set, generation routes need 'Authorization: Bearer KEY'",
     "admin_key": "if set, adapter uploads and deletions need 'Authorization: Bearer KEY'",
     "shutdown_timeout": "seconds running requests get to finish after SIGTERM",
@@ -119,7 +125,7 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
 
 def _check(config: Config) -> None:
     positive = ["port", "max_batch_size", "max_waiting", "max_prefill_tokens", "max_input_tokens",
-                "max_new_tokens", "max_upload_bytes"]
+                "max_new_tokens", "max_upload_bytes", "max_virtual_tokens", "max_request_bytes", "max_stop_sequences"]
     for name in positive:
         if getattr(config, name) <= 0:
             raise SystemExit(f"{_flag(name)} must be positive, got {getattr(config, name)}")

@@ -47,7 +47,17 @@ def pick_dtype(flag: str, device: torch.device) -> torch.dtype:
         return DTYPES[flag]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if cpu_has_bf16():
+        log.info("--dtype auto: bfloat16, as this CPU computes it natively (AVX512-BF16 or AMX); "
+                 "--dtype float32 to override")
+        return torch.bfloat16
+    log.info("--dtype auto: float32, as this CPU has no native bfloat16 (AVX512-BF16 or AMX)")
     return torch.float32
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX tiles, as vLLM checks before picking bfloat16 on CPU."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def load_base_model(model: str | None, device: str = "auto", dtype: str = "auto", revision: str | None = None,

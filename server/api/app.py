@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from . import errors, routes_adapters, routes_openai, routes_ops, routes_tgi
-from .errors import error_response
+from .errors import TooLarge, error_response
 from .service import Service
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ class TrackRequests:
             response = error_response(503, "the server is shutting down", "overloaded", {"Retry-After": "5"})
             return await response(scope, receive, send)
         status = "500"
+        if not scope["path"].startswith("/adapters"):  # uploads have their own cap (--max-upload-bytes)
+            receive = _capped(receive, scope, service.config.max_request_bytes)
 
         async def send_with_status(message):
             nonlocal status
@@ -57,8 +59,36 @@ class TrackRequests:
 
         service.in_flight += 1
         try:
+            if receive is None:
+                status = "413"
+                message = f"the request body is over the {service.config.max_request_bytes}-byte limit (--max-request-bytes)"
+                return await error_response(413, message, "too_large")(scope, _no_body, send)
             await self.app(scope, receive, send_with_status)
         finally:
             service.in_flight -= 1
             route = getattr(scope.get("route"), "path", "unmatched")  # the template, so labels stay few
             service.metrics.requests.inc(route=route, status=status)
+
+
+def _capped(receive, scope, limit: int):
+    """`receive`, refusing a body over `limit` bytes before anything parses it: None when the
+    declared Content-Length is over it, else a receive that raises TooLarge once the bytes are."""
+    declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    size = 0
+
+    async def capped():
+        nonlocal size
+        message = await receive()
+        if message["type"] == "http.request":
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise TooLarge(f"the request body is over the {limit}-byte limit (--max-request-bytes)")
+        return message
+
+    return capped
+
+
+async def _no_body():
+    return {"type": "http.request", "body": b"", "more_body": False}

@@ -15,8 +15,15 @@ from server.engine.request import InvalidRequest, Overloaded
 log = logging.getLogger(__name__)
 
 
-class TooLarge(Exception):
-    """A request body over its size limit."""
+class TooLarge(StarletteHTTPException):
+    """A request body over its size limit. An HTTPException, so that FastAPI's body parsing lets it
+    through as it is (it turns other errors raised while reading the body into a 400)."""
+
+    def __init__(self, message: str):
+        super().__init__(413, message)
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 class Unauthorized(Exception):

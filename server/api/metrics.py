@@ -95,6 +95,8 @@ class Metrics:
                   lambda: registry.stats["load_failures"], "counter"),
             Gauge(p + "batch_size", "Requests in the last engine step", lambda: engine.last_batch_size),
             Gauge(p + "engine_steps_total", "Engine steps run", lambda: engine.stats["steps"], "counter"),
+            Gauge(p + "engine_failed_steps_total", "Engine steps that raised (those retried without their "
+                  "newcomers included)", lambda: engine.stats["failed_steps"], "counter"),
             Gauge(p + "prefill_tokens_total", "Prompt plus virtual tokens admitted to prefill",
                   lambda: engine.stats["prefill_tokens"], "counter"),
             Gauge(p + "queue_depth", "Requests waiting to be scheduled", lambda: engine.num_waiting),

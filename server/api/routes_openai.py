@@ -55,7 +55,14 @@ async def _respond(request: Request, jobs: list[Job], model: str, chat: bool, st
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     obj = "chat.completion" if chat else "text_completion"
-    streams = [service.start(job) for job in jobs]  # all queued before any response is sent
+    streams = []  # all queued before any response is sent; if one cannot be, none is left running
+    try:
+        for job in jobs:
+            streams.append(service.start(job))
+    except Exception:
+        for s in streams:
+            s.abort()
+        raise
 
     if stream:
         return StreamingResponse(_stream(service, jobs, streams, rid, created, model, chat, usage),
@@ -145,7 +152,10 @@ async def completions(request: Request, body: CompletionRequest):
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts:
         raise InvalidRequest("prompt", "must not be empty")
-    jobs = [service.prepare("completions", p, params, body.model) for p in prompts]
+    if len(prompts) > service.config.max_waiting:  # could never be queued at once
+        raise InvalidRequest("prompt", f"{len(prompts)} prompts is more than the {service.config.max_waiting} "
+                             "one request may carry (--max-waiting)")
+    jobs = [await service.prepare("completions", p, params, body.model) for p in prompts]
     return await _respond(request, jobs, body.model or service.base.name, chat=False, stream=bool(body.stream),
                           usage=body.include_usage)
 
@@ -160,7 +170,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    jobs = [service.prepare("chat", ids, body.to_sampling_params(default_max_new_tokens=256), body.model)]
+    jobs = [await service.prepare("chat", ids, body.to_sampling_params(default_max_new_tokens=256), body.model)]
     return await _respond(request, jobs, body.model or service.base.name, chat=True, stream=bool(body.stream),
                           usage=body.include_usage)
 

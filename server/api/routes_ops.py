@@ -13,6 +13,7 @@ from .errors import error_response
 from .service import Service
 
 router = APIRouter()
+UNHEALTHY_AFTER = 3  # engine steps failed in a row before /health says 503, so an orchestrator restarts us
 
 
 def _version() -> str:
@@ -27,6 +28,10 @@ async def health(request: Request):
     service: Service = request.app.state.service
     if service.draining:
         return error_response(503, "shutting down", "overloaded")
+    engine = service.engine.engine
+    if engine.consecutive_failures >= UNHEALTHY_AFTER:
+        return error_response(503, f"the last {engine.consecutive_failures} engine steps failed "
+                                   f"(last: {engine.last_failure})", "unhealthy")
     return {"status": "ok"}
 
 
@@ -48,6 +53,9 @@ async def info(request: Request):
         "max_waiting_requests": c.max_waiting,
         "max_prefill_tokens": c.max_prefill_tokens,
         "max_upload_bytes": c.max_upload_bytes,
+        "max_virtual_tokens": c.max_virtual_tokens,
+        "max_request_bytes": c.max_request_bytes,
+        "max_stop_sequences": c.max_stop_sequences,
         "auth": {"api_key": bool(c.api_key), "admin_key": bool(c.admin_key)},
     }
 

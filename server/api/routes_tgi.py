@@ -20,10 +20,10 @@ def _service(request: Request) -> Service:
     return request.app.state.service
 
 
-def _job(service: Service, body: GenerateRequest, route: str) -> Job:
+async def _job(service: Service, body: GenerateRequest, route: str) -> Job:
     p = body.parameters
     params = p.to_sampling_params(default_max_new_tokens=20)
-    return service.prepare(route, body.inputs, params, p.adapter_id, truncate=p.truncate)
+    return await service.prepare(route, body.inputs, params, p.adapter_id, truncate=p.truncate)
 
 
 def _token(event: TokenEvent) -> Token:
@@ -37,7 +37,7 @@ def _full_text(body: GenerateRequest, text: str) -> str:
 async def _generate(request: Request, body: GenerateRequest, route: str) -> GenerateResponse:
     service = _service(request)
     service.authorize(request)
-    job = _job(service, body, route)
+    job = await _job(service, body, route)
     result = await service.collect(service.start(job), request)
     service.record(job, result.seq)
     details = None
@@ -76,7 +76,7 @@ async def compat(request: Request, body: GenerateRequest):
 async def generate_stream(request: Request, body: GenerateRequest):
     service = _service(request)
     service.authorize(request)
-    job = _job(service, body, "generate_stream")
+    job = await _job(service, body, "generate_stream")
     stream = service.start(job)  # Overloaded is raised here, before the response starts
 
     async def events():

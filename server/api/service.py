@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from adapters import Adapter, AdapterRegistry
 from server.config import Config
@@ -21,6 +22,8 @@ from .errors import ClientGone, Forbidden, Unauthorized
 from .metrics import Metrics
 
 log = logging.getLogger("softprompt.requests")
+MAX_STOP_CHARS = 256  # longest stop sequence
+INLINE_TOKENIZE_CHARS = 8192  # longer prompts are tokenized on a worker thread
 
 
 @dataclass
@@ -88,11 +91,23 @@ class Service:
     def tokenize(self, text: str) -> list[int]:
         return self.base.tokenizer(text, add_special_tokens=True).input_ids
 
-    def prepare(self, route: str, prompt, params: SamplingParams, adapter_name: str | None,
-                truncate: int | None = None) -> Job:
-        """Validate one request against the server's limits. `prompt` is text or token ids."""
+    async def prepare(self, route: str, prompt, params: SamplingParams, adapter_name: str | None,
+                      truncate: int | None = None) -> Job:
+        """Validate one request against the server's limits. `prompt` is text or token ids; long
+        texts are tokenized on a worker thread, so they do not hold up the event loop."""
         adapter = self.adapter(adapter_name)
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        stops, limit = params.stop, self.config.max_stop_sequences
+        if len(stops) > limit:
+            raise InvalidRequest("stop", f"{len(stops)} stop sequences is more than the {limit} allowed "
+                                 "(--max-stop-sequences)")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise InvalidRequest("stop", f"a stop sequence is longer than {MAX_STOP_CHARS} characters")
+        if not isinstance(prompt, str):
+            ids = list(prompt)
+        elif len(prompt) > INLINE_TOKENIZE_CHARS:
+            ids = await run_in_threadpool(self.tokenize, prompt)
+        else:
+            ids = self.tokenize(prompt)
         if truncate is not None:
             ids = ids[-truncate:]
         if not ids:

@@ -9,21 +9,23 @@ every token (streaming) or when the request ends (everything else).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import random
 import threading
 import time
-from collections import Counter
-from typing import Callable
+from collections import Counter, deque
+from typing import Callable, TypeVar
 
 from adapters import Adapter, ModelSpec
 
 from .detokenizer import IncrementalDetokenizer
-from .model_runner import ModelRunner, StepOutput
+from .model_runner import ModelRunner, ScheduledStep, StepOutput
 from .request import FinishReason, Overloaded, SamplingParams, Sequence, TokenEvent
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Engine:
@@ -35,10 +37,11 @@ class Engine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.special_ids = set(tokenizer.all_special_ids)
         self._lock = threading.Lock()  # guards the scheduler's queues between submitters and the stepper
-        self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self.accepting = True
-        self.stats = Counter()  # steps, prefill_tokens, requests_finished
+        self.stats = Counter()  # steps, failed_steps, prefill_tokens, requests_finished
         self.last_batch_size = 0
+        self.consecutive_failures = 0  # forwards failed since the last that served a request: /health's verdict
+        self.last_failure = ""
         self.emit: Callable[[list[Delivery]], None] = _call_back  # AsyncEngine: one hand-over per step
 
     def submit(self, seq: Sequence) -> Sequence:
@@ -49,13 +52,9 @@ class Engine:
             seq.seed = seq.params.seed
         else:
             seq.seed = random.getrandbits(63)
-        self._detokenizers[seq.id] = IncrementalDetokenizer(self.tokenizer)
-        try:
-            with self._lock:
-                self.scheduler.add(seq)
-        except Overloaded:
-            del self._detokenizers[seq.id]
-            raise
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids)
+        with self._lock:
+            self.scheduler.add(seq)
         return seq
 
     def abort(self, seq: Sequence) -> None:
@@ -76,38 +75,66 @@ class Engine:
     def step(self) -> list[StepOutput]:
         with self._lock:
             step = self.scheduler.schedule()
-        for seq in step.release:
-            self._detokenizers.pop(seq.id, None)
         try:
-            outputs = self.runner.run(step)
+            outputs = self._run(step)
         except Exception as exc:
+            self.stats["failed_steps"] += 1
+            self.consecutive_failures += 1
+            self.last_failure = f"{type(exc).__name__}: {exc}"
             self.fail_all(RuntimeError(f"generation failed: {exc}"))
             raise
+        if outputs:  # a forward that served someone: the device works
+            self.consecutive_failures = 0
         self.stats["steps"] += 1
         self.stats["prefill_tokens"] += sum(s.prefill_tokens for s in step.prefill)
         self.last_batch_size = len(outputs)
-        self.emit([d for d in map(self._deliver, outputs) if d is not None])
+        deliveries = []
+        for out in outputs:
+            try:
+                delivery = self._deliver(out)
+            except Exception as exc:  # this request's text or stop check failed: it alone ends
+                log.exception("delivering a token failed; ending that request")
+                out.seq.aborted = True
+                delivery = (out.seq, RuntimeError(f"generation failed: {exc}")) if out.seq.on_token else None
+            if delivery is not None:
+                deliveries.append(delivery)
+        self.emit(deliveries)
         return outputs
+
+    def _run(self, step: ScheduledStep) -> list[StepOutput]:
+        """A step whose newcomers make it fail is run again without them, and they alone fail (a
+        prompt that runs out of memory, say); a step that fails without newcomers raises."""
+        try:
+            return self.runner.run(step)
+        except Exception as exc:
+            if not step.prefill:
+                raise
+            self.stats["failed_steps"] += 1
+            self.consecutive_failures += 1
+            self.last_failure = f"{type(exc).__name__}: {exc}"
+            log.exception("a step with %d newcomers failed; running it again without them", len(step.prefill))
+            with self._lock:
+                gone = {id(s) for s in step.prefill}
+                self.scheduler.running = [s for s in self.scheduler.running if id(s) not in gone]
+                ended = _abort(step.prefill, RuntimeError(f"generation failed: {exc}"))
+            self.emit(ended)
+            return self.runner.run(ScheduledStep(decode=step.decode))
 
     def abort_all(self, error: Exception) -> None:
         """From any thread: end every request with `error`; their KV segments are freed at the next step."""
         with self._lock:
-            seqs = list(self.scheduler.running) + list(self.scheduler.waiting)
-        ended = []
-        for seq in seqs:
-            if not seq.finished and not seq.aborted:
-                seq.aborted = True
-                ended.append((seq, error))
+            ended = _abort(list(self.scheduler.running) + list(self.scheduler.waiting), error)
         self.emit(ended)
 
     def fail_all(self, error: Exception) -> None:
-        """After a failed step, on the stepping thread: end every request and start from an empty batch."""
-        self.abort_all(error)
+        """After a failed step, on the stepping thread: end every request and start from an empty batch.
+        One acquisition of the lock, so a request submitted meanwhile is either ended here or kept."""
         with self._lock:
+            ended = _abort(list(self.scheduler.running) + list(self.scheduler.waiting), error)
             self.scheduler.running.clear()
             self.scheduler.waiting.clear()
+        self.emit(ended)
         self.runner.reset()
-        self._detokenizers.clear()
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: Adapter | None = None) -> Sequence:
         """Run one request to the end on this thread (tests, benchmarks, the single-request path)."""
@@ -126,8 +153,7 @@ class Engine:
             seq.first_token_time = now
         seq.output_ids.append(out.token_id)
         seq.logprobs.append(out.logprob)
-        detok = self._detokenizers.get(seq.id)
-        text = detok.step(seq.output_ids) if detok else ""
+        text = seq.detokenizer.step(out.token_id) if seq.detokenizer else ""
         seq.text += text
         seq.finish_reason = self._finish_reason(seq, out.token_id, len(text))
         if seq.finished:
@@ -149,6 +175,17 @@ class Engine:
 
 
 Delivery = tuple[Sequence, "TokenEvent | Exception"]  # a request's token, or the error that ended it
+
+
+def _abort(seqs: list[Sequence], error: Exception) -> list[Delivery]:
+    """Mark the requests not yet ended as aborted; the error to tell each one's consumer."""
+    ended = []
+    for seq in seqs:
+        if not seq.finished and not seq.aborted:
+            seq.aborted = True
+            if seq.on_token:
+                ended.append((seq, error))
+    return ended
 
 
 def _call_back(deliveries: list[Delivery]) -> None:
@@ -180,6 +217,7 @@ class AsyncEngine:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._between_steps: deque[tuple[Callable, concurrent.futures.Future]] = deque()
 
     def start(self) -> None:
         self._event_loop = asyncio.get_running_loop()
@@ -203,6 +241,18 @@ class AsyncEngine:
         with self._wake:
             self._wake.notify()
 
+    def run_between_steps(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the engine thread between two steps and return what it returns (blocking
+        the caller): model work outside the engine (an adapter's materialization) never runs
+        while a step does. Runs `fn` at once when the engine thread is not running or is the caller."""
+        if not self._thread.is_alive() or threading.current_thread() is self._thread:
+            return fn()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            self._between_steps.append((fn, future))
+            self._wake.notify()
+        return future.result()
+
     def _hand_over(self, deliveries: list[Delivery]) -> None:  # any thread, once per step
         if deliveries:
             try:
@@ -213,14 +263,22 @@ class AsyncEngine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._stopping and not self.engine.has_work():
+                while not self._stopping and not self.engine.has_work() and not self._between_steps:
                     self._wake.wait()
-                if self._stopping:
-                    return
-            try:
-                self.engine.step()
-            except Exception:  # a failed step must not kill the server; its requests were failed
-                log.exception("engine step failed; failed the requests in the batch")
+                stopping, tasks = self._stopping, list(self._between_steps)
+                self._between_steps.clear()
+            for fn, future in tasks:  # on stop too: their callers are waiting
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:
+                    future.set_exception(exc)
+            if stopping:
+                return
+            if self.engine.has_work():
+                try:
+                    self.engine.step()
+                except Exception:  # a failed step must not kill the server; its requests were failed
+                    log.exception("engine step failed; failed the requests in the batch")
 
 
 class Stream:

@@ -86,7 +86,12 @@ class ModelRunner:
             return [], None
         tokens = [[row.seq.output_ids[-1]] for row in rows] + [row.seq.prompt_ids for row in new_rows]
         batch = rows + new_rows
-        logits = self._forward(batch, tokens)
+        try:
+            logits = self._forward(batch, tokens)
+        except BaseException:  # the running rows are as before the step; the newcomers were never here
+            for row in new_rows:
+                self.pool.release(row.segment)
+            raise
         self.rows += new_rows
         return batch, logits
 

@@ -99,6 +99,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     text: str = ""  # decoded output so far
+    detokenizer: object | None = field(default=None, repr=False)  # the engine's IncrementalDetokenizer for it
     finish_reason: FinishReason | None = None
     aborted: bool = False  # set from any thread; the scheduler drops the request at its next step
     arrival_time: float = field(default_factory=time.monotonic)

@@ -4,7 +4,10 @@ still serves, the adapter list is unchanged and the store holds no half-written 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import re
+import time
 import uuid
 
 import httpx
@@ -359,3 +362,71 @@ def test_full_queue_is_503_with_retry_after(limited):
             assert count == n_tokens, f"{r.request.url.path}: {count} tokens"
     with limited.client() as c:
         assert_unharmed(c, limited.adapter_dir, [])
+
+
+def test_request_bodies_are_capped_before_parsing(start_server):
+    """--max-request-bytes: 413 on a declared Content-Length or on the bytes as they come, before
+    any JSON is parsed; uploads keep their own cap."""
+    server = start_server("--max-request-bytes", "2000")
+    with server.client() as c:
+        big = {"inputs": "x" * 3000, "parameters": {"max_new_tokens": 2}}
+        r = c.post("/generate", json=big)
+        assert r.status_code == 413 and "--max-request-bytes" in r.json()["error"]
+
+        def chunks():  # no Content-Length: counted as it arrives
+            for _ in range(10):
+                yield b" " * 500
+        r = c.post("/generate", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error_type"] == "too_large"
+        assert c.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}).status_code == 200
+
+
+def test_stop_sequences_are_capped(client):
+    r = client.post("/generate", json={"inputs": "Hi", "parameters": {"stop": ["a", "b", "c", "d", "e"]}})
+    assert r.status_code == 422 and "--max-stop-sequences" in r.json()["error"]
+    r = client.post("/generate", json={"inputs": "Hi", "parameters": {"stop": ["z" * 300]}})
+    assert r.status_code == 422 and "256" in r.json()["error"]
+    r = client.post("/v1/completions", json={"prompt": "Hi", "stop": ["1", "2", "3", "4", "5"]})
+    assert r.status_code == 422
+
+
+def test_a_refused_prompt_list_leaves_nothing_running(start_server, tokenizer):
+    """An OpenAI prompt list whose later prompts cannot be queued: 503, and the ones that were
+    queued are aborted, not left generating for nobody (they are never prefilled)."""
+    server = start_server("--max-batch-size", "1", "--max-waiting", "3")
+    body = {"inputs": "Hello", "parameters": {"max_new_tokens": 300}}
+    with server.client() as c, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        background = [pool.submit(lambda: server.client().post("/generate", json=body)) for _ in range(2)]
+        for _ in range(100):  # one running, one waiting: room for two more in the queue
+            metrics = c.get("/metrics").text
+            if "softprompt_running_requests 1" in metrics and "softprompt_queue_depth 1" in metrics:
+                break
+            time.sleep(0.05)
+        r = c.post("/v1/completions", json={"prompt": ["a long prompt"] * 3, "max_tokens": 50})
+        assert r.status_code == 503
+        assert all(f.result().status_code == 200 for f in background)
+        prefilled = re.search(r"^softprompt_prefill_tokens_total (\S+)$", c.get("/metrics").text, re.M).group(1)
+        assert float(prefilled) == 2 * len(tokenizer("Hello").input_ids), "the refused list's prompts ran"
+        r = c.post("/v1/completions", json={"prompt": ["a"] * 4, "max_tokens": 2})
+        assert r.status_code == 422 and "--max-waiting" in r.json()["error"]
+
+
+def test_a_config_declaring_a_huge_encoder_is_refused_at_once(server, client, adapter_srcs):
+    """A 1 KB adapter_config.json asking for a 10^9-wide p-tuning encoder: 422 naming the field,
+    in well under a second, and the server's resident memory does not move."""
+    def rss_kb() -> int:
+        status = open(f"/proc/{server.proc.pid}/status").read()
+        return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))
+
+    files = adapter_files(adapter_srcs["ptuning-mlp"])
+    config = json.loads(files["adapter_config.json"])
+    config["encoder_hidden_size"] = 1_000_000_000
+    files["adapter_config.json"] = json.dumps(config).encode()
+    assert len(files["adapter_config.json"]) < 1024
+    before = rss_kb()
+    started = time.perf_counter()
+    r = upload(client, "huge-encoder", files)
+    assert time.perf_counter() - started < 1.0
+    assert r.status_code == 422 and "encoder_hidden_size" in r.json()["error"]
+    assert rss_kb() - before < 10_000, "resident memory grew by more than 10 MB"
+    assert client.get("/adapters/huge-encoder").status_code == 404

@@ -306,3 +306,17 @@ def test_peft_type_of_wrong_json_type(store_registry, llama, peft_type):
     """A list or object as peft_type is invalid input too: InvalidAdapter, not a TypeError (an HTTP 500)."""
     config = llama.config("prompt") | {"peft_type": peft_type}
     _rejects(store_registry, config, _tensors(llama, "prompt"), "peft_type")
+
+
+def test_dtype_auto_picks_bfloat16_only_on_cpus_that_compute_it(monkeypatch):
+    import torch
+
+    from server import model
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(model, "cpu_has_bf16", lambda: False)
+    assert model.pick_dtype("auto", cpu) == torch.float32
+    monkeypatch.setattr(model, "cpu_has_bf16", lambda: True)
+    assert model.pick_dtype("auto", cpu) == torch.bfloat16
+    assert model.pick_dtype("float32", cpu) == torch.float32  # tests of exact PEFT parity ask for it
+    assert isinstance(model.cpu_has_bf16.__wrapped__() if hasattr(model.cpu_has_bf16, "__wrapped__") else True, bool)

@@ -1,0 +1,76 @@
+"""The text the engine returns is exactly the tokens' text, with a SentencePiece-style (Metaspace)
+tokenizer too: its first generated token keeps its leading space."""
+
+from __future__ import annotations
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from adapters import AdapterRegistry
+from server.demo.tiny import seeded_init, tiny_config
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.engine import Engine
+from server.engine.request import SamplingParams, Sequence
+from server.model import load_base_model
+from tests.factory import trained_peft
+
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+WORDS = ["hello", "world", "the", "cat", "sat", "on", "mat", "a", "dog", "ran"]
+PIECES = ["s", "ing", "ed", "!", ",", "é", "日本"]  # glued to the previous word: no ▁
+PROMPTS = ["hello world", "the cat sat on the mat", "a dog", "dog"]
+
+
+def metaspace_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {t: i for i, t in enumerate(SPECIAL + [f"▁{w}" for w in WORDS] + PIECES)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def metaspace_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("metaspace")
+    tokenizer = metaspace_tokenizer()
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tokenizer)))
+    seeded_init(model, seed=1)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    base = load_base_model(str(root / "model"))
+    registry = AdapterRegistry(base.spec, base.model)
+    for variant in ("prompt", "prefix"):
+        trained_peft(root / "model", variant, seed=3).save_pretrained(root / variant)
+        registry.add_dir(variant, root / variant, source="test")
+    return base, registry
+
+
+def test_decoding_alone_drops_the_space_so_the_test_means_something():
+    tokenizer = metaspace_tokenizer()
+    ids = tokenizer("hello world").input_ids
+    assert tokenizer.decode(ids[1:]) == "world" and tokenizer.decode(ids) == "hello world"
+    assert IncrementalDetokenizer(tokenizer, ids[:1]).step(ids[1]) == " world"
+
+
+@pytest.mark.parametrize("variant", [None, "prompt", "prefix"])
+def test_generated_text_is_the_full_decode_minus_the_prompt(metaspace_world, variant):
+    base, registry = metaspace_world
+    engine = Engine(base.model, base.tokenizer, base.spec)
+    adapter = registry.get(variant) if variant else None
+    spaced = 0
+    for prompt in PROMPTS:
+        ids = base.tokenizer(prompt).input_ids
+        streamed = []
+        seq = Sequence(ids, SamplingParams(max_new_tokens=12, ignore_eos=True), adapter,
+                       on_token=lambda _, event: streamed.append(event.text))
+        engine.submit(seq)
+        while not seq.finished:
+            engine.step()
+        decode = lambda t: base.tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
+        full, head = decode(ids + seq.output_ids), decode(ids)
+        assert full.startswith(head)
+        assert seq.text == full[len(head):], f"{variant} {prompt!r}: {seq.output_ids}"
+        assert "".join(streamed) == seq.text
+        spaced += seq.text.startswith(" ")
+    assert spaced, "no generation started with a ▁ word: the leading-space case went untested"
