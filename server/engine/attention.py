@@ -99,9 +99,14 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
     kv = ragged.pool.kv[module.layer_idx]  # [2, kv_heads, slots, head_dim]
     kv[0].index_copy_(1, ragged.slots, key[0])
     kv[1].index_copy_(1, ragged.slots, value[0])
+    out = None
     if _use_varlen(query, kv.shape[1], window):
-        out = _varlen(ragged, query, kv, scaling)
-    else:
+        try:
+            out = _varlen(ragged, query, kv, scaling)
+        except Exception as exc:  # a shape or length the kernel refuses: per request from now on
+            log.warning("variable-length flash attention failed (%s); attending per request from now on", exc)
+            _VARLEN_OK[_varlen_key(query, kv.shape[1])] = False
+    if out is None:
         out = _per_request(ragged, query, kv, scaling, window)
     return out[None], None  # [1, tokens, heads, head_dim]
 
@@ -192,10 +197,14 @@ def _causal_mask(n: int, kv_len: int, window: int | None, device) -> torch.Tenso
 _VARLEN_OK: dict[tuple, bool] = {}
 
 
+def _varlen_key(query, kv_heads: int) -> tuple:
+    return query.device, query.dtype, query.shape[1], kv_heads, query.shape[3]
+
+
 def _use_varlen(query, kv_heads: int, window) -> bool:
     if query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16) or window:
         return False
-    key = (query.device, query.dtype, query.shape[1], kv_heads, query.shape[3])
+    key = _varlen_key(query, kv_heads)
     if key not in _VARLEN_OK:
         _VARLEN_OK[key] = _varlen_self_check(*key)
     return _VARLEN_OK[key]

@@ -275,3 +275,26 @@ def test_models_outside_the_attention_interface_are_refused(tmp_path):
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match="GPTNeoForCausalLM does not use transformers' attention interface"):
         attention.install(model)
+
+
+def test_varlen_failing_at_run_time_falls_back_to_per_request(monkeypatch, caplog):
+    """A flash kernel that passed its self-check but raises on a later step's shapes: that step is
+    attended per request, and the flash path is not used again."""
+    torch.manual_seed(0)
+    pool = KVPool(1, KV_HEADS, HEAD_DIM, "cpu", torch.float32)
+    segs = [pool.allocate(12) for _ in range(2)]
+    step = attention.RaggedStep.build(pool, [s.start for s in segs], [1, 4], [7, 4])
+    query = torch.randn(1, 4, 5, HEAD_DIM)
+    key, value = torch.randn(1, KV_HEADS, 5, HEAD_DIM), torch.randn(1, KV_HEADS, 5, HEAD_DIM)
+    expected, _ = attention.ragged_attention(_Layer(), query, key, value, attention.NO_MASK, ragged=step)
+
+    def refuses(*args):
+        raise RuntimeError("max_seqlen_k exceeds the kernel's limit")
+
+    monkeypatch.setattr(attention, "_use_varlen", lambda *args: True)
+    monkeypatch.setattr(attention, "_varlen", refuses)
+    monkeypatch.setattr(attention, "_VARLEN_OK", {})
+    out, _ = attention.ragged_attention(_Layer(), query, key, value, attention.NO_MASK, ragged=step)
+    torch.testing.assert_close(out, expected)
+    assert list(attention._VARLEN_OK.values()) == [False]
+    assert "attending per request from now on" in caplog.text
