@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from . import errors, routes_adapters, routes_openai, routes_ops, routes_tgi
-from .errors import TooLarge, error_response
+from .errors import TooLarge, error_response, to_response
 from .service import Service
 
 log = logging.getLogger(__name__)
@@ -51,11 +51,22 @@ class TrackRequests:
         if not scope["path"].startswith("/adapters"):  # uploads have their own cap (--max-upload-bytes)
             receive = _capped(receive, scope, service.config.max_request_bytes)
 
+        started = False
+
         async def send_with_status(message):
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = str(message["status"])
+                status, started = str(message["status"]), True
             await send(message)
+
+        async def app_or_500():
+            """An unexpected error still gets its JSON 500, on a connection that stays usable."""
+            try:
+                await self.app(scope, receive, send_with_status)
+            except Exception as exc:
+                if started:  # too late for a status: the server closes the connection
+                    raise
+                await to_response(exc)(scope, receive, send_with_status)
 
         service.in_flight += 1
         try:
@@ -63,7 +74,7 @@ class TrackRequests:
                 status = "413"
                 message = f"the request body is over the {service.config.max_request_bytes}-byte limit (--max-request-bytes)"
                 return await error_response(413, message, "too_large")(scope, _no_body, send)
-            await self.app(scope, receive, send_with_status)
+            await app_or_500()
         finally:
             service.in_flight -= 1
             route = getattr(scope.get("route"), "path", "unmatched")  # the template, so labels stay few

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters import AdapterExists, AdapterNotFound, InvalidAdapter
-from server.engine.request import InvalidRequest, Overloaded
+from server.engine.request import GenerationFailed, InvalidRequest, Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ STATUS = {
     Unauthorized: (401, "unauthorized"),
     Forbidden: (403, "forbidden"),
     Overloaded: (503, "overloaded"),
+    GenerationFailed: (500, "generation_failed"),
     ClientGone: (499, "client_closed_request"),
 }
 
@@ -87,4 +88,6 @@ def install(app: FastAPI) -> None:
         app.add_exception_handler(cls, domain)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(StarletteHTTPException, http)
-    app.add_exception_handler(Exception, domain)
+    # Not `Exception`: Starlette runs that handler in its outermost middleware, which re-raises after
+    # answering, and uvicorn then closes the connection under a client that may reuse it.
+    # app.py's TrackRequests answers unexpected errors instead (`to_response`).

@@ -21,7 +21,7 @@ from adapters import Adapter, ModelSpec
 
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner, ScheduledStep, StepOutput
-from .request import FinishReason, Overloaded, SamplingParams, Sequence, TokenEvent
+from .request import FinishReason, GenerationFailed, Overloaded, SamplingParams, Sequence, TokenEvent
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class Engine:
             self.stats["failed_steps"] += 1
             self.consecutive_failures += 1
             self.last_failure = f"{type(exc).__name__}: {exc}"
-            self.fail_all(RuntimeError(f"generation failed: {exc}"))
+            self.fail_all(GenerationFailed(f"generation failed: {exc}"))
             raise
         if outputs:  # a forward that served someone: the device works
             self.consecutive_failures = 0
@@ -95,7 +95,7 @@ class Engine:
             except Exception as exc:  # this request's text or stop check failed: it alone ends
                 log.exception("delivering a token failed; ending that request")
                 out.seq.aborted = True
-                delivery = (out.seq, RuntimeError(f"generation failed: {exc}")) if out.seq.on_token else None
+                delivery = (out.seq, GenerationFailed(f"generation failed: {exc}")) if out.seq.on_token else None
             if delivery is not None:
                 deliveries.append(delivery)
         self.emit(deliveries)
@@ -116,7 +116,7 @@ class Engine:
             with self._lock:
                 gone = {id(s) for s in step.prefill}
                 self.scheduler.running = [s for s in self.scheduler.running if id(s) not in gone]
-                ended = _abort(step.prefill, RuntimeError(f"generation failed: {exc}"))
+                ended = _abort(step.prefill, GenerationFailed(f"generation failed: {exc}"))
             self.emit(ended)
             return self.runner.run(ScheduledStep(decode=step.decode))
 

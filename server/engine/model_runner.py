@@ -65,8 +65,23 @@ class ModelRunner:
         return [row.seq for row in self.rows]
 
     def run(self, step: ScheduledStep) -> list[StepOutput]:
-        batch, logits = self.forward(step)
-        return self._sample(batch, logits) if batch else []
+        """One step. If it raises (the forward, or sampling), the runner is left as it was before
+        the step, released requests aside: the running rows keep their lengths, newcomers are gone."""
+        if step.release:
+            self._release(step.release)
+        before = [(row, row.segment.length) for row in self.rows]
+        try:
+            batch, logits = self.forward(step)
+            return self._sample(batch, logits) if batch else []
+        except BaseException:
+            kept = {id(row) for row, _ in before}
+            for row in self.rows:
+                if id(row) not in kept:
+                    self.pool.release(row.segment)
+            self.rows = [row for row, _ in before]
+            for row, length in before:
+                row.segment.length = length
+            raise
 
     @torch.inference_mode()
     def forward(self, step: ScheduledStep) -> tuple[list[_Row], torch.Tensor | None]:
@@ -82,18 +97,12 @@ class ModelRunner:
         if step.prefill:
             self.pool.reserve([_first_capacity(seq) for seq in step.prefill])
         new_rows = [self._admit(seq) for seq in step.prefill]
+        self.rows = self.rows + new_rows  # a new list: `run` restores the old one if the step fails
         if not rows and not new_rows:
             return [], None
         tokens = [[row.seq.output_ids[-1]] for row in rows] + [row.seq.prompt_ids for row in new_rows]
         batch = rows + new_rows
-        try:
-            logits = self._forward(batch, tokens)
-        except BaseException:  # the running rows are as before the step; the newcomers were never here
-            for row in new_rows:
-                self.pool.release(row.segment)
-            raise
-        self.rows += new_rows
-        return batch, logits
+        return batch, self._forward(batch, tokens)
 
     def _release(self, seqs: list[Sequence]) -> None:
         gone = {s.id for s in seqs}

@@ -28,6 +28,10 @@ class Overloaded(RuntimeError):
         self.retry_after = retry_after
 
 
+class GenerationFailed(RuntimeError):
+    """The engine could not run this request's step (its own fault, or the batch's)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 20

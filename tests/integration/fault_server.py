@@ -35,8 +35,7 @@ def install(fail_rate: float, seed: int, log_path: str | None) -> None:
             os.replace(tmp, log_path)
 
     def faulty_forward(self, batch, tokens):
-        running = {id(row) for row in self.rows}
-        newcomers = [row for row in batch if id(row) not in running]  # admitted in this step: a prefill
+        newcomers = [row for row in batch if not row.seq.output_ids]  # admitted in this step: a prefill
         served = any(row.seq.on_token is not None for row in newcomers)
         if served:
             with lock:
@@ -51,7 +50,8 @@ def install(fail_rate: float, seed: int, log_path: str | None) -> None:
         with lock:
             faults.append({
                 "running": len(batch) - len(newcomers),
-                "newcomers": [{"prompt_ids": row.seq.prompt_ids, "aborted": bool(row.seq.aborted)} for row in newcomers],
+                "newcomers": [{"prompt_ids": row.seq.prompt_ids, "aborted": bool(row.seq.aborted)}
+                              for row in newcomers],
                 "after_forward": after,
             })
             write_log()

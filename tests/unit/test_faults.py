@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from server.engine.request import SamplingParams, Sequence
+from server.engine.request import GenerationFailed, SamplingParams, Sequence
 from tests.conftest import MAX_NEW, PROMPTS
 
 
@@ -44,7 +44,7 @@ def test_a_failing_newcomer_fails_alone_and_the_batch_goes_on(llama, monkeypatch
     monkeypatch.setattr(engine.runner, "_forward", fails_with_the_poison)
     _drain(engine)
     assert poison.aborted and not poison.output_ids
-    assert [type(e) for e in events[poison.id]] == [RuntimeError] and "out of memory" in str(events[poison.id][0])
+    assert [type(e) for e in events[poison.id]] == [GenerationFailed] and "out of memory" in str(events[poison.id][0])
     for seq, variant in zip(running, ("prompt", None)):
         assert seq.output_ids == llama.reference(variant, llama.ids(PROMPTS[1])), variant
         assert all(not isinstance(e, Exception) for e in events[seq.id])
@@ -95,6 +95,30 @@ def test_a_request_submitted_while_the_engine_resets_is_kept(llama, monkeypatch)
     _drain(engine)
     assert late[0].output_ids == llama.reference("prompt", llama.ids(PROMPTS[1]))
     assert events[late[0].id][-1].finish_reason is not None
+
+
+def test_a_failure_after_the_forward_leaves_the_runner_as_before(llama, monkeypatch):
+    """Sampling (or anything after the forward) raising: the running requests keep their segment
+    lengths, so the retried step feeds back each token once, and the result equals PEFT's."""
+    engine = llama.engine()
+    events = {}
+    running = _submit(engine, llama, "ptuning-mlp", PROMPTS[1], events)
+    engine.step()
+    newcomer = _submit(engine, llama, None, PROMPTS[0], events)
+    sample = engine.runner._sample
+    calls = []
+
+    def fails_once(batch, logits):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("sampling failed")
+        return sample(batch, logits)
+
+    monkeypatch.setattr(engine.runner, "_sample", fails_once)
+    _drain(engine)
+    assert newcomer.aborted and isinstance(events[newcomer.id][-1], GenerationFailed)
+    assert running.output_ids == llama.reference("ptuning-mlp", llama.ids(PROMPTS[1]))
+    assert engine.runner.pool.nbytes() == 0
 
 
 def test_a_failing_delivery_ends_that_request_alone(llama):
