@@ -17,6 +17,8 @@ import time
 from collections import Counter, deque
 from typing import Callable, TypeVar
 
+import torch
+
 from adapters import Adapter, ModelSpec
 
 from .detokenizer import IncrementalDetokenizer
@@ -211,8 +213,10 @@ class AsyncEngine:
     in one `call_soon_threadsafe`, and every callback of `Sequence.on_token` runs on it.
     """
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, threads: int | None = None):
+        """threads: torch's intra-op threads on the engine thread (default: as the process has)."""
         self.engine = engine
+        self.threads = threads
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -261,6 +265,8 @@ class AsyncEngine:
                 pass
 
     def _loop(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)  # per thread: OpenMP's thread count is the caller's
         while True:
             with self._wake:
                 while not self._stopping and not self.engine.has_work() and not self._between_steps:
