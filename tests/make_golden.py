@@ -26,6 +26,7 @@ from tests.factory import ARCHITECTURES, VARIANTS, make_model, peft_greedy, teac
 NEW_TOKENS = 16
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]  # test_openai's
 INTEGRATION_PROMPT, EOS_PROMPT = "Hello world", "Hi end"  # tests/integration/conftest.py's
+OTHER_PROMPTS = ("a", "the quick brown fox")  # test_adapters_http.py's second prompts
 LONG = {("llama", None): 300, ("llama", "ptuning-lstm"): 150}  # test_shutdown, test_delete_while_...
 
 
@@ -38,7 +39,7 @@ def build(root: Path) -> dict:
         material[arch] = oracle.fingerprint(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         chat = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
-        prompts = [*PROMPTS, INTEGRATION_PROMPT, EOS_PROMPT, chat]
+        prompts = [*PROMPTS, INTEGRATION_PROMPT, EOS_PROMPT, *OTHER_PROMPTS, chat]
         for variant in (None, *VARIANTS):
             adapter_dir = None
             if variant is not None:
