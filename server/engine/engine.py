@@ -80,9 +80,7 @@ class Engine:
         try:
             outputs = self._run(step)
         except Exception as exc:
-            self.stats["failed_steps"] += 1
-            self.consecutive_failures += 1
-            self.last_failure = f"{type(exc).__name__}: {exc}"
+            self._count_failure(exc)
             self.fail_all(GenerationFailed(f"generation failed: {exc}"))
             raise
         if outputs:  # a forward that served someone: the device works
@@ -111,9 +109,7 @@ class Engine:
         except Exception as exc:
             if not step.prefill:
                 raise
-            self.stats["failed_steps"] += 1
-            self.consecutive_failures += 1
-            self.last_failure = f"{type(exc).__name__}: {exc}"
+            self._count_failure(exc)
             log.exception("a step with %d newcomers failed; running it again without them", len(step.prefill))
             with self._lock:
                 gone = {id(s) for s in step.prefill}
@@ -121,6 +117,11 @@ class Engine:
                 ended = _abort(step.prefill, GenerationFailed(f"generation failed: {exc}"))
             self.emit(ended)
             return self.runner.run(ScheduledStep(decode=step.decode))
+
+    def _count_failure(self, exc: Exception) -> None:
+        self.stats["failed_steps"] += 1
+        self.consecutive_failures += 1
+        self.last_failure = f"{type(exc).__name__}: {exc}"
 
     def abort_all(self, error: Exception) -> None:
         """From any thread: end every request with `error`; their KV segments are freed at the next step."""
