@@ -72,8 +72,7 @@ class TrackRequests:
         try:
             if receive is None:
                 status = "413"
-                message = f"the request body is over the {service.config.max_request_bytes}-byte limit (--max-request-bytes)"
-                return await error_response(413, message, "too_large")(scope, _no_body, send)
+                return await to_response(_too_large(service.config.max_request_bytes))(scope, _no_body, send)
             await app_or_500()
         finally:
             service.in_flight -= 1
@@ -95,10 +94,14 @@ def _capped(receive, scope, limit: int):
         if message["type"] == "http.request":
             size += len(message.get("body", b""))
             if size > limit:
-                raise TooLarge(f"the request body is over the {limit}-byte limit (--max-request-bytes)")
+                raise _too_large(limit)
         return message
 
     return capped
+
+
+def _too_large(limit: int) -> TooLarge:
+    return TooLarge(f"the request body is over the {limit}-byte limit (--max-request-bytes)")
 
 
 async def _no_body():
