@@ -49,8 +49,10 @@ from pathlib import Path
 import httpx
 import torch
 
-from bench.bench_engine import _quiet, agreement, build_world
 from bench.bench_engine import parse_args as engine_args
+from bench.process import quiet
+from bench.report import agreement
+from bench.workload import build_world
 
 SYSTEMS = ("ours", "vllm")
 TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")  # Debian's libtcmalloc-minimal4
@@ -79,10 +81,10 @@ class Setup:
 
 
 def build_setup(args, root: Path) -> Setup:
-    """The model and adapters of bench_engine (its own builders), plus text prompts both servers tokenize alike."""
+    """bench_engine's model and adapters (`bench.workload`), plus text prompts both servers tokenize alike."""
     eargs = engine_args(["--hidden", str(args.hidden), "--layers", str(args.layers), "--adapters", str(args.adapters),
                          "--requests", "1", "--seed", str(args.seed)])
-    with _quiet():
+    with quiet():
         world = build_world(eargs, root)
     tokenizer = world.base.tokenizer
     model_dir, adapter_dir = world.model_dir, root / "adapters"
