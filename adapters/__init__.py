@@ -2,14 +2,14 @@
 
 from .adapter import Adapter
 from .base import KINDS, AdapterKind
-from .errors import AdapterError, AdapterExists, AdapterNotFound, InvalidAdapter
+from .errors import AdapterError, AdapterExists, AdapterNotFound, InvalidAdapter, SourceUnavailable
 from .loading import CONFIG_FILE, WEIGHTS_FILE, load_adapter, read_adapter_dir
 from .registry import AdapterRegistry
 from .spec import ModelSpec
-from .store import AdapterStore, check_name
+from .store import AdapterStore, Store, check_name, open_store
 
 __all__ = [
     "Adapter", "AdapterError", "AdapterExists", "AdapterKind", "AdapterNotFound", "AdapterRegistry",
-    "AdapterStore", "CONFIG_FILE", "InvalidAdapter", "KINDS", "ModelSpec", "WEIGHTS_FILE",
-    "check_name", "load_adapter", "read_adapter_dir",
+    "AdapterStore", "CONFIG_FILE", "InvalidAdapter", "KINDS", "ModelSpec", "SourceUnavailable", "Store",
+    "WEIGHTS_FILE", "check_name", "load_adapter", "open_store", "read_adapter_dir",
 ]

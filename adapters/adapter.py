@@ -15,7 +15,7 @@ class Adapter:
     name: str
     peft_type: str
     num_virtual_tokens: int
-    source: str  # where it came from: "upload", "disk" (found in the store at start-up), "demo"
+    source: str  # where it came from: "upload", "disk" or "s3" (the store), "hub", "demo"
     created_at: float  # unix time it was registered
     config: dict = field(repr=False)  # adapter_config.json as read
     kv: torch.Tensor = field(repr=False)  # [layers, 2, kv_heads, n, head_dim] on the model's device and dtype

@@ -15,3 +15,8 @@ class AdapterNotFound(AdapterError):
 
 class AdapterExists(AdapterError):
     """An adapter of that name is already registered or stored."""
+
+
+class SourceUnavailable(AdapterError):
+    """Where adapters come from (the S3 store, the Hugging Face hub) cannot be reached or refused
+    the operation; the message names the store or hub and the cause."""

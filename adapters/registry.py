@@ -16,7 +16,7 @@ from .adapter import Adapter
 from .errors import AdapterError, AdapterExists, AdapterNotFound, InvalidAdapter
 from .loading import LIMITS, Limits, load_adapter, read_adapter_dir
 from .spec import ModelSpec
-from .store import AdapterStore, check_name
+from .store import Store, check_name
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,7 +36,7 @@ class _ForwardsThrough:
 
 
 class AdapterRegistry:
-    def __init__(self, spec: ModelSpec, model, store: AdapterStore | None = None,
+    def __init__(self, spec: ModelSpec, model, store: Store | None = None,
                  run_model: Callable[[Callable[[], T]], T] | None = None, limits: Limits = LIMITS):
         """run_model: where the model's forwards for materialization run (the server passes the
         engine's `run_between_steps`, so they never overlap a step); default: on the caller's thread.
@@ -105,7 +105,7 @@ class AdapterRegistry:
         failed = []
         for name in self.store.names():
             try:
-                self.add_dir(name, self.store.path(name), source="disk")
+                self.add_dir(name, self.store.path(name), source=self.store.source)
             except AdapterError as exc:  # counted in load_failures by add / add_dir
                 failed.append(name)
                 log.error("skipping stored adapter %r: %s", name, exc)

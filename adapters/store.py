@@ -1,8 +1,11 @@
-"""Where adapter files live: one directory per adapter under the store's root, written atomically.
+"""Where adapter files live. `Store` is the interface the registry uses; `AdapterStore` keeps one
+directory per adapter under a local root, `S3Store` (s3_store.py) keeps them in object storage.
+`open_store` picks one from `--adapter-store`.
 
-A save writes both files into a hidden temporary directory, fsyncs them, then renames the
-directory into place, so a crash or a failed upload never leaves a half-written adapter that
-the next start-up would read. Leftover temporary directories are swept at start-up.
+Every store makes an adapter visible only once it is complete. Here: a save writes both files
+into a hidden temporary directory, fsyncs them, then renames the directory into place, so a
+crash or a failed upload never leaves a half-written adapter that the next start-up would read.
+Leftover temporary directories are swept at start-up.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
+from typing import Protocol
 
 from .errors import AdapterExists, AdapterNotFound, InvalidAdapter
 from .loading import CONFIG_FILE, WEIGHTS_FILE
@@ -29,9 +33,48 @@ def check_name(name: str) -> str:
     return name
 
 
+class Store(Protocol):
+    """Where adapters are kept, by name. Names are checked with `check_name`."""
+
+    url: str  # where the store is, for messages: a directory, or s3://bucket/prefix
+    source: str  # the `source` of adapters registered from it at start-up
+
+    def names(self) -> list[str]:
+        """The complete adapters stored, sorted."""
+
+    def path(self, name: str) -> Path:
+        """A local directory holding PEFT's two files of `name` (for a remote store: its disk cache)."""
+
+    def exists(self, name: str) -> bool: ...
+
+    def save(self, name: str, config_raw: bytes, weights_raw: bytes) -> Path:
+        """Store PEFT's two files atomically; AdapterExists if the name is taken. Returns `path(name)`."""
+
+    def delete(self, name: str) -> None:
+        """The adapter disappears at once, its files after; AdapterNotFound if it is not stored."""
+
+    def sweep(self) -> None:
+        """Remove what an interrupted save or delete left behind."""
+
+
+def open_store(location: str | Path, cache_dir: str | Path | None = None, endpoint_url: str | None = None) -> Store:
+    """`s3://bucket/prefix` (read through a disk cache in `cache_dir`), or a local directory.
+    A remote store is checked at once: SourceUnavailable if it cannot be used."""
+    if str(location).startswith("s3://"):
+        from .s3_store import S3Store
+
+        return S3Store(str(location), cache_dir or "adapter-cache", endpoint_url=endpoint_url)
+    return AdapterStore(Path(location))
+
+
 class AdapterStore:
+    """A local directory, one subdirectory per adapter."""
+
+    source = "disk"
+
     def __init__(self, root: Path):
         self.root = Path(root)
+        self.url = str(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.sweep()
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.s3"]  # the S3-compatible server fixtures (s3_endpoint, bucket)
+
 # Heavy imports (torch, transformers, peft) happen inside the fixtures, so that test directories
 # that do not use this material (tests/integration, test_docker.py) do not pay for them.
 

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters import AdapterExists, AdapterNotFound, InvalidAdapter
+from adapters import AdapterExists, AdapterNotFound, InvalidAdapter, SourceUnavailable
 from server.engine.request import GenerationFailed, InvalidRequest, Overloaded
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ STATUS = {
     Unauthorized: (401, "unauthorized"),
     Forbidden: (403, "forbidden"),
     Overloaded: (503, "overloaded"),
+    SourceUnavailable: (502, "source_unavailable"),
     GenerationFailed: (500, "generation_failed"),
     ClientGone: (499, "client_closed_request"),
 }

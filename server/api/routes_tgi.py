@@ -23,7 +23,8 @@ def _service(request: Request) -> Service:
 async def _job(service: Service, body: GenerateRequest, route: str) -> Job:
     p = body.parameters
     params = p.to_sampling_params(default_max_new_tokens=20)
-    return await service.prepare(route, body.inputs, params, p.adapter_id, truncate=p.truncate)
+    return await service.prepare(route, body.inputs, params, p.adapter_id, truncate=p.truncate,
+                                 adapter_source=p.adapter_source)
 
 
 def _token(event: TokenEvent) -> Token:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from adapters.sources import SOURCES
 from server.engine.request import InvalidRequest, SamplingParams
 
 # Parameters accepted only at their "off" value: name -> values that mean off.
@@ -50,7 +51,7 @@ class _Lenient(BaseModel):
 
 class GenerateParameters(_Lenient):
     adapter_id: str | None = None
-    adapter_source: str | None = None  # LoRAX: only adapters registered here ("local") are served
+    adapter_source: str | None = None  # LoRAX's: where an unknown adapter comes from; null: "local"
     max_new_tokens: int | None = Field(default=20)
     do_sample: bool | None = False
     temperature: float | None = None
@@ -65,9 +66,9 @@ class GenerateParameters(_Lenient):
 
     def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
         _refuse_unsupported(self.model_dump(), "parameters.")
-        if self.adapter_source not in (None, "local", "hub"):
+        if self.adapter_source not in (None, *SOURCES):
             raise InvalidRequest("parameters.adapter_source", f"{self.adapter_source!r} is not supported; "
-                                 "upload the adapter with POST /adapters")
+                                 f"use one of {', '.join(SOURCES)}")
         if self.truncate is not None and self.truncate < 1:
             raise InvalidRequest("parameters.truncate", f"must be a positive integer, got {self.truncate!r}")
         return SamplingParams(

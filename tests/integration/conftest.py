@@ -58,8 +58,9 @@ def reference(model_dir, adapter_srcs, tokenizer):
 
 
 @contextlib.contextmanager
-def running_server(model_dir: Path, adapter_dir: Path, log_dir: Path, *extra, name: str = "server"):
-    server = ServerProcess(model_dir, adapter_dir, log_dir, *extra, name=name)
+def running_server(model_dir: Path, adapter_dir: Path, log_dir: Path, *extra, name: str = "server",
+                   env: dict[str, str] | None = None):
+    server = ServerProcess(model_dir, adapter_dir, log_dir, *extra, name=name, env=env)
     try:
         server.start()
         yield server
@@ -101,11 +102,13 @@ def uploaded(server, adapter_srcs) -> dict[str, str]:
 
 @pytest.fixture
 def start_server(model_dir, tmp_path):
-    """start_server(*flags, adapter_dir=None): an extra server, stopped at the end of the test."""
+    """start_server(*flags, adapter_dir=None, env=None): an extra server, stopped at the end of the test."""
     started: list[ServerProcess] = []
 
-    def start(*extra, adapter_dir: Path | None = None, name: str = "extra") -> ServerProcess:
-        s = ServerProcess(model_dir, adapter_dir or tmp_path / f"store-{len(started)}", tmp_path, *extra, name=name)
+    def start(*extra, adapter_dir: Path | None = None, name: str = "extra",
+              env: dict[str, str] | None = None) -> ServerProcess:
+        s = ServerProcess(model_dir, adapter_dir or tmp_path / f"store-{len(started)}", tmp_path, *extra, name=name,
+                          env=env)
         started.append(s)
         return s.start()
 

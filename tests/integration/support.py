@@ -30,10 +30,13 @@ def free_port() -> int:
 class ServerProcess:
     """One server process: `start()` waits for GET /health == 200, `stop()` sends SIGTERM."""
 
-    def __init__(self, model_dir: Path, adapter_dir: Path, log_dir: Path, *extra: str, name: str = "server"):
+    def __init__(self, model_dir: Path, adapter_dir: Path, log_dir: Path, *extra: str, name: str = "server",
+                 env: dict[str, str] | None = None):
+        """env: variables set for the process, over this one's (less its SOFTPROMPT_* ones)."""
         self.model_dir = Path(model_dir)
         self.adapter_dir = Path(adapter_dir)
         self.extra = [str(a) for a in extra]
+        self.env = dict(env or {})
         self.log_path = Path(log_dir) / f"{name}-{time.monotonic_ns()}.log"
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
@@ -64,6 +67,7 @@ class ServerProcess:
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTPROMPT_")}
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.env)
         cmd = [sys.executable, "-m", "server", "--model", str(self.model_dir), "--adapter-dir", str(self.adapter_dir),
                "--port", str(self.port), "--host", "127.0.0.1", "--log-level", "info", *self.extra]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()

@@ -1,0 +1,157 @@
+"""`parameters.adapter_source: "hub"`: an adapter fetched from the Hugging Face hub on first use.
+
+No machine here reaches the hub, so the server reads an offline hub cache (HF_HUB_OFFLINE=1)
+that the test lays out as `huggingface_hub` writes it: `models--org--name/blobs/<hash>`,
+`snapshots/<commit>/<file>` (links to the blobs) and `refs/<branch or tag>` (a commit hash). The
+real `hf_hub_download` reads it; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import PROMPT, running_server
+from .support import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    adapter_names,
+    assert_error,
+    free_port,
+    generate,
+    generate_body,
+    metric,
+    scrape,
+    token_ids,
+    upload,
+)
+
+MAX_NEW = 10  # as test_adapters_http: the session caches PEFT's reference per (adapter, prompt, length)
+REPO = "acme/pirate-prompt"
+MAIN, TAGGED = "a" * 40, "b" * 40  # commits: main holds the prompt-tuning adapter, tag v1 the prefix one
+
+
+def cache_repo(cache: Path, repo_id: str, commits: dict[str, dict[str, bytes]], refs: dict[str, str]) -> None:
+    """A repo in a hub cache: commit -> {file: bytes}, ref -> commit."""
+    root = cache / ("models--" + repo_id.replace("/", "--"))
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    for commit, files in commits.items():
+        snapshot = root / "snapshots" / commit
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for filename, data in files.items():
+            blob = hashlib.sha256(data).hexdigest()
+            (root / "blobs" / blob).write_bytes(data)
+            os.symlink(Path("..", "..", "blobs", blob), snapshot / filename)
+    (root / "refs").mkdir(exist_ok=True)
+    for ref, commit in refs.items():
+        (root / "refs" / ref).write_text(commit)  # no newline, as huggingface_hub writes it
+
+
+def _files(src: Path) -> dict[str, bytes]:
+    return {f: (src / f).read_bytes() for f in (CONFIG_FILE, WEIGHTS_FILE)}
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory, adapter_srcs) -> Path:
+    cache = tmp_path_factory.mktemp("hf-home") / "hub"
+    cache_repo(cache, REPO, {MAIN: _files(adapter_srcs["prompt"]), TAGGED: _files(adapter_srcs["prefix"])},
+               {"main": MAIN, "v1": TAGGED})
+    config_only = {CONFIG_FILE: (adapter_srcs["prompt"] / CONFIG_FILE).read_bytes(), "adapter_model.bin": b"pickle"}
+    cache_repo(cache, "acme/pickled", {MAIN: config_only}, {"main": MAIN})
+    wrong = {CONFIG_FILE: (adapter_srcs["prompt"] / CONFIG_FILE).read_bytes(), WEIGHTS_FILE: b"\x08" + b"\x00" * 7}
+    cache_repo(cache, "acme/broken", {MAIN: wrong}, {"main": MAIN})
+    return cache
+
+
+@pytest.fixture(scope="module")
+def hub_server(model_dir, hub_cache, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub-server")
+    env = {"HF_HOME": str(hub_cache.parent), "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
+    with running_server(model_dir, root / "store", root, name="hub", env=env) as server:
+        yield server
+
+
+@pytest.fixture
+def hub_client(hub_server):
+    with hub_server.client() as c:
+        yield c
+
+
+def test_hub_adapter_generates_as_the_same_adapter_uploaded(hub_client, hub_server, adapter_srcs, reference):
+    c = hub_client
+    loads = metric(scrape(c), "softprompt_adapter_loads_total")
+
+    async def many():  # concurrent first requests: one fetch
+        async with httpx.AsyncClient(base_url=hub_server.url, timeout=60) as ac:
+            return await asyncio.gather(*(ac.post("/generate", json=generate_body(PROMPT, REPO, MAX_NEW,
+                                                                                   adapter_source="hub"))
+                                          for _ in range(4)))
+
+    responses = asyncio.run(many())
+    for r in responses:
+        assert r.status_code == 200, r.text
+    from_hub = token_ids(responses[0].json())
+    assert all(token_ids(r.json()) == from_hub for r in responses)
+    assert metric(scrape(c), "softprompt_adapter_loads_total") == loads + 1
+
+    assert upload(c, "local-copy", adapter_srcs["prompt"]).status_code == 201
+    assert token_ids(generate(c, PROMPT, "local-copy", MAX_NEW)) == from_hub == reference("prompt", PROMPT, MAX_NEW)
+    assert from_hub != token_ids(generate(c, PROMPT, None, MAX_NEW))
+
+    # registered and stored under its mapped name; served again without a fetch, from either spelling
+    desc = c.get("/adapters/acme--pirate-prompt").json()
+    assert desc["source"] == "hub" and desc["peft_type"] == "PROMPT_TUNING"
+    store = hub_server.adapter_dir / "acme--pirate-prompt"
+    assert (store / WEIGHTS_FILE).read_bytes() == (adapter_srcs["prompt"] / WEIGHTS_FILE).read_bytes()
+    assert token_ids(generate(c, PROMPT, REPO, MAX_NEW, adapter_source="hub")) == from_hub
+    assert token_ids(generate(c, PROMPT, "acme--pirate-prompt", MAX_NEW)) == from_hub
+    assert metric(scrape(c), "softprompt_adapter_loads_total") == loads + 2  # + local-copy
+    # the local source (the default) never fetches: the repo id is no registered name
+    assert_error(c.post("/generate", json=generate_body(PROMPT, REPO, MAX_NEW)), 404, REPO)
+
+
+def test_revision_pins(hub_client, reference):
+    c = hub_client
+    tagged = token_ids(generate(c, PROMPT, f"{REPO}@v1", MAX_NEW, adapter_source="hub"))
+    assert tagged == reference("prefix", PROMPT, MAX_NEW)
+    by_commit = token_ids(generate(c, PROMPT, f"{REPO}@{MAIN}", MAX_NEW, adapter_source="hub"))
+    assert by_commit == reference("prompt", PROMPT, MAX_NEW)
+    names = adapter_names(c)
+    assert "acme--pirate-prompt..v1" in names and f"acme--pirate-prompt..{MAIN}" in names
+
+
+def test_missing_or_invalid_hub_adapters_are_4xx_naming_the_hub(hub_client, hub_server):
+    c = hub_client
+    before = adapter_names(c)
+    for adapter_id in ("acme/missing", f"{REPO}@v9", "acme/pickled"):
+        r = c.post("/generate", json=generate_body(PROMPT, adapter_id, 2, adapter_source="hub"))
+        assert_error(r, 404, "Hugging Face hub", adapter_id.split("@")[0])
+    r = c.post("/generate", json=generate_body(PROMPT, "acme/broken", 2, adapter_source="hub"))
+    assert_error(r, 422, "acme/broken", WEIGHTS_FILE)
+    for bad_id in ("acme/two/slashes", "acme/bad--name", f"{REPO}@"):
+        r = c.post("/generate", json=generate_body(PROMPT, bad_id, 2, adapter_source="hub"))
+        assert_error(r, 422, "hub", bad_id)
+    r = c.post("/generate_stream", json=generate_body(PROMPT, "acme/missing", 2, adapter_source="hub"))
+    assert_error(r, 404, "Hugging Face hub")
+    assert adapter_names(c) == before
+    assert sorted(os.listdir(hub_server.adapter_dir)) == before, "a refused fetch left files in the store"
+
+
+def test_unreachable_hub_is_502_naming_it(model_dir, hub_cache, tmp_path, reference):
+    """Online, with a hub that refuses connections: cached files still serve, others get a quick 502."""
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = {"HF_HOME": str(hub_cache.parent), "HF_HUB_CACHE": str(hub_cache), "HF_ENDPOINT": dead,
+           "HF_HUB_OFFLINE": "0"}
+    with running_server(model_dir, tmp_path / "store", tmp_path, name="hub-down", env=env) as server, \
+            server.client(timeout=30) as c:
+        r = c.post("/generate", json=generate_body(PROMPT, "acme/elsewhere", 2, adapter_source="hub"))
+        assert_error(r, 502, "Hugging Face hub", dead, "acme/elsewhere")
+        assert r.elapsed.total_seconds() < 10
+        pinned = generate(c, PROMPT, f"{REPO}@{MAIN}", MAX_NEW, adapter_source="hub")
+        assert token_ids(pinned) == reference("prompt", PROMPT, MAX_NEW)
+

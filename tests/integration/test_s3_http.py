@@ -1,0 +1,61 @@
+"""`--adapter-store s3://bucket/prefix`: real server processes sharing one store in a real
+S3-compatible server (moto's, its own process on loopback). An upload to one server is stored in
+the bucket; a second server finds it at start-up with the same tokens, and fetches one uploaded
+after its start with `adapter_source: "s3"`."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from tests.s3 import client
+
+from .conftest import PROMPT
+from .support import adapter_names, assert_error, generate, generate_body, metric, scrape, token_ids, upload
+
+MAX_NEW = 10  # as test_adapters_http: the session caches PEFT's reference per (adapter, prompt, length)
+
+
+def _flags(endpoint: str, bucket: str) -> list[str]:
+    return ["--adapter-store", f"s3://{bucket}/models/tiny", "--s3-endpoint-url", endpoint]
+
+
+def test_servers_share_an_s3_store(start_server, s3_endpoint, bucket, tmp_path, adapter_srcs, reference):
+    first = start_server(*_flags(s3_endpoint, bucket), adapter_dir=tmp_path / "cache-1", name="s3-first")
+    with first.client() as c:
+        assert upload(c, "sea", adapter_srcs["ptuning-mlp"]).status_code == 201
+        tokens = token_ids(generate(c, PROMPT, "sea", MAX_NEW))
+        assert tokens == reference("ptuning-mlp", PROMPT, MAX_NEW)
+        assert_error(upload(c, "sea", adapter_srcs["prompt"]), 409, "sea")
+    keys = [o["Key"] for o in client(s3_endpoint).list_objects_v2(Bucket=bucket)["Contents"]]
+    assert "models/tiny/adapters/sea.json" in keys and len(keys) == 3, keys
+
+    second = start_server(*_flags(s3_endpoint, bucket), adapter_dir=tmp_path / "cache-2", name="s3-second")
+    with first.client() as c1, second.client() as c2:
+        assert adapter_names(c2) == ["sea"]
+        assert c2.get("/adapters/sea").json()["source"] == "s3"
+        assert token_ids(generate(c2, PROMPT, "sea", MAX_NEW)) == tokens
+
+        # uploaded to the first server after the second started: the second fetches it on request
+        assert upload(c1, "late", adapter_srcs["prefix-proj"]).status_code == 201
+        assert_error(c2.post("/generate", json=generate_body(PROMPT, "late", MAX_NEW)), 404, "late")
+        loads = metric(scrape(c2), "softprompt_adapter_loads_total")
+
+        async def many():
+            async with httpx.AsyncClient(base_url=second.url, timeout=60) as ac:
+                return await asyncio.gather(*(ac.post("/generate", json=generate_body(
+                    PROMPT, "late", MAX_NEW, adapter_source="s3")) for _ in range(4)))
+
+        for r in asyncio.run(many()):
+            assert r.status_code == 200, r.text
+            assert token_ids(r.json()) == reference("prefix-proj", PROMPT, MAX_NEW)
+        assert metric(scrape(c2), "softprompt_adapter_loads_total") == loads + 1, "one fetch for concurrent requests"
+        assert_error(c2.post("/generate", json=generate_body(PROMPT, "nowhere", 2, adapter_source="s3")), 404,
+                     "nowhere", f"s3://{bucket}/models/tiny")
+
+        # a delete on one server removes it from the store: the other keeps serving what it loaded
+        assert c1.delete("/adapters/late").status_code == 204
+        assert not any("late" in o["Key"] for o in client(s3_endpoint).list_objects_v2(Bucket=bucket)["Contents"])
+        assert token_ids(generate(c2, PROMPT, "late", MAX_NEW)) == reference("prefix-proj", PROMPT, MAX_NEW)
+
