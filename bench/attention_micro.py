@@ -30,8 +30,7 @@ def build_step(requests: int, dtype, seed: int = 0):
     rng = random.Random(seed)
     torch.manual_seed(seed)
     kv_lens = [rng.randint(MIN_KEYS, MAX_KEYS) for _ in range(requests)]
-    pool = KVPool(1, KV_HEADS, HEAD_DIM, "cpu", dtype)
-    pool.reserve([n + GROWTH_SLOTS for n in kv_lens])
+    pool = KVPool(1, KV_HEADS, HEAD_DIM, "cpu", dtype, slots=sum(kv_lens) + GROWTH_SLOTS * requests)
     starts = [pool.allocate(n + rng.randrange(GROWTH_SLOTS)).start for n in kv_lens]
     pool.kv.normal_()
     order = rng.sample(range(requests), requests)  # packing order is not pool order after a while

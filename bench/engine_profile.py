@@ -49,16 +49,16 @@ def profile_engine(world: World) -> None:
     def count_structure(runner):
         forward = runner._forward
 
-        def counted_forward(batch, tokens, *rest):  # rest: whatever else the runner passes (sampling rows)
+        def counted_forward(batch, tokens, sampling):
             shape["forwards"] += 1
             shape["tokens fed (prompts + fed-back)"] += sum(len(t) for t in tokens)
             shape["largest forward (tokens)"] = max(shape["largest forward (tokens)"], sum(len(t) for t in tokens))
             shape["keys attended (sum over forwards and requests)"] += sum(
-                row.segment.length + len(t) for row, t in zip(batch, tokens))
-            out = forward(batch, tokens, *rest)
-            shape["largest pool (slots)"] = max(shape["largest pool (slots)"], runner.pool.slots)
-            shape["largest pool bytes"] = max(shape["largest pool bytes"], runner.pool.nbytes())
+                seq.segment.length + len(t) for seq, t in zip(batch, tokens))
+            out = forward(batch, tokens, sampling)
+            shape["pool (slots)"] = runner.pool.slots
             shape["most slots held"] = max(shape["most slots held"], runner.pool.held)
+            shape["most slots written"] = max(shape["most slots written"], runner.pool.written)
             return out
 
         runner._forward = counted_forward

@@ -18,6 +18,7 @@ import torch
 from bench.timing import Result, sync
 from bench.workload import Request, World
 from server.engine.engine import Engine
+from server.engine.kv_cache import DEFAULT_KV_CACHE_BYTES
 from server.engine.request import SamplingParams, Sequence
 
 # ----------------------------------------------------------------------------------------------
@@ -25,12 +26,13 @@ from server.engine.request import SamplingParams, Sequence
 
 
 def run_ours(world: World, with_adapters: bool, requests: list[Request] | None = None, new_tokens: int | None = None,
-             name: str = "", instrument=None) -> Result:
+             name: str = "", instrument=None, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES) -> Result:
     requests = world.requests if requests is None else requests
     new_tokens = world.args.new_tokens if new_tokens is None else new_tokens
     base = world.base
     engine = Engine(base.model, base.tokenizer, base.spec, max_batch_size=len(requests),
-                    max_waiting=max(256, len(requests)), max_prefill_tokens=world.args.max_prefill_tokens)
+                    max_waiting=max(256, len(requests)), max_prefill_tokens=world.args.max_prefill_tokens,
+                    kv_cache_bytes=kv_cache_bytes)
     if instrument is not None:
         instrument(engine)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
@@ -47,7 +49,8 @@ def run_ours(world: World, with_adapters: bool, requests: list[Request] | None =
         name, len(requests), sum(len(s.output_ids) for s in seqs), wall,
         {r.index: s.first_token_time - start for r, s in zip(requests, seqs)},
         {r.index: list(s.output_ids) for r, s in zip(requests, seqs)},
-        extra={"steps": engine.stats["steps"], "prefill_tokens": engine.stats["prefill_tokens"]},
+        extra={"steps": engine.stats["steps"], "prefill_tokens": engine.stats["prefill_tokens"],
+               "preemptions": engine.scheduler.preemptions, "compactions": engine.runner.pool.compactions},
     )
 
 

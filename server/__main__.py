@@ -14,18 +14,20 @@ import time
 import torch
 import uvicorn
 
-from adapters import AdapterRegistry, AdapterStore
+from adapters import AdapterRegistry, SourceUnavailable, open_store
 from adapters.loading import Limits
 from server.api.app import create_app
 from server.api.service import Service
-from server.config import Config, load_config
+from server.config import Config, load_config, parse_memory
 from server.engine.engine import AsyncEngine, Engine
+from server.engine.kv_cache import budget_bytes
 from server.engine.request import Overloaded
 from server.engine.self_check import SelfCheckFailed, check_packed_forward
 from server.model import DEMO_ADAPTERS, load_base_model
 
 log = logging.getLogger("softprompt")
 DEFAULT_ADAPTER_DIR = "adapter-store"
+DEFAULT_S3_CACHE_DIR = "adapter-cache"  # an s3:// store's disk cache, without --adapter-dir
 
 
 def build_service(config: Config) -> Service:
@@ -35,15 +37,27 @@ def build_service(config: Config) -> Service:
     # 97-token prefill 60 ms -> 106-185 ms). So this thread works single-threaded from here on.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:  # first, so that a store that cannot be reached stops start-up before the model loads
+        store = open_store(config.adapter_store or config.adapter_dir or DEFAULT_ADAPTER_DIR,
+                           cache_dir=config.adapter_dir or DEFAULT_S3_CACHE_DIR, endpoint_url=config.s3_endpoint_url)
+    except SourceUnavailable as exc:
+        raise SystemExit(f"refusing to start: {exc}") from exc
     base = load_base_model(config.model, config.device, config.dtype, config.revision, name=config.model_name)
+    kv_bytes = budget_bytes(parse_memory(config.kv_cache_memory), base.spec.device)
     engine = AsyncEngine(Engine(base.model, base.tokenizer, base.spec, max_batch_size=config.max_batch_size,
-                                max_waiting=config.max_waiting, max_prefill_tokens=config.max_prefill_tokens),
+                                max_waiting=config.max_waiting, max_prefill_tokens=config.max_prefill_tokens,
+                                kv_cache_bytes=kv_bytes),
                          threads=threads)
+    pool = engine.engine.runner.pool
+    log.info("KV cache: %.2f GiB, %d tokens (--kv-cache-memory %s)", pool.nbytes() / 2**30, pool.slots,
+             config.kv_cache_memory)
+    if pool.slots < config.max_input_tokens + config.max_new_tokens:
+        log.warning("the KV cache holds %d tokens, fewer than --max-input-tokens + --max-new-tokens (%d): longer "
+                    "requests will be refused", pool.slots, config.max_input_tokens + config.max_new_tokens)
     try:
         check_packed_forward(engine.engine.runner)
     except SelfCheckFailed as exc:
         raise SystemExit(f"refusing to start: {exc}") from exc
-    store = AdapterStore(config.adapter_dir or DEFAULT_ADAPTER_DIR)
     # Materializing an adapter is a model forward: on the engine thread, between steps, once serving.
     registry = AdapterRegistry(base.spec, base.model, store, run_model=engine.run_between_steps,
                                limits=Limits(max_virtual_tokens=config.max_virtual_tokens))
@@ -51,8 +65,11 @@ def build_service(config: Config) -> Service:
         for path in sorted(p for p in DEMO_ADAPTERS.iterdir() if p.is_dir()):
             if not store.exists(path.name):
                 registry.add_dir(path.name, path, source="demo")
-    failed = registry.load_store()
-    log.info("registered %d adapters from %s%s", len(registry), store.root,
+    try:
+        failed = registry.load_store()
+    except SourceUnavailable as exc:
+        raise SystemExit(f"refusing to start: {exc}") from exc
+    log.info("registered %d adapters from %s%s", len(registry), store.url,
              f" ({len(failed)} failed: {', '.join(failed)})" if failed else "")
     return Service(config, base, registry, engine)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,8 @@ ENV_PREFIX = "SOFTPROMPT_"
 class Config:
     model: str | None = None  # hub id or local directory; None serves the built-in demo model
     adapter_dir: Path | None = None  # persistent adapter store; None: the demo adapters, read-only
+    adapter_store: str | None = None  # local directory or s3://bucket/prefix; None: adapter_dir
+    s3_endpoint_url: str | None = None  # S3-compatible server of an s3:// store; None: boto3's own resolution
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -26,7 +29,8 @@ class Config:
     revision: str | None = None  # hub revision of --model
     max_batch_size: int = 64  # requests decoded together at most
     max_waiting: int = 256  # queued requests before new ones are refused (503)
-    max_prefill_tokens: int = 4096  # prompt + virtual tokens prefilled in one engine step
+    max_prefill_tokens: int = 512  # prompt tokens computed in one engine step (longer prompts: in chunks)
+    kv_cache_memory: str = "auto"  # the KV pool: bytes ("4GiB") or a fraction of free device memory ("0.9")
     max_input_tokens: int = 2048  # longest prompt accepted (422 above)
     max_new_tokens: int = 1024  # largest max_new_tokens accepted (422 above)
     max_upload_bytes: int = 256 * 1024 * 1024  # adapter upload cap (413 above)
@@ -46,7 +50,13 @@ class Config:
 
 _HELP = {
     "model": "Hugging Face hub id or local directory of the base causal LM (default: built-in demo model)",
-    "adapter_dir": "directory of PEFT adapters, registered at start-up; uploads are stored here",
+    "adapter_dir": "directory of PEFT adapters, registered at start-up; uploads are stored here "
+                   "(with an s3:// --adapter-store: that store's local disk cache)",
+    "adapter_store": "where adapters are stored: a local directory (same as --adapter-dir), or s3://bucket/prefix "
+                     "(S3-compatible object storage, shared by several servers; credentials from boto3's standard "
+                     "chain: AWS_* variables, ~/.aws, instance roles)",
+    "s3_endpoint_url": "URL of the S3-compatible server (MinIO, Ceph, ...) for an s3:// --adapter-store "
+                       "(default: boto3's resolution: AWS_ENDPOINT_URL, ~/.aws/config, then AWS)",
     "host": "address to listen on",
     "port": "port to listen on",
     "device": "auto (CUDA when present, else CPU), cpu, cuda or cuda:N",
@@ -54,7 +64,10 @@ _HELP = {
     "revision": "hub revision (branch, tag or commit) of --model",
     "max_batch_size": "most requests decoded together",
     "max_waiting": "most queued requests; more are refused with 503 and Retry-After",
-    "max_prefill_tokens": "prompt plus virtual tokens prefilled in one engine step",
+    "max_prefill_tokens": "prompt tokens computed in one engine step; longer prompts are prefilled in chunks "
+                          "of this size alongside the running requests' decoding",
+    "kv_cache_memory": "the key/value cache, allocated once: bytes (e.g. 4GiB, 512MiB) or a fraction of the device "
+                       "memory free after loading the model (e.g. 0.9); auto: 0.9 on a GPU, 2GiB on CPU",
     "max_input_tokens": "longest prompt in tokens (longer: 422)",
     "max_new_tokens": "largest max_new_tokens a request may ask for (larger: 422)",
     "max_upload_bytes": "largest adapter upload in bytes (larger: 413)",
@@ -131,5 +144,49 @@ def _check(config: Config) -> None:
             raise SystemExit(f"{_flag(name)} must be positive, got {getattr(config, name)}")
     if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise SystemExit(f"--dtype must be auto, float32, bfloat16 or float16, got {config.dtype!r}")
+    try:
+        parse_memory(config.kv_cache_memory)
+    except ValueError as exc:
+        raise SystemExit(f"--kv-cache-memory: {exc}") from None
     if config.shutdown_timeout < 0:
         raise SystemExit(f"--shutdown-timeout must be >= 0, got {config.shutdown_timeout}")
+    _check_store(config)
+
+
+def _check_store(config: Config) -> None:
+    store = config.adapter_store
+    if store is None:
+        if config.s3_endpoint_url:
+            raise SystemExit("--s3-endpoint-url needs an s3:// --adapter-store")
+        return
+    if "://" in store:
+        if not store.startswith("s3://") or not store[len("s3://"):].split("/")[0]:
+            raise SystemExit(f"--adapter-store {store!r}: use a local directory or s3://bucket/prefix")
+    elif config.s3_endpoint_url:
+        raise SystemExit("--s3-endpoint-url needs an s3:// --adapter-store")
+    elif config.adapter_dir is not None and Path(store).resolve() != config.adapter_dir.resolve():
+        raise SystemExit(f"--adapter-store {store} and --adapter-dir {config.adapter_dir} name two local "
+                         "directories: give one (--adapter-dir is an s3:// store's cache)")
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_memory(text: str) -> int | float | None:
+    """'auto' -> None; '0.9' -> 0.9 (a fraction, in (0, 1]); '4GiB', '512MB', '1000000' -> bytes."""
+    text = text.strip().lower()
+    if text == "auto":
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-z]*)", text)
+    if not match or match.group(2) not in _UNITS:
+        raise ValueError(f"{text!r} is not 'auto', a fraction like 0.9, or a size like 4GiB or 512MB")
+    number, unit = float(match.group(1)), match.group(2)
+    if not unit and "." in match.group(1):
+        if not 0 < number <= 1:
+            raise ValueError(f"a fraction of free memory must be in (0, 1], got {number}")
+        return number
+    size = int(number * _UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"must be positive, got {text!r}")
+    return size

@@ -97,15 +97,24 @@ class Metrics:
             Gauge(p + "engine_steps_total", "Engine steps run", lambda: engine.stats["steps"], "counter"),
             Gauge(p + "engine_failed_steps_total", "Engine steps that raised (those retried without their "
                   "newcomers included)", lambda: engine.stats["failed_steps"], "counter"),
-            Gauge(p + "prefill_tokens_total", "Prompt plus virtual tokens admitted to prefill",
+            Gauge(p + "prefill_tokens_total", "Prompt tokens computed in prefill (again after a preemption)",
                   lambda: engine.stats["prefill_tokens"], "counter"),
             Gauge(p + "queue_depth", "Requests waiting to be scheduled", lambda: engine.num_waiting),
             Gauge(p + "running_requests", "Requests in the running batch", lambda: engine.num_running),
             Gauge(p + "adapters", "Adapters registered", lambda: len(registry)),
-            Gauge(p + "kv_cache_bytes", "Bytes held by the running requests' key/value pool",
+            Gauge(p + "kv_cache_bytes", "Bytes of the key/value pool, allocated once (--kv-cache-memory)",
                   lambda: engine.runner.pool.nbytes()),
-            Gauge(p + "kv_cache_slots_held", "Token slots of the key/value pool held by running requests",
+            Gauge(p + "kv_cache_slots", "Token slots of the key/value pool", lambda: engine.runner.pool.slots),
+            Gauge(p + "kv_cache_slots_held", "Token slots held by running requests (written or reserved)",
                   lambda: engine.runner.pool.held),
+            Gauge(p + "kv_cache_slots_used", "Token slots holding running requests' keys and values",
+                  lambda: engine.runner.pool.written),
+            Gauge(p + "kv_cache_usage", "Fraction of the key/value pool's slots held by running requests",
+                  lambda: engine.runner.pool.held / max(engine.runner.pool.slots, 1)),
+            Gauge(p + "preemptions_total", "Running requests preempted to make room in the key/value pool",
+                  lambda: engine.scheduler.preemptions, "counter"),
+            Gauge(p + "kv_cache_compactions_total", "Times the key/value pool's segments were compacted",
+                  lambda: engine.runner.pool.compactions, "counter"),
         ]
 
     def render(self) -> str:

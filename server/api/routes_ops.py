@@ -52,6 +52,8 @@ async def info(request: Request):
         "max_batch_size": c.max_batch_size,
         "max_waiting_requests": c.max_waiting,
         "max_prefill_tokens": c.max_prefill_tokens,
+        "kv_cache_bytes": service.engine.engine.runner.pool.nbytes(),
+        "kv_cache_tokens": service.engine.engine.runner.pool.slots,
         "max_upload_bytes": c.max_upload_bytes,
         "max_virtual_tokens": c.max_virtual_tokens,
         "max_request_bytes": c.max_request_bytes,

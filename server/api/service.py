@@ -13,6 +13,7 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from adapters import Adapter, AdapterRegistry
+from adapters.sources import AdapterSources
 from server.config import Config
 from server.engine.engine import AsyncEngine, Stream
 from server.engine.request import FinishReason, InvalidRequest, SamplingParams, Sequence, TokenEvent
@@ -62,6 +63,7 @@ class Service:
         self.config = config
         self.base = base
         self.registry = registry
+        self.sources = AdapterSources(registry, max_bytes=config.max_upload_bytes)
         self.engine = engine
         self.metrics = Metrics(engine.engine, registry)
         self.draining = False
@@ -82,20 +84,27 @@ class Service:
             raise Forbidden("this key does not grant " + ("adapter changes" if admin else "generation"))
 
     # ---- generation ---------------------------------------------------------------------------------
-    def adapter(self, name: str | None) -> Adapter | None:
-        """None, '' or the base model's own name mean no adapter."""
+    async def adapter(self, name: str | None, source: str | None = None) -> Adapter | None:
+        """None, '' or the base model's own name mean no adapter. `source` (`parameters.adapter_source`)
+        says where an adapter the registry does not know is fetched from: None or "local", nowhere."""
+        source = source or "local"
+        if source == "s3" and (self.registry.store is None or self.registry.store.source != "s3"):
+            raise InvalidRequest("parameters.adapter_source", "'s3' needs an s3:// adapter store (--adapter-store); "
+                                 f"this server's store is {self.registry.store.url if self.registry.store else 'none'}")
         if name in (None, "", self.base.name):
             return None
-        return self.registry.get(name)
+        if source == "local" or name in self.registry:
+            return self.registry.get(name)
+        return await run_in_threadpool(self.sources.resolve, name, source)
 
     def tokenize(self, text: str) -> list[int]:
         return self.base.tokenizer(text, add_special_tokens=True).input_ids
 
     async def prepare(self, route: str, prompt, params: SamplingParams, adapter_name: str | None,
-                      truncate: int | None = None) -> Job:
+                      truncate: int | None = None, adapter_source: str | None = None) -> Job:
         """Validate one request against the server's limits. `prompt` is text or token ids; long
         texts are tokenized on a worker thread, so they do not hold up the event loop."""
-        adapter = self.adapter(adapter_name)
+        adapter = await self.adapter(adapter_name, adapter_source)
         stops, limit = params.stop, self.config.max_stop_sequences
         if len(stops) > limit:
             raise InvalidRequest("stop", f"{len(stops)} stop sequences is more than the {limit} allowed "
@@ -126,6 +135,7 @@ class Service:
         if positions and total > positions:
             raise InvalidRequest("max_new_tokens", f"prompt ({len(ids)}) + virtual tokens + max_new_tokens "
                                  f"= {total} exceeds the model's {positions} positions")
+        self.engine.engine.check_fits(adapter.prefix_length if adapter else 0, len(ids), params.max_new_tokens)
         return Job(ids, params, adapter, route)
 
     def start(self, job: Job) -> Stream:

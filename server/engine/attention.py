@@ -239,7 +239,7 @@ def _varlen_self_check(device, dtype, heads: int, kv_heads: int, head_dim: int) 
     longer than a kernel block; use the flash path only if it works and agrees."""
     try:
         for q_lens, kv_lens in (([1, 7, 1], [17, 20, 50]), ([1, 1, 1], [300, 1, 41])):
-            pool = KVPool(1, kv_heads, head_dim, device, dtype)
+            pool = KVPool(1, kv_heads, head_dim, device, dtype, slots=512)
             segs = [pool.allocate(n + 8) for n in kv_lens][::-1]  # out of packing order, as in a long run
             for seg in segs:
                 pool.kv[:, :, :, seg.start:seg.start + seg.capacity].normal_()

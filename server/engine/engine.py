@@ -22,8 +22,10 @@ import torch
 from adapters import Adapter, ModelSpec
 
 from .detokenizer import IncrementalDetokenizer
+from .kv_cache import DEFAULT_KV_CACHE_BYTES
 from .model_runner import ModelRunner, ScheduledStep, StepOutput
-from .request import FinishReason, GenerationFailed, Overloaded, SamplingParams, Sequence, TokenEvent
+from .request import (FinishReason, GenerationFailed, InvalidRequest, Overloaded, SamplingParams, Sequence,
+                      TokenEvent)
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -32,10 +34,11 @@ T = TypeVar("T")
 
 class Engine:
     def __init__(self, model, tokenizer, spec: ModelSpec, max_batch_size: int = 64, max_waiting: int = 256,
-                 max_prefill_tokens: int = 4096):
+                 max_prefill_tokens: int = 512, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES):
+        """kv_cache_bytes: the KV pool, allocated once; requests are admitted and preempted to fit it."""
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(model, spec)
-        self.scheduler = Scheduler(max_batch_size, max_waiting, max_prefill_tokens)
+        self.runner = ModelRunner(model, spec, kv_cache_bytes)
+        self.scheduler = Scheduler(max_batch_size, max_waiting, max_prefill_tokens, self.runner.pool)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.special_ids = set(tokenizer.all_special_ids)
         self._lock = threading.Lock()  # guards the scheduler's queues between submitters and the stepper
@@ -50,6 +53,7 @@ class Engine:
         """Queue a request; raises Overloaded when the queue is full or the engine is stopping."""
         if not self.accepting:
             raise Overloaded("the server is shutting down", retry_after=5)
+        self.check_fits(seq.prefix_length, len(seq.prompt_ids), seq.params.max_new_tokens)
         if seq.params.seed is not None:
             seq.seed = seq.params.seed
         else:
@@ -58,6 +62,14 @@ class Engine:
         with self._lock:
             self.scheduler.add(seq)
         return seq
+
+    def check_fits(self, prefix: int, prompt: int, max_new_tokens: int) -> None:
+        """InvalidRequest if a request of these sizes could never fit in the KV pool, even alone."""
+        total = prefix + prompt + max_new_tokens
+        if total > self.runner.pool.slots:
+            raise InvalidRequest("max_new_tokens", (
+                f"virtual tokens ({prefix}) + prompt ({prompt}) + max_new_tokens ({max_new_tokens}) = {total} "
+                f"tokens, more than the KV cache holds ({self.runner.pool.slots} tokens, --kv-cache-memory)"))
 
     def abort(self, seq: Sequence) -> None:
         """Stop a request from any thread: it leaves the batch at the next step and frees its KV segment."""
@@ -86,7 +98,7 @@ class Engine:
         if outputs:  # a forward that served someone: the device works
             self.consecutive_failures = 0
         self.stats["steps"] += 1
-        self.stats["prefill_tokens"] += sum(s.prefill_tokens for s in step.prefill)
+        self.stats["prefill_tokens"] += sum(n for _, n in step.prefill)
         self.last_batch_size = len(outputs)
         deliveries = []
         for out in outputs:
@@ -111,10 +123,8 @@ class Engine:
                 raise
             self._count_failure(exc)
             log.exception("a step with %d newcomers failed; running it again without them", len(step.prefill))
-            with self._lock:
-                gone = {id(s) for s in step.prefill}
-                self.scheduler.running = [s for s in self.scheduler.running if id(s) not in gone]
-                ended = _abort(step.prefill, GenerationFailed(f"generation failed: {exc}"))
+            with self._lock:  # the scheduler drops them at the next step
+                ended = _abort([seq for seq, _ in step.prefill], GenerationFailed(f"generation failed: {exc}"))
             self.emit(ended)
             return self.runner.run(ScheduledStep(decode=step.decode))
 

@@ -1,13 +1,17 @@
-"""The running requests' key/value memory: one pool of token slots, a contiguous segment per request.
+"""The running requests' key/value memory: one pool of token slots, sized once, a contiguous segment per request.
 
 Layout: `kv[layer, k|v, kv_head, slot, head_dim]`. A request's segment holds its adapter's prefix,
 then its prompt, then the tokens it feeds back, in position order with no padding: a request holds
 prefix + prompt + generated slots, plus at most `GROWTH_SLOTS - 1` not yet written. Segments grow
 in place when the slots after them are free, else move; they return to the pool when the request
-ends, and the pool's memory is released when no request holds any.
+ends or is preempted.
 
-The pool grows by reallocating (offsets stay valid); free space is kept as a sorted list of
-coalesced intervals and handed out first-fit.
+The pool is allocated once, at the size of the KV budget, and never grows: the scheduler admits
+and preempts so that what the running requests hold always fits (`first_capacity`, `growth`).
+Free space is a sorted list of coalesced intervals handed out first fit; when no interval is
+large enough but enough slots are free in total, the segments are compacted to the pool's start.
+On CPU the pool is `torch.empty`, so the operating system commits its pages only as they are
+first written: an idle server with a large budget costs nothing.
 """
 
 from __future__ import annotations
@@ -17,11 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-GROWTH_SLOTS = 32  # a segment is extended by this many slots when it runs out
-POOL_ROUND = 256  # the pool's size is a multiple of this many slots
+GROWTH_SLOTS = 32  # a segment is extended by this many slots (at most) when it runs out
+DEFAULT_KV_CACHE_BYTES = 2 * 1024**3  # on CPU; on a GPU the server's default is a share of free memory
 
 
-@dataclass
+@dataclass(eq=False)
 class Segment:
     """One request's slots: `[start, start + capacity)`, of which the first `length` are written."""
 
@@ -35,74 +39,82 @@ class Segment:
 
 
 class KVPool:
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, device, dtype):
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, device, dtype, slots: int):
         self.dims = (num_layers, num_kv_heads, head_dim)
         self.device, self.dtype = torch.device(device), dtype
-        self.kv = self._zeros(0)  # [layers, 2, kv_heads, slots, head_dim]
-        self.free: list[list[int]] = []  # sorted, coalesced [start, size] intervals
+        # zeros on accelerators: their attention kernels may load (masked) slots past a segment's end
+        make = torch.empty if self.device.type == "cpu" else torch.zeros
+        self.kv = make(num_layers, 2, num_kv_heads, slots, head_dim, device=self.device, dtype=dtype)
+        self.segments: set[Segment] = set()  # every segment handed out and not released
+        self.free: list[list[int]] = [[0, slots]] if slots else []  # sorted, coalesced [start, size] intervals
         self.held = 0  # slots held by segments
+        self.compactions = 0
 
-    def _zeros(self, slots: int) -> torch.Tensor:
-        layers, heads, head_dim = self.dims
-        return torch.zeros(layers, 2, heads, slots, head_dim, device=self.device, dtype=self.dtype)
+    @staticmethod
+    def slot_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype) -> int:
+        """Bytes one token's keys and values take over all layers."""
+        return num_layers * 2 * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
     @property
     def slots(self) -> int:
         return self.kv.shape[3]
 
+    @property
+    def free_slots(self) -> int:
+        return self.slots - self.held
+
+    @property
+    def written(self) -> int:
+        """Slots holding keys and values (held slots not yet written excluded)."""
+        return sum(seg.length for seg in self.segments)
+
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
     def allocate(self, capacity: int) -> Segment:
-        i = _first_fit(self.free, capacity)
-        if i is None:
-            self.reserve([capacity])
-            i = _first_fit(self.free, capacity)
-        start = self.free[i][0]
-        self._take(i, capacity)
-        return Segment(start, capacity)
-
-    def reserve(self, capacities: list[int]) -> None:
-        """Grow once, if needed, so that segments of these capacities can all be allocated, in order."""
-        free = [list(interval) for interval in self.free]
-        missing = 0
-        for capacity in capacities:  # the same first fit as `allocate`, on a copy
-            i = _first_fit(free, capacity)
-            if i is None:
-                missing += capacity
-            else:
-                free[i][0] += capacity
-                free[i][1] -= capacity
-        if missing:
-            tail = free[-1][1] if free and sum(free[-1]) == self.slots else 0
-            self._grow(missing - tail)
+        """A new segment; MemoryError when fewer than `capacity` slots are free."""
+        start = self._take(capacity)
+        seg = Segment(start, capacity)
+        self.segments.add(seg)
+        return seg
 
     def release(self, seg: Segment) -> None:
-        self._put_back(seg.start, seg.capacity)
+        self.segments.discard(seg)
+        self._give(seg.start, seg.capacity)
+        self.held -= seg.capacity
         seg.capacity = seg.length = 0
-        if self.held == 0:  # nothing running: hand the memory back
-            self.kv, self.free = self._zeros(0), []
+
+    def clear(self) -> None:
+        """Drop every segment (after a failed step); the memory stays allocated."""
+        for seg in list(self.segments):
+            self.release(seg)
 
     def extend(self, seg: Segment, capacity: int) -> None:
-        """Make `seg` hold `capacity` slots: in place if the slots after it are free (growing the pool
-        when it ends the pool), else by moving it."""
+        """Make `seg` hold `capacity` slots: in place if the slots after it are free, else by moving
+        it. MemoryError when too few slots are free."""
         extra = capacity - seg.capacity
         if extra <= 0:
             return
         after = seg.start + seg.capacity
         i = bisect.bisect_left(self.free, [after, 0])
-        room = self.free[i][1] if i < len(self.free) and self.free[i][0] == after else 0
-        if room < extra and after + room == self.slots:  # the pool's last segment: grow the pool
-            self._grow(extra - room)
-            room = self.free[i][1]
-        if room >= extra:
-            self._take(i, extra)
+        if i < len(self.free) and self.free[i][0] == after and self.free[i][1] >= extra:
+            self._cut(i, extra)
+            self.held += extra
             seg.capacity = capacity
             return
-        moved = self.allocate(capacity)  # may grow the pool: offsets stay valid
-        self.kv[:, :, :, moved.start:moved.start + seg.length] = self.kv[:, :, :, seg.start:seg.end]
-        self._put_back(seg.start, seg.capacity)
-        seg.start, seg.capacity = moved.start, capacity
+        if self.free_slots < extra:
+            raise MemoryError(f"the KV pool has {self.free_slots} free slots, {extra} more needed")
+        # Move: give the old slots back first, so that the segment may slide into a hole that
+        # includes them (compaction handles the rest); then copy its keys to the new place.
+        self.segments.discard(seg)
+        self._give(seg.start, seg.capacity)
+        self.held -= seg.capacity
+        old = seg.start
+        new = self._take(capacity, moving=seg)  # a compaction moves its keys itself (seg.start = new)
+        if seg.start == old:
+            self._copy(old, new, seg.length)
+        seg.start, seg.capacity = new, capacity
+        self.segments.add(seg)
 
     def write_prefix(self, seg: Segment, prefix: torch.Tensor) -> None:
         """prefix: [layers, 2, kv_heads, n, head_dim], written at the segment's start."""
@@ -110,20 +122,55 @@ class KVPool:
         self.kv[:, :, :, seg.start:seg.start + n] = prefix
         seg.length = n
 
-    def _take(self, i: int, size: int) -> None:
+    def _take(self, size: int, moving: Segment | None = None) -> int:
+        """The start of `size` slots taken first fit, compacting when no hole is large enough.
+        moving: a segment being moved, already given back but whose keys are still in place."""
+        if size > self.free_slots:
+            raise MemoryError(f"the KV pool has {self.free_slots} free slots, {size} needed")
+        i = _first_fit(self.free, size)
+        if i is None:
+            self._compact(moving)
+            i = len(self.free) - 1  # everything free is now one interval at the end
+        start = self.free[i][0]
+        self._cut(i, size)
+        self.held += size
+        return start
+
+    def _compact(self, moving: Segment | None) -> None:
+        """Slide every segment down to the pool's start, in slot order, keeping its keys; the free
+        slots become one interval at the end. `moving` (given back, its keys still in place) gets
+        its keys put right after the others, and its `start` set there."""
+        kept = self.kv[:, :, :, moving.start:moving.end].clone() if moving is not None and moving.length else None
+        at = 0
+        for seg in sorted(self.segments, key=lambda s: s.start):
+            if seg.start != at:
+                self._copy(seg.start, at, seg.length)
+                seg.start = at
+            at += seg.capacity
+        if moving is not None:
+            if kept is not None:
+                self.kv[:, :, :, at:at + moving.length] = kept
+            moving.start = at
+        self.free = [[at, self.slots - at]] if at < self.slots else []
+        self.compactions += 1
+
+    def _copy(self, src: int, dst: int, n: int) -> None:
+        if n and src != dst:
+            block = self.kv[:, :, :, src:src + n]
+            if abs(src - dst) < n:  # overlapping ranges: copy through a temporary
+                block = block.clone()
+            self.kv[:, :, :, dst:dst + n] = block
+
+    def _cut(self, i: int, size: int) -> None:
         start, have = self.free[i]
         if have == size:
             del self.free[i]
         else:
             self.free[i] = [start + size, have - size]
-        self.held += size
-
-    def _put_back(self, start: int, size: int) -> None:
-        """A segment's slots become free again."""
-        self._give(start, size)
-        self.held -= size
 
     def _give(self, start: int, size: int) -> None:
+        if size == 0:
+            return
         i = bisect.bisect_left(self.free, [start, 0])
         self.free.insert(i, [start, size])
         if i + 1 < len(self.free) and start + size == self.free[i + 1][0]:  # merge with the next
@@ -131,16 +178,48 @@ class KVPool:
         if i > 0 and self.free[i - 1][0] + self.free[i - 1][1] == start:  # and with the previous
             self.free[i - 1][1] += self.free.pop(i)[1]
 
-    def _grow(self, at_least: int) -> None:
-        old = self.slots
-        new = max(old + at_least, old * 3 // 2)
-        new = -(-new // POOL_ROUND) * POOL_ROUND
-        kv = self._zeros(new)
-        kv[:, :, :, :old] = self.kv
-        self.kv = kv
-        self._give(old, new - old)
+
+def budget_bytes(setting: int | float | None, device) -> int:
+    """The KV pool's bytes for `--kv-cache-memory` (parsed: bytes, a fraction, or None for auto):
+    a fraction is of the memory free on the device now (after the model is loaded); auto is 0.9
+    of it on an accelerator and `DEFAULT_KV_CACHE_BYTES` on CPU."""
+    device = torch.device(device)
+    if setting is None:
+        if device.type == "cpu":
+            return DEFAULT_KV_CACHE_BYTES
+        setting = 0.9
+    if isinstance(setting, int):
+        return setting
+    return int(setting * free_memory(device))
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:  # Linux; what the kernel thinks can be used without swapping
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024
 
 
 def _first_fit(free: list[list[int]], size: int) -> int | None:
     """The index of the first free interval that holds `size` slots."""
     return next((i for i, (_, have) in enumerate(free) if have >= size), None)
+
+
+def most_slots(seq) -> int:
+    """The most slots a request can ever hold: prefix, prompt and every token it may generate."""
+    return seq.prefix_length + len(seq.prompt_ids) + seq.params.max_new_tokens
+
+
+def first_capacity(seq) -> int:
+    """A request's segment when it is admitted: prefix, prompt, the tokens it already generated
+    (a preempted request computes them again) and room for the next ones."""
+    held = seq.prefix_length + len(seq.prompt_ids) + len(seq.output_ids)
+    return held + min(most_slots(seq) - held, GROWTH_SLOTS)
+
+
+def growth(seq, seg: Segment) -> int:
+    """Slots a decoding request's segment needs added before this step: none while it has room."""
+    if seg.length < seg.capacity:
+        return 0
+    return min(GROWTH_SLOTS, most_slots(seq) - seg.capacity) or 1

@@ -1,9 +1,10 @@
 """Runs the frozen model over the running requests: one packed forward per step. No queues.
 
-A step's forward holds, back to back, one token for every running request and the whole prompt
-of every newcomer (`attention.py`). A newcomer's adapter prefix is copied into its pool segment
-before its prompt, so every adapter kind, and no adapter, share one forward: the prefix sits at
-positions 0..n-1 directly before the request's own tokens.
+A step's forward holds, back to back, one token for every decoding request and the next chunk
+of prompt of every prefilling one (`attention.py`). A newcomer's adapter prefix is copied into
+its pool segment before its prompt, so every adapter kind, and no adapter, share one forward: the
+prefix sits at positions 0..n-1 directly before the request's own tokens. A request samples
+when its chunk reaches the end of what it had to compute.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from adapters import ModelSpec
 
 from . import attention, cpu_attention
-from .kv_cache import GROWTH_SLOTS, KVPool, Segment
+from .kv_cache import KVPool, first_capacity, growth
 from .request import Sequence
 from .sampler import RowSampler, sample
 
@@ -24,9 +25,10 @@ from .sampler import RowSampler, sample
 class ScheduledStep:
     """What the scheduler asks the runner to do in one step."""
 
-    release: list[Sequence] = field(default_factory=list)  # finished or aborted: free their KV segments first
-    decode: bool = False  # every running request generates one token
-    prefill: list[Sequence] = field(default_factory=list)  # newcomers: prefill, then their first token
+    release: list[Sequence] = field(default_factory=list)  # ended or preempted: free their KV segments first
+    decode: list[Sequence] = field(default_factory=list)  # each feeds back its last token
+    prefill: list[tuple[Sequence, int]] = field(default_factory=list)  # each computes its next n pending tokens
+    preempted: list[Sequence] = field(default_factory=list)  # of `release`: requeued, to be computed again
 
 
 @dataclass
@@ -36,96 +38,94 @@ class StepOutput:
     logprob: float  # log-probability of the token under the request's final distribution
 
 
-@dataclass
-class _Row:
-    seq: Sequence
-    sampler: RowSampler
-    segment: Segment  # its keys/values: prefix, prompt, fed-back tokens; slot i holds position i
-
-
 class ModelRunner:
-    def __init__(self, model, spec: ModelSpec):
+    def __init__(self, model, spec: ModelSpec, kv_cache_bytes: int):
+        """kv_cache_bytes: the KV pool's size, allocated once."""
         self.model = model
         self.spec = spec
         attention.install(model)
         if spec.device.type == "cpu":
             cpu_attention.available()  # build or load the decode kernel now, not in the first request
-        self.pool: KVPool
-        self.rows: list[_Row]
-        self.reset()
+        slot_bytes = KVPool.slot_bytes(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype)
+        self.pool = KVPool(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.device, spec.dtype,
+                           slots=kv_cache_bytes // slot_bytes)
+        self.seqs: list[Sequence] = []  # the requests holding a KV segment
 
     def reset(self) -> None:
         """Drop every request (after a failed step)."""
-        self.pool = KVPool(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, self.spec.device,
-                           self.spec.dtype)
-        self.rows = []
-
-    @property
-    def seqs(self) -> list[Sequence]:
-        return [row.seq for row in self.rows]
+        for seq in self.seqs:
+            seq.segment = None
+        self.pool.clear()
+        self.seqs = []
 
     def run(self, step: ScheduledStep) -> list[StepOutput]:
         """One step. If it raises (the forward, or sampling), the runner is left as it was before
-        the step, released requests aside: the running rows keep their lengths, newcomers are gone."""
-        if step.release:
-            self._release(step.release)
-        before = [(row, row.segment.length) for row in self.rows]
+        the step, released requests aside: the requests it ran keep their lengths, newcomers hold no KV."""
+        self._release(step.release)
+        touched = [(seq, seq.segment.length if seq.segment else None) for seq in self._scheduled(step)]
         try:
             batch, logits = self.forward(step)
             return self._sample(batch, logits) if batch else []
         except BaseException:
-            kept = {id(row) for row, _ in before}
-            for row in self.rows:
-                if id(row) not in kept:
-                    self.pool.release(row.segment)
-            self.rows = [row for row, _ in before]
-            for row, length in before:
-                row.segment.length = length
+            for seq, length in touched:
+                if length is None:
+                    self._release([seq])
+                elif seq.segment is not None:
+                    seq.segment.length = length
             raise
 
     @torch.inference_mode()
-    def forward(self, step: ScheduledStep) -> tuple[list[_Row], torch.Tensor | None]:
-        """Release, grow, admit, then one packed forward: the rows in packing order and each one's
-        last logits [rows, vocab] (no rows, None: nothing to run)."""
-        if step.release:
-            self._release(step.release)
-        rows = self.rows if step.decode else []
-        for row in rows:  # room for the token each running request feeds back
-            seg = row.segment
-            if seg.length == seg.capacity:
-                self.pool.extend(seg, seg.capacity + GROWTH_SLOTS)
-        if step.prefill:
-            self.pool.reserve([_first_capacity(seq) for seq in step.prefill])
-        new_rows = [self._admit(seq) for seq in step.prefill]
-        self.rows = self.rows + new_rows  # a new list: `run` restores the old one if the step fails
-        if not rows and not new_rows:
+    def forward(self, step: ScheduledStep) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Release, grow, admit, then one packed forward: the requests that sample (decoding, or
+        at the end of their prompt) and their last logits [rows, vocab] (None: nothing to run)."""
+        self._release(step.release)
+        for seq in step.decode:  # room for the token each decoding request feeds back
+            extra = growth(seq, seq.segment)
+            if extra:
+                self.pool.extend(seq.segment, seq.segment.capacity + extra)
+        for seq, _ in step.prefill:
+            if seq.segment is None:
+                self._admit(seq)
+        chunks = [(seq, 1) for seq in step.decode] + step.prefill
+        if not chunks:
             return [], None
-        tokens = [[row.seq.output_ids[-1]] for row in rows] + [row.seq.prompt_ids for row in new_rows]
-        batch = rows + new_rows
-        return batch, self._forward(batch, tokens)
+        sampling = [i for i, (seq, n) in enumerate(chunks) if n == seq.pending]  # the rest: a prompt's inner chunk
+        tokens = [seq.token_ids[seq.computed:seq.computed + n] for seq, n in chunks]
+        logits = self._forward([seq for seq, _ in chunks], tokens, sampling)
+        return [chunks[i][0] for i in sampling], logits
+
+    def _scheduled(self, step: ScheduledStep) -> list[Sequence]:
+        return step.decode + [seq for seq, _ in step.prefill]
 
     def _release(self, seqs: list[Sequence]) -> None:
-        gone = {s.id for s in seqs}
-        for row in self.rows:
-            if row.seq.id in gone:
-                self.pool.release(row.segment)
-        self.rows = [row for row in self.rows if row.seq.id not in gone]
+        held = [seq for seq in seqs if seq.segment is not None]
+        for seq in held:
+            self.pool.release(seq.segment)
+            seq.segment = None
+        if held:
+            gone = {id(seq) for seq in held}
+            self.seqs = [seq for seq in self.seqs if id(seq) not in gone]
 
-    def _admit(self, seq: Sequence) -> _Row:
+    def _admit(self, seq: Sequence) -> None:
         """A segment for the newcomer, its adapter's prefix written at the start."""
-        segment = self.pool.allocate(_first_capacity(seq))
+        seq.segment = self.pool.allocate(first_capacity(seq))
         if seq.adapter is not None:
-            self.pool.write_prefix(segment, seq.adapter.kv)
-        return _Row(seq, RowSampler(seq.params, seq.seed, self.spec.device), segment)
+            self.pool.write_prefix(seq.segment, seq.adapter.kv)
+        if seq.sampler is None:  # a preempted request keeps its own: its random stream goes on
+            seq.sampler = RowSampler(seq.params, seq.seed, self.spec.device)
+        self.seqs.append(seq)
 
-    def _forward(self, batch: list[_Row], tokens: list[list[int]]) -> torch.Tensor:
-        """tokens: per row, the ids it adds in this forward. Returns each row's last logits [rows, vocab]."""
+    def _forward(self, batch: list[Sequence], tokens: list[list[int]], sampling: list[int]) -> torch.Tensor:
+        """tokens: per request, the ids it adds in this forward. Returns the last logits of the
+        requests indexed by `sampling` [len(sampling), vocab]."""
         q_lens = [len(t) for t in tokens]
-        kv_lens = [row.segment.length + n for row, n in zip(batch, q_lens)]
-        positions = [p for row, n in zip(batch, kv_lens) for p in range(row.segment.length, n)]
-        ragged = attention.RaggedStep.build(self.pool, [row.segment.start for row in batch], q_lens, kv_lens)
+        segments = [seq.segment for seq in batch]
+        kv_lens = [seg.length + n for seg, n in zip(segments, q_lens)]
+        positions = [p for seg, n in zip(segments, kv_lens) for p in range(seg.length, n)]
+        ragged = attention.RaggedStep.build(self.pool, [seg.start for seg in segments], q_lens, kv_lens)
         device = self.spec.device
-        last = torch.tensor(q_lens, device=device).cumsum(0) - 1  # [rows] each row's last token
+        last = (torch.tensor(q_lens, device=device).cumsum(0) - 1)[torch.tensor(sampling, device=device,
+                                                                             dtype=torch.long)]
         out = self.model(
             input_ids=torch.tensor([[t for ids in tokens for t in ids]], device=device),  # [1, tokens]
             position_ids=torch.tensor([positions], device=device),  # [1, tokens]
@@ -134,19 +134,13 @@ class ModelRunner:
             use_cache=False,
             logits_to_keep=last,
         )
-        for row, n in zip(batch, kv_lens):
-            row.segment.length = n
-        return out.logits[0]  # [rows, vocab]
+        for seg, n in zip(segments, kv_lens):
+            seg.length = n
+        return out.logits[0]  # [sampling rows, vocab]
 
     @staticmethod
-    def _sample(batch: list[_Row], logits: torch.Tensor) -> list[StepOutput]:
-        seqs = [row.seq for row in batch]
-        needs_history = any(s.params.repetition_penalty not in (None, 1.0) for s in seqs)
-        history = [s.prompt_ids + s.output_ids for s in seqs] if needs_history else [[]] * len(seqs)
-        tokens, logprobs = sample(logits, [row.sampler for row in batch], history)
-        return [StepOutput(s, t, lp) for s, t, lp in zip(seqs, tokens, logprobs)]
-
-
-def _first_capacity(seq: Sequence) -> int:
-    """A newcomer's first segment: prefix, prompt and the first tokens it will feed back."""
-    return seq.prefix_length + len(seq.prompt_ids) + min(seq.params.max_new_tokens, GROWTH_SLOTS)
+    def _sample(batch: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
+        needs_history = any(s.params.repetition_penalty not in (None, 1.0) for s in batch)
+        history = [s.token_ids for s in batch] if needs_history else [[]] * len(batch)
+        tokens, logprobs = sample(logits, [s.sampler for s in batch], history)
+        return [StepOutput(s, t, lp) for s, t, lp in zip(batch, tokens, logprobs)]

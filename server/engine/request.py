@@ -109,6 +109,10 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     finish_time: float | None = None
+    segment: object | None = field(default=None, repr=False)  # the runner's kv_cache.Segment while it holds KV
+    sampler: object | None = field(default=None, repr=False)  # the runner's RowSampler, kept across preemptions
+    preemptions: int = 0  # times its KV was taken back to make room; it then computes it again
+
 
     def __post_init__(self):
         if not self.prompt_ids:
@@ -119,9 +123,20 @@ class Sequence:
         return 0 if self.adapter is None else self.adapter.prefix_length
 
     @property
-    def prefill_tokens(self) -> int:
-        """Tokens this request occupies in its prefill step; virtual tokens count."""
-        return self.prefix_length + len(self.prompt_ids)
+    def token_ids(self) -> list[int]:
+        """Prompt and generated tokens: what its KV holds after the prefix, once computed."""
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def computed(self) -> int:
+        """Tokens of `token_ids` whose keys and values its segment holds."""
+        return 0 if self.segment is None else self.segment.length - self.prefix_length
+
+    @property
+    def pending(self) -> int:
+        """Tokens of `token_ids` still to compute: its prompt (and, after a preemption, what it had
+        generated) while prefilling; the token it feeds back (1) while decoding."""
+        return len(self.prompt_ids) + len(self.output_ids) - self.computed
 
     @property
     def finished(self) -> bool:

@@ -1,26 +1,36 @@
-"""Which requests run in the next step: first come, first served, within the batch limits. No tensors.
+"""Which requests run in the next step, within the batch limits and the KV budget. No tensors.
 
-A step decodes every running request once and admits waiting requests in arrival order while
-the batch has room and the prefill token budget (prompt plus virtual tokens) lasts. The
-oldest waiting request is always admitted first, and alone if it exceeds the budget by itself,
-so nothing waits forever behind later arrivals.
+Every step, each running request either decodes (feeds back its last token) or computes its next
+chunk of prompt: a long prompt is prefilled over several steps, at most `max_prefill_tokens`
+prompt tokens a step, alongside the decodes, so running streams keep their pace. Waiting requests
+are admitted in arrival order while the batch has room, the prefill budget lasts, and the pool has
+free slots for the newcomer's prefix, prompt and first growth; the oldest is never passed over.
+
+When the running requests' growth does not fit in the pool, the most recently admitted are
+preempted: their KV is freed and they go back to the front of the queue, to compute their prompt
+and what they had generated again when readmitted (recompute, as vLLM does). Their tokens, sampler
+state and stream are kept, so the output is the same as without the preemption.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
+from .kv_cache import KVPool, first_capacity, growth
 from .model_runner import ScheduledStep
 from .request import FinishReason, Overloaded, Sequence
 
 
 class Scheduler:
-    def __init__(self, max_running: int, max_waiting: int, max_prefill_tokens: int):
+    def __init__(self, max_running: int, max_waiting: int, max_prefill_tokens: int, pool: KVPool):
+        """pool: read for its free slots only; the runner allocates."""
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.max_prefill_tokens = max_prefill_tokens
+        self.pool = pool
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order
+        self.preemptions = 0
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
@@ -31,25 +41,56 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> ScheduledStep:
-        release = [s for s in self.running if s.finished or s.aborted]
-        for s in release:
+        step = ScheduledStep(release=self._ended())
+        free = self.pool.free_slots + sum(s.segment.capacity for s in step.release if s.segment is not None)
+        free -= self._preempt_for_growth(step, free)
+        budget = self.max_prefill_tokens
+        for seq in self.running:
+            if seq in step.decode:
+                continue
+            n = min(seq.pending, budget)
+            if n == 0:
+                break
+            step.prefill.append((seq, n))
+            budget -= n
+        while self.waiting and not step.preempted and budget > 0 and len(self.running) < self.max_running:
+            seq = self.waiting[0]
+            cost = first_capacity(seq)
+            if cost > free:
+                break
+            free -= cost
+            self.running.append(self.waiting.popleft())
+            n = min(seq.pending, budget)
+            step.prefill.append((seq, n))
+            budget -= n
+        return step
+
+    def _ended(self) -> list[Sequence]:
+        """Take finished and aborted requests out of the queues; they are the step's releases."""
+        ended = [s for s in self.running if s.finished or s.aborted]
+        if ended:
+            self.running = [s for s in self.running if not (s.finished or s.aborted)]
+        if any(s.aborted for s in self.waiting):
+            ended += [s for s in self.waiting if s.aborted]
+            self.waiting = deque(s for s in self.waiting if not s.aborted)
+        for s in ended:
             if not s.finished:
                 s.finish_reason = FinishReason.ABORT
-        if release:
-            self.running = [s for s in self.running if not (s.finished or s.aborted)]
-        if any(s.aborted for s in self.waiting):  # released too, though they hold no KV yet
-            for s in self.waiting:
-                if s.aborted:
-                    s.finish_reason = FinishReason.ABORT
-                    release.append(s)
-            self.waiting = deque(s for s in self.waiting if not s.aborted)
-        step = ScheduledStep(release=release, decode=bool(self.running))
-        budget = self.max_prefill_tokens
-        while self.waiting and len(self.running) + len(step.prefill) < self.max_running:
-            cost = self.waiting[0].prefill_tokens
-            if step.prefill and cost > budget:
-                break
-            step.prefill.append(self.waiting.popleft())
-            budget -= cost
-        self.running += step.prefill
-        return step
+        return ended
+
+    def _preempt_for_growth(self, step: ScheduledStep, free: int) -> int:
+        """Choose the decoding requests (into step.decode), preempting the most recently admitted
+        until their growth fits in `free`. Returns the slots the growth takes."""
+        decoding = {s: growth(s, s.segment) for s in self.running if s.output_ids and s.pending == 1}
+        need = sum(decoding.values())
+        while need > free and len(self.running) > 1:
+            victim = self.running.pop()
+            free += victim.segment.capacity
+            need -= decoding.pop(victim, 0)
+            victim.preemptions += 1
+            self.preemptions += 1
+            step.release.append(victim)
+            step.preempted.append(victim)
+            self.waiting.appendleft(victim)  # the earlier admitted ends up in front
+        step.decode = [s for s in self.running if s in decoding]
+        return need

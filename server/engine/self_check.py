@@ -48,13 +48,13 @@ def check_packed_forward(runner: ModelRunner) -> float:
     seqs = [Sequence(draw(6), SamplingParams(max_new_tokens=2), adapter), Sequence(draw(4), SamplingParams(max_new_tokens=2))]
     worst = 0.0
     try:
-        for phase, step in (("prefill", ScheduledStep(prefill=seqs)), ("decode", ScheduledStep(decode=True))):
+        for phase in ("prefill", "decode"):
             if phase == "decode":
                 for seq in seqs:
                     seq.output_ids.append(draw(1)[0])
+            step = ScheduledStep(decode=seqs) if phase == "decode" else ScheduledStep(prefill=[(s, s.pending) for s in seqs])
             batch, logits = runner.forward(step)
-            for row, got in zip(batch, logits):
-                seq = row.seq
+            for seq, got in zip(batch, logits):
                 ids = torch.tensor(seq.prompt_ids + seq.output_ids, device=spec.device)
                 embeds = embed(ids)
                 if seq.adapter is not None:

@@ -34,24 +34,23 @@ def install(fail_rate: float, seed: int, log_path: str | None) -> None:
                 json.dump({"faults": len(faults), "fail_rate": fail_rate, "seed": seed, "steps": faults}, f)
             os.replace(tmp, log_path)
 
-    def faulty_forward(self, batch, tokens):
-        newcomers = [row for row in batch if not row.seq.output_ids]  # admitted in this step: a prefill
-        served = any(row.seq.on_token is not None for row in newcomers)
+    def faulty_forward(self, batch, tokens, sampling):
+        newcomers = [seq for seq in batch if not seq.output_ids]  # prefilling in this step
+        served = any(seq.on_token is not None for seq in newcomers)
         if served:
             with lock:
                 fail = rng.random() < fail_rate
                 after = rng.random() < 0.5  # raise before the model runs, or after it wrote this step's keys/values
         if not served or not fail:
-            return original(self, batch, tokens)
+            return original(self, batch, tokens, sampling)
         if after:
-            original(self, batch, tokens)
-            for row, ids in zip(batch, tokens):  # as a forward that raised midway: lengths not advanced
-                row.segment.length -= len(ids)
+            original(self, batch, tokens, sampling)
+            for seq, ids in zip(batch, tokens):  # as a forward that raised midway: lengths not advanced
+                seq.segment.length -= len(ids)
         with lock:
             faults.append({
                 "running": len(batch) - len(newcomers),
-                "newcomers": [{"prompt_ids": row.seq.prompt_ids, "aborted": bool(row.seq.aborted)}
-                              for row in newcomers],
+                "newcomers": [{"prompt_ids": seq.prompt_ids, "aborted": bool(seq.aborted)} for seq in newcomers],
                 "after_forward": after,
             })
             write_log()

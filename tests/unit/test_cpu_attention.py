@@ -30,7 +30,7 @@ def _step(heads, kv_heads, head_dim, dtype, q_lens, kv_lens, seed=0):
     """A one-layer pool of random keys/values (gaps included) whose segments lie out of packing order with
     unwritten slots between them; returns the step and a query [1, heads, tokens, head_dim]."""
     torch.manual_seed(seed)
-    pool = KVPool(1, kv_heads, head_dim, "cpu", dtype)
+    pool = KVPool(1, kv_heads, head_dim, "cpu", dtype, slots=sum(kv_lens) + 8 * len(kv_lens) + 16)
     segs = [pool.allocate(kv + 8) for kv in kv_lens]
     pool.kv.normal_()
     order = list(range(len(kv_lens)))

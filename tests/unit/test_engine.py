@@ -50,11 +50,11 @@ def test_mixed_batch_equals_alone_and_peft(worlds, arch):
             submitted.append((seq, variant, p))
         for _ in range(3 if i < len(WAVES) - 1 else 0):
             engine.step()
-            max_rows = max(max_rows, len(engine.runner.rows))
+            max_rows = max(max_rows, len(engine.runner.seqs))
 
     def track(_):
         nonlocal max_rows
-        max_rows = max(max_rows, len(engine.runner.rows))
+        max_rows = max(max_rows, len(engine.runner.seqs))
         check_memory(engine)
 
     _drain(engine, on_step=track)
@@ -70,7 +70,7 @@ def test_mixed_batch_equals_alone_and_peft(worlds, arch):
         assert seq.logprobs == pytest.approx(alone.logprobs, abs=1e-4), label
         # greedy decoding is prefix-closed: fewer new tokens give the first tokens of PEFT's answer
         assert seq.output_ids == w.reference(variant, ids)[: seq.params.max_new_tokens], label
-    assert len(engine.runner.rows) == 0
+    assert len(engine.runner.seqs) == 0
     assert engine.num_running == engine.num_waiting == 0
     assert engine.stats["requests_finished"] == len(submitted)
 
@@ -125,7 +125,7 @@ def test_seeded_sampling_is_independent_of_the_batch(worlds, arch):
     _drain(engine)
     assert seq.output_ids == alone.output_ids
     assert seq.seed == 1234
-    assert len(engine.runner.rows) == 0
+    assert len(engine.runner.seqs) == 0
 
 
 def test_seeds_matter_and_sampling_differs_from_greedy(llama):
@@ -159,13 +159,13 @@ def test_abort_running_request(llama):
     seqs = [engine.submit(_seq(llama, v, p)) for v, p in specs]
     engine.step()
     engine.step()
-    assert len(engine.runner.rows) == 4 and engine.num_running == 4
+    assert len(engine.runner.seqs) == 4 and engine.num_running == 4
     victim = seqs[1]  # not the last row: the last one moves into its place
     produced = len(victim.output_ids)
     assert produced == 2
     engine.abort(victim)
     engine.step()
-    assert len(engine.runner.rows) == 3
+    assert len(engine.runner.seqs) == 3
     assert victim not in engine.runner.seqs
     assert engine.num_running == 3
     _drain(engine)
@@ -173,7 +173,7 @@ def test_abort_running_request(llama):
     for seq, (variant, prompt) in zip(seqs, specs):
         if seq is not victim:
             assert seq.output_ids == llama.reference(variant, llama.ids(prompt)), variant
-    assert len(engine.runner.rows) == 0
+    assert len(engine.runner.seqs) == 0
 
 
 def test_abort_last_row_and_all_rows(llama):
@@ -182,11 +182,11 @@ def test_abort_last_row_and_all_rows(llama):
     engine.step()
     engine.abort(seqs[2])
     engine.step()
-    assert len(engine.runner.rows) == 2
+    assert len(engine.runner.seqs) == 2
     for s in seqs[:2]:
         engine.abort(s)
     engine.step()
-    assert len(engine.runner.rows) == 0 and not engine.has_work()
+    assert len(engine.runner.seqs) == 0 and not engine.has_work()
     # the engine is usable afterwards, and correct
     ids = llama.ids(PROMPTS[1])
     seq = engine.generate(ids, SamplingParams(max_new_tokens=MAX_NEW), llama.adapter("ptuning-lstm"))
@@ -207,7 +207,7 @@ def test_abort_waiting_request(llama):
     assert waiting.output_ids == []
     assert first.output_ids == llama.reference("prompt", llama.ids(PROMPTS[0]))
     assert third.output_ids == llama.reference(None, llama.ids(PROMPTS[0]))
-    assert len(engine.runner.rows) == 0
+    assert len(engine.runner.seqs) == 0
 
 
 # --- limits ---------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def test_queue_full_raises_overloaded(llama):
     assert a.output_ids == llama.reference("prompt", llama.ids(PROMPTS[0]))
     assert b.output_ids == llama.reference(None, llama.ids(PROMPTS[1]))
     assert c.output_ids == llama.reference("prefix", llama.ids(PROMPTS[0]))
-    assert len(engine.runner.rows) == 0
+    assert len(engine.runner.seqs) == 0
 
 
 def test_max_batch_size_and_fcfs(llama):
@@ -237,7 +237,7 @@ def test_max_batch_size_and_fcfs(llama):
     admitted_at: dict[int, int] = {}
 
     def check(step):
-        assert len(engine.runner.rows) <= 2 and engine.num_running <= 2
+        assert len(engine.runner.seqs) <= 2 and engine.num_running <= 2
         for i, s in enumerate(seqs):
             if s.output_ids and i not in admitted_at:
                 admitted_at[i] = step
@@ -250,47 +250,48 @@ def test_max_batch_size_and_fcfs(llama):
     for i, (s, v) in enumerate(zip(seqs, variants)):
         ids = llama.ids(PROMPTS[i % 2])
         assert s.output_ids == llama.reference(v, ids)[: 3 + i], v
-    assert len(engine.runner.rows) == 0
+    assert len(engine.runner.seqs) == 0
 
 
-def test_prefill_budget_counts_virtual_tokens(llama):
-    """Four requests of 5 virtual + 2 prompt tokens each; a budget of 15 admits two per step.
-    Without the adapter's virtual tokens counted, all four (2 tokens each) would fit."""
-    engine = llama.engine(max_prefill_tokens=15)
+def test_prefill_budget_counts_prompt_tokens(llama):
+    """Four requests of 5 virtual + 2 prompt tokens each; a budget of 5 prompt tokens a step admits
+    two and a half: the third's prompt is split over two steps. Virtual tokens are copied, not computed."""
+    engine = llama.engine(max_prefill_tokens=5)
     seqs = [engine.submit(_seq(llama, "prompt", PROMPTS[0], max_new_tokens=5)) for _ in range(4)]
-    assert seqs[0].prefill_tokens == 5 + 2
+    assert [s.pending for s in seqs] == [2] * 4
     engine.step()
-    assert engine.num_running == 2 and engine.num_waiting == 2
-    assert engine.stats["prefill_tokens"] == 14
+    assert engine.num_running == 3 and engine.num_waiting == 1
+    assert engine.stats["prefill_tokens"] == 5
+    assert [len(s.output_ids) for s in seqs] == [1, 1, 0, 0] and seqs[2].computed == 1
     engine.step()
     assert engine.num_running == 4 and engine.num_waiting == 0
+    assert [len(s.output_ids) for s in seqs] == [2, 2, 1, 1]
     _drain(engine)
     for s in seqs:
         assert s.output_ids == llama.reference("prompt", llama.ids(PROMPTS[0]))[:5]
 
-    # plain requests of 2 tokens: the same budget admits 7 of them at once
-    engine = llama.engine(max_prefill_tokens=15)
-    for _ in range(8):
-        engine.submit(_seq(llama, None, PROMPTS[0], max_new_tokens=2))
-    engine.step()
-    assert engine.num_running == 7 and engine.num_waiting == 1
-    _drain(engine)
 
-
-def test_over_budget_request_is_admitted_alone(llama):
+def test_long_prompts_are_prefilled_in_chunks_alongside_decoding(llama):
+    """A budget of 4 prompt tokens a step: long prompts take several steps each, while the requests
+    already running decode one token every step; every request's tokens equal it run alone."""
     engine = llama.engine(max_prefill_tokens=4)
-    big = engine.submit(_seq(llama, "ptuning-mlp", PROMPTS[1], max_new_tokens=5))  # 7 + 25 tokens
-    small = engine.submit(_seq(llama, None, PROMPTS[0], max_new_tokens=5))  # 2 tokens
-    bigger = engine.submit(_seq(llama, "prompt", PROMPTS[1], max_new_tokens=5))  # 5 + 25 tokens
+    first = engine.submit(_seq(llama, None, PROMPTS[0], max_new_tokens=12))  # 2 tokens
     engine.step()
-    assert engine.num_running == 1 and big.output_ids and not small.output_ids
-    engine.step()
-    assert engine.num_running == 2 and small.output_ids and not bigger.output_ids
-    engine.step()
-    assert engine.num_running == 3 and bigger.output_ids
+    late = [engine.submit(_seq(llama, v, PROMPTS[1], max_new_tokens=5)) for v in ("ptuning-mlp", "prompt", None)]
+    assert len(late[0].prompt_ids) > 8
+    steps = 0
+    while not all(s.output_ids for s in late):
+        before = len(first.output_ids)
+        engine.step()
+        steps += 1
+        assert len(first.output_ids) == min(before + 1, 12), "a running request missed a step during a prefill"
+        assert engine.stats["prefill_tokens"] <= 2 + 4 * steps
+    assert steps >= 3 * len(late[0].prompt_ids) // 4
     _drain(engine)
-    assert big.output_ids == llama.reference("ptuning-mlp", llama.ids(PROMPTS[1]))[:5]
-    assert bigger.output_ids == llama.reference("prompt", llama.ids(PROMPTS[1]))[:5]
+    alone = llama.engine()
+    for seq in [first] + late:
+        want = alone.generate(seq.prompt_ids, seq.params, seq.adapter).output_ids
+        assert seq.output_ids == want
 
 
 # --- finish reasons -------------------------------------------------------------------------------
@@ -319,7 +320,7 @@ def test_finish_reason_eos(llama):
     assert seq.finish_reason == FinishReason.LENGTH
     assert seq.output_ids == free.output_ids
     _drain(engine)
-    assert len(engine.runner.rows) == 0
+    assert len(engine.runner.seqs) == 0
 
 
 def _ascii_stop(tok, output_ids):
@@ -355,7 +356,7 @@ def test_finish_reason_stop_string(llama):
         assert seq.finish_reason == FinishReason.STOP and seq.text.endswith(two)
         assert seq.output_ids == free.output_ids[: k + 2]
     _drain(engine)
-    assert len(engine.runner.rows) == 0
+    assert len(engine.runner.seqs) == 0
 
 
 def test_rows_freed_after_everything_finishes(llama):
@@ -364,56 +365,55 @@ def test_rows_freed_after_everything_finishes(llama):
         for p in PROMPTS:
             engine.submit(_seq(llama, v, p, max_new_tokens=3))
     _drain(engine)
-    assert engine.runner.rows == [] and engine.runner.pool.held == 0
-    assert engine.runner.pool.nbytes() == 0, "an idle engine still holds key/value memory"
+    assert engine.runner.seqs == [] and engine.runner.pool.held == 0, "an idle engine still holds key/value slots"
+    assert engine.runner.pool.free == [[0, engine.runner.pool.slots]]
     assert not engine.has_work()
 
 
 def check_memory(engine) -> int:
     """Every running request holds one segment of at most prefix + prompt + generated slots (plus
-    the growth chunk not yet written); segments do not overlap. Returns the slots held."""
+    the growth chunk not yet written); segments do not overlap; the pool's bytes never change.
+    Returns the slots held."""
     from server.engine.kv_cache import GROWTH_SLOTS
 
-    rows = engine.runner.rows
-    segments = sorted((row.segment for row in rows), key=lambda seg: seg.start)
+    pool = engine.runner.pool
+    seqs = engine.runner.seqs
+    segments = sorted((s.segment for s in seqs), key=lambda seg: seg.start)
     for a, b in zip(segments, segments[1:]):
         assert a.start + a.capacity <= b.start, "two requests share key/value slots"
-    for row in rows:
-        s, seg = row.seq, row.segment
-        assert seg.length == s.prefix_length + len(s.prompt_ids) + max(len(s.output_ids) - 1, 0)
+    assert not segments or segments[-1].start + segments[-1].capacity <= pool.slots
+    for s in seqs:
+        seg = s.segment
+        assert seg.length == s.prefix_length + s.computed
+        assert s.computed <= len(s.prompt_ids) + max(len(s.output_ids) - 1, 0) or s.preemptions
         assert seg.capacity <= s.prefix_length + len(s.prompt_ids) + len(s.output_ids) + GROWTH_SLOTS
     held = sum(seg.capacity for seg in segments)
-    assert engine.runner.pool.held == held
+    assert pool.held == held and set(pool.segments) == set(segments)
     return held
 
 
 def test_steady_load_memory_stays_bounded(llama):
-    """Under continuous traffic the engine never empties, so the pool is never handed back: it
-    must not keep growing with the number of steps served, and each request holds only its own
-    slots (a server under steady load would otherwise run out of memory)."""
-    from server.engine.kv_cache import POOL_ROUND
-
+    """Under continuous traffic the engine never empties: each request holds only its own slots,
+    so what is held stays bounded by what the running requests need, however many steps are served."""
     variants = [None, "prompt", "prefix", "ptuning-mlp", "prefix-proj", "ptuning-lstm"]
     ids = llama.ids(PROMPTS[0])
     alone_engine = llama.engine()
     alone = {v: alone_engine.generate(ids, SamplingParams(max_new_tokens=6), llama.adapter(v)).output_ids
              for v in variants}
     engine = llama.engine()
-    seqs, most_held, largest_pool = [], 0, 0
+    seqs, most_held = [], 0
     for step in range(150):
         if step % 3 == 0:
             v = variants[(step // 3) % len(variants)]
             seqs.append((engine.submit(_seq(llama, v, PROMPTS[0], max_new_tokens=6)), v))
         engine.step()
-        assert len(engine.runner.rows) > 0
+        assert len(engine.runner.seqs) > 0
         most_held = max(most_held, check_memory(engine))
-        largest_pool = max(largest_pool, engine.runner.pool.slots)
     _drain(engine)
     for seq, v in seqs:
         assert seq.output_ids == alone[v], v
-    assert largest_pool <= 2 * most_held + POOL_ROUND, (
-        f"after 150 steps the pool has {largest_pool} slots while requests held at most {most_held}")
-    assert engine.runner.pool.nbytes() == 0
+    assert most_held <= 3 * (5 + len(ids) + 6), "requests hold more slots than they need"
+    assert engine.runner.pool.held == 0
 
 
 def test_aborted_waiting_request_leaves_no_state(llama):
@@ -428,8 +428,8 @@ def test_aborted_waiting_request_leaves_no_state(llama):
         engine.abort(seq)
     _drain(engine)
     assert running.finished and all(not s.output_ids for s in queued)
-    assert len(engine.runner.rows) == 0
-    assert not engine.has_work() and engine.runner.pool.nbytes() == 0
+    assert len(engine.runner.seqs) == 0
+    assert not engine.has_work() and engine.runner.pool.held == 0
 
 
 def test_failed_step_fails_its_requests_and_leaves_a_clean_engine(llama, monkeypatch):
@@ -456,7 +456,7 @@ def test_failed_step_fails_its_requests_and_leaves_a_clean_engine(llama, monkeyp
     monkeypatch.undo()
     assert all(s.aborted for s in seqs + [late])
     assert sum(isinstance(e, RuntimeError) and "out of memory" in str(e) for e in errors) == 3
-    assert not engine.has_work() and engine.runner.rows == [] and engine.runner.pool.nbytes() == 0
+    assert not engine.has_work() and engine.runner.seqs == [] and engine.runner.pool.held == 0
     ids = llama.ids(PROMPTS[1])
     again = engine.generate(ids, SamplingParams(max_new_tokens=MAX_NEW), llama.adapter("prompt"))
     assert again.output_ids == llama.engine().generate(ids, SamplingParams(max_new_tokens=MAX_NEW),

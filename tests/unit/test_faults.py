@@ -36,10 +36,10 @@ def test_a_failing_newcomer_fails_alone_and_the_batch_goes_on(llama, monkeypatch
     poison = _submit(engine, llama, "prefix", PROMPTS[0], events)
     forward = engine.runner._forward
 
-    def fails_with_the_poison(batch, tokens):
-        if any(row.seq is poison for row in batch):
+    def fails_with_the_poison(batch, tokens, sampling):
+        if any(seq is poison for seq in batch):
             raise RuntimeError("out of memory")
-        return forward(batch, tokens)
+        return forward(batch, tokens, sampling)
 
     monkeypatch.setattr(engine.runner, "_forward", fails_with_the_poison)
     _drain(engine)
@@ -49,7 +49,7 @@ def test_a_failing_newcomer_fails_alone_and_the_batch_goes_on(llama, monkeypatch
         assert seq.output_ids == llama.reference(variant, llama.ids(PROMPTS[1])), variant
         assert all(not isinstance(e, Exception) for e in events[seq.id])
     assert engine.stats["failed_steps"] == 1 and engine.consecutive_failures == 0  # served the others since
-    assert engine.runner.pool.nbytes() == 0 and engine.runner.rows == []
+    assert engine.runner.pool.held == 0 and engine.runner.seqs == []
 
 
 def test_consecutive_failures_are_counted_and_health_says_so(llama, monkeypatch):
@@ -118,7 +118,7 @@ def test_a_failure_after_the_forward_leaves_the_runner_as_before(llama, monkeypa
     _drain(engine)
     assert newcomer.aborted and isinstance(events[newcomer.id][-1], GenerationFailed)
     assert running.output_ids == llama.reference("ptuning-mlp", llama.ids(PROMPTS[1]))
-    assert engine.runner.pool.nbytes() == 0
+    assert engine.runner.pool.held == 0
 
 
 def test_a_failing_delivery_ends_that_request_alone(llama):
@@ -135,4 +135,4 @@ def test_a_failing_delivery_ends_that_request_alone(llama):
     _drain(engine)
     assert bad.aborted and isinstance(events[bad.id][-1], RuntimeError)
     assert good.output_ids == llama.reference("prefix", llama.ids(PROMPTS[1]))
-    assert engine.runner.pool.nbytes() == 0
+    assert engine.runner.pool.held == 0

@@ -9,13 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from server.engine import attention
-from server.engine.kv_cache import POOL_ROUND, KVPool
+from server.engine.kv_cache import KVPool
 
 LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 8
 
 
-def _pool() -> KVPool:
-    return KVPool(LAYERS, KV_HEADS, HEAD_DIM, "cpu", torch.float32)
+SLOTS = 256
+
+
+def _pool(slots: int = SLOTS) -> KVPool:
+    return KVPool(LAYERS, KV_HEADS, HEAD_DIM, "cpu", torch.float32, slots)
 
 
 def _fill(pool: KVPool, seg, value: float) -> None:
@@ -26,7 +29,7 @@ def test_first_fit_reuse_and_coalescing():
     pool = _pool()
     a, b, c = pool.allocate(10), pool.allocate(20), pool.allocate(30)
     assert (a.start, b.start, c.start) == (0, 10, 30)
-    assert pool.held == 60 and pool.slots == POOL_ROUND
+    assert pool.held == 60 and pool.free_slots == SLOTS - 60
     pool.release(b)
     assert pool.allocate(15).start == 10  # first fit: into the hole b left
     pool.release(a)
@@ -35,18 +38,21 @@ def test_first_fit_reuse_and_coalescing():
     assert d.start == 0
     pool.release(d)
     pool.release(c)  # the hole of c merges with the free tail
-    assert pool.free[0] == [0, 10] and pool.free[-1][0] == 25
+    assert pool.free[0] == [0, 10] and pool.free[-1] == [25, SLOTS - 25]
 
 
-def test_reserve_grows_once_for_many_newcomers():
+def test_the_pool_never_grows_past_its_size():
     pool = _pool()
-    pool.allocate(100)
-    pool.reserve([150] * 64)
-    slots = pool.slots
-    assert slots >= 100 + 64 * 150
-    for _ in range(64):
-        pool.allocate(150)
-    assert pool.slots == slots, "admitting the reserved requests reallocated the pool"
+    kv = pool.kv
+    a = pool.allocate(200)
+    with pytest.raises(MemoryError, match="56 free slots, 57 needed"):
+        pool.allocate(57)
+    with pytest.raises(MemoryError):
+        pool.extend(a, SLOTS + 1)
+    assert pool.held == 200 and a.capacity == 200
+    pool.extend(a, SLOTS)  # exactly full
+    assert pool.free == [] and pool.kv is kv and pool.slot_bytes(LAYERS, KV_HEADS, HEAD_DIM, torch.float32) * SLOTS \
+        == pool.nbytes()
 
 
 def test_extend_in_place_or_by_moving_keeps_the_keys():
@@ -66,46 +72,61 @@ def test_extend_in_place_or_by_moving_keeps_the_keys():
     assert [0, 16] in pool.free  # a's old place is free again
 
 
-def test_growth_keeps_offsets_and_everything_is_handed_back():
+def test_scattered_free_slots_are_compacted_when_no_hole_fits():
+    """Eight segments with holes between them: 128 slots free in total but no hole over 16; a
+    request of 100 slots compacts the pool, and every segment keeps its keys."""
     pool = _pool()
-    segs = []
-    for i in range(6):
-        seg = pool.allocate(100)
-        seg.length = 100
-        _fill(pool, seg, float(i))
-        segs.append(seg)
-    assert pool.slots >= 600
+    segs = [pool.allocate(16) for _ in range(16)]
     for i, seg in enumerate(segs):
-        assert (pool.kv[:, :, :, seg.start:seg.end] == float(i)).all()
-    for seg in segs:
+        seg.length = 10 + i % 6
+        _fill(pool, seg, float(i))
+    for seg in segs[1::2]:
         pool.release(seg)
-    assert pool.held == 0 and pool.nbytes() == 0 and pool.free == []
+    kept = segs[0::2]
+    assert pool.free_slots == 128 and max(size for _, size in pool.free) == 16
+    big = pool.allocate(100)
+    assert pool.compactions == 1 and big.start == 8 * 16
+    assert sorted(seg.start for seg in kept) == list(range(0, 128, 16))
+    for i, seg in zip(range(0, 16, 2), kept):
+        assert (pool.kv[:, :, :, seg.start:seg.end] == float(i)).all()
+    # a segment that must grow past every hole moves to the end, keys included
+    kept[0].length = 16
+    _fill(pool, kept[0], 7.5)
+    pool.release(kept[3])
+    pool.extend(kept[0], 40)  # 28 + 16 free, but not contiguous
+    assert pool.compactions == 2 and (pool.kv[:, :, :, kept[0].start:kept[0].end] == 7.5).all()
+    spans = sorted((s.start, s.start + s.capacity) for s in pool.segments)
+    assert all(x[1] <= y[0] for x, y in zip(spans, spans[1:])) and spans[-1][1] <= SLOTS
 
 
 def test_random_traffic_never_overlaps_or_loses_keys():
     rng = random.Random(0)
-    pool = _pool()
+    pool = _pool(1024)
     live: dict[int, object] = {}
-    for step in range(400):
+    for step in range(600):
         op = rng.random()
-        if op < 0.45 or not live:
-            seg = pool.allocate(rng.randint(1, 60))
-            seg.length = rng.randint(0, seg.capacity)
-            live[step] = seg
-            _fill(pool, seg, float(step))
-        elif op < 0.75:
-            tag = rng.choice(list(live))
-            seg = live[tag]
-            pool.extend(seg, seg.capacity + rng.randint(1, 40))
-        else:
+        try:
+            if op < 0.45 or not live:
+                seg = pool.allocate(rng.randint(1, 90))
+                seg.length = rng.randint(0, seg.capacity)
+                live[step] = seg
+                _fill(pool, seg, float(step))
+            elif op < 0.75:
+                tag = rng.choice(list(live))
+                seg = live[tag]
+                pool.extend(seg, seg.capacity + rng.randint(1, 60))
+            else:
+                pool.release(live.pop(rng.choice(list(live))))
+        except MemoryError:
+            assert pool.free_slots < 150
             pool.release(live.pop(rng.choice(list(live))))
         spans = sorted((s.start, s.start + s.capacity) for s in live.values())
-        assert all(x[1] <= y[0] for x, y in zip(spans, spans[1:]))
-        assert pool.held == sum(s.capacity for s in live.values())
+        assert all(x[1] <= y[0] for x, y in zip(spans, spans[1:])) and (not spans or spans[-1][1] <= 1024)
+        assert pool.held == sum(s.capacity for s in live.values()) and set(pool.segments) == set(live.values())
         for tag, seg in live.items():
             assert (pool.kv[:, :, :, seg.start:seg.end] == float(tag)).all()
-        free = sum(size for _, size in pool.free)
-        assert pool.held + free == pool.slots or (not live and pool.slots == 0)
+        assert pool.held + sum(size for _, size in pool.free) == 1024
+    assert pool.compactions > 0
 
 
 def _reference(q, k, v, window=None):
@@ -134,7 +155,7 @@ def test_ragged_attention_matches_each_request_alone(heads, window):
     """Decoding and prefilling requests in one packed call, their segments scattered in the pool,
     each attending only to its own keys: the same as each request's plain causal attention."""
     torch.manual_seed(0)
-    pool = KVPool(1, KV_HEADS, HEAD_DIM, "cpu", torch.float32)
+    pool = KVPool(1, KV_HEADS, HEAD_DIM, "cpu", torch.float32, slots=128)
     q_lens, kv_lens = [1, 6, 1, 3, 1], [9, 6, 2, 14, 30]
     segs = [pool.allocate(kv + 4) for kv in kv_lens]
     order = [3, 0, 4, 1, 2]  # packing order differs from pool order
@@ -249,22 +270,15 @@ def test_varlen_path_builds_flash_arguments_right(monkeypatch):
     assert not attention._varlen_self_check(torch.device("cpu"), torch.float32, 4, 2, HEAD_DIM)
 
 
-def test_last_segment_grows_in_place_and_reserve_uses_holes():
-    pool = _pool()
+def test_last_segment_grows_in_place():
+    pool = _pool(4096)
     a = pool.allocate(32)
     a.length = 32
     _fill(pool, a, 3.0)
     for capacity in range(64, 4000, 32):  # one request decoding alone: never copied
         pool.extend(a, capacity)
         assert a.start == 0 and a.capacity == capacity
-    assert (pool.kv[:, :, :, :32] == 3.0).all()
-    b = pool.allocate(100)
-    pool.allocate(100)  # keeps b's hole apart from the free tail
-    pool.release(b)
-    slots = pool.slots
-    pool.reserve([60, 40])  # both fit in b's hole
-    assert pool.slots == slots
-    assert [pool.allocate(60).start, pool.allocate(40).start] == [b.start, b.start + 60]
+    assert (pool.kv[:, :, :, :32] == 3.0).all() and pool.compactions == 0
 
 
 def test_models_outside_the_attention_interface_are_refused(tmp_path):
@@ -281,7 +295,8 @@ def test_varlen_failing_at_run_time_falls_back_to_per_request(monkeypatch, caplo
     """A flash kernel that passed its self-check but raises on a later step's shapes: that step is
     attended per request, and the flash path is not used again."""
     torch.manual_seed(0)
-    pool = KVPool(1, KV_HEADS, HEAD_DIM, "cpu", torch.float32)
+    pool = KVPool(1, KV_HEADS, HEAD_DIM, "cpu", torch.float32, slots=32)
+    pool.kv.normal_()  # the keys written before this step
     segs = [pool.allocate(12) for _ in range(2)]
     step = attention.RaggedStep.build(pool, [s.start for s in segs], [1, 4], [7, 4])
     query = torch.randn(1, 4, 5, HEAD_DIM)

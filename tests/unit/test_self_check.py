@@ -19,7 +19,7 @@ def test_self_check_passes_and_leaves_the_runner_idle(worlds, arch):
     started = time.perf_counter()
     assert check_packed_forward(runner) < 1e-4
     assert time.perf_counter() - started < 1.0
-    assert runner.rows == [] and runner.pool.nbytes() == 0
+    assert runner.seqs == [] and runner.pool.held == 0
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_self_check_refuses_a_broken_attention(llama, broken_attention):
 
 def test_self_check_refuses_an_ignored_prefix(llama, monkeypatch):
     """PEFT's own failure under transformers 5.24, in the server: the prefix silently dropped."""
-    monkeypatch.setattr(KVPool, "write_prefix", lambda self, seg, prefix: None)
+    monkeypatch.setattr(KVPool, "write_prefix", lambda self, seg, prefix: setattr(seg, "length", prefix.shape[3]))
     with pytest.raises(SelfCheckFailed, match="LlamaForCausalLM"):
         check_packed_forward(llama.engine().runner)
 

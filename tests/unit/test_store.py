@@ -298,4 +298,4 @@ def test_remove_while_a_sequence_holds_the_adapter(llama, store_registry):
         engine.step()
     assert seq.output_ids == llama.reference("prefix", ids)
     assert other.output_ids == llama.reference("prompt", other_ids)
-    assert len(engine.runner.rows) == 0
+    assert len(engine.runner.seqs) == 0
