@@ -38,10 +38,11 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
@@ -67,7 +68,8 @@ class RaggedStep:
     pieces: list[int]  # per request: the index of its segment in `split_sizes`' pieces
     split_sizes: list[int]  # the pool's slots cut into segments and the gaps between them
     _varlen: dict | None = None  # device tensors for the flash path, built on first use
-    _decoding: _Decoding | None = None  # the CPU kernel's view of the step, built on first use
+    _decoding: _Decoding | None = None  # the decoding requests' view of the step, built on first use
+    _masks: dict[int, torch.Tensor] = field(default_factory=dict)  # per prefilling request: its causal mask
 
     @classmethod
     def build(cls, pool: KVPool, starts: list[int], q_lens: list[int], kv_lens: list[int]) -> RaggedStep:
@@ -113,19 +115,59 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 def _per_request(ragged: RaggedStep, query, kv, scaling, window) -> torch.Tensor:
     """[tokens, heads, head_dim]: each request's queries against its own segment, in packing order. The
-    decoding requests take one `cpu_attention` kernel call when it handles the tensors; the rest SDPA."""
+    decoding requests take one call for all: the `cpu_attention` kernel on CPU when it handles the
+    tensors, one padded SDPA call on an accelerator; prefilling requests one SDPA call each."""
     q = query[0].transpose(0, 1).contiguous()  # [tokens, heads, head_dim]
-    if not cpu_attention.supports(q, kv):
-        return torch.cat(_sdpa_each(ragged, q, kv, scaling, window, range(len(ragged.q_lens))))
+    if q.device.type == "cpu":
+        if not cpu_attention.supports(q, kv):
+            return torch.cat(_sdpa_each(ragged, q, kv, scaling, window, range(len(ragged.q_lens))))
+        return _kernel_and_sdpa(ragged, q, kv, scaling, window)
+    # cuDNN's attention builds a plan for every new shape (seconds, per prompt length): not for ragged steps
+    with sdpa_kernel(_ACCELERATOR_SDPA):
+        return _kernel_and_sdpa(ragged, q, kv, scaling, window)
+
+
+_ACCELERATOR_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _kernel_and_sdpa(ragged: RaggedStep, q, kv, scaling, window) -> torch.Tensor:
     step = _decoding(ragged)
+    decode = cpu_attention.decode if q.device.type == "cpu" else functools.partial(_padded_decode, step.max_kv)
     if not step.prefills:
-        return cpu_attention.decode(q, kv, step.starts, step.kv_lens, scaling, window)
+        return decode(q, kv, step.starts, step.kv_lens, scaling, window)
     out = torch.empty_like(q)
     if len(step.decode_rows):
-        decoded = cpu_attention.decode(q[step.decode_rows], kv, step.starts, step.kv_lens, scaling, window)
+        decoded = decode(q[step.decode_rows], kv, step.starts, step.kv_lens, scaling, window)
         out.index_copy_(0, step.decode_rows, decoded)
     out.index_copy_(0, step.prefill_rows, torch.cat(_sdpa_each(ragged, q, kv, scaling, window, step.prefills)))
     return out
+
+
+PADDED_DECODE_ELEMENTS = 1 << 26  # keys gathered per call at most (x2 for values): bounds the transient copy
+
+
+def _padded_decode(max_kv: int, q, kv, starts, kv_lens, scaling, window) -> torch.Tensor:
+    """One decoding query per request, as `cpu_attention.decode`, on any device: each request's keys
+    gathered into a window of the longest segment's length, masked, one SDPA call (per group of
+    requests, so the gathered copy stays under PADDED_DECODE_ELEMENTS). q: [requests, heads, head_dim]."""
+    requests, heads, head_dim = q.shape
+    kv_heads = kv.shape[1]
+    offsets = torch.arange(max_kv, device=q.device)  # [max_kv]
+    per_call = max(1, PADDED_DECODE_ELEMENTS // (max_kv * kv_heads * head_dim))
+    outs = []
+    for first in range(0, requests, per_call):
+        rows = slice(first, first + per_call)
+        lens = kv_lens[rows, None]  # [n, 1]
+        slots = (starts[rows, None] + offsets).clamp_(max=kv.shape[2] - 1)  # [n, max_kv]
+        keep = offsets < lens  # [n, max_kv]
+        if window:
+            keep &= offsets >= lens - window
+        k = kv[0][:, slots].transpose(0, 1)  # [n, kv_heads, max_kv, head_dim]
+        v = kv[1][:, slots].transpose(0, 1)
+        group = q[rows].view(-1, kv_heads, heads // kv_heads, head_dim)  # a kv head's query heads as its rows
+        o = F.scaled_dot_product_attention(group, k, v, attn_mask=keep[:, None, None, :], scale=scaling)
+        outs.append(o.reshape(-1, heads, head_dim))
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 def _sdpa_each(ragged: RaggedStep, step_q, kv, scaling, window, requests) -> list[torch.Tensor]:
@@ -146,7 +188,9 @@ def _sdpa_each(ragged: RaggedStep, step_q, kv, scaling, window, requests) -> lis
             o = F.scaled_dot_product_attention(q.view(1, kv_heads, heads // kv_heads, head_dim), k, v, scale=scaling)
             outs.append(o.reshape(1, heads, head_dim))  # CUDA's memory-efficient kernel returns it strided
         else:
-            mask = _causal_mask(n, kv_len, window, q.device)
+            if i not in ragged._masks:  # built at the first layer, kept for the others
+                ragged._masks[i] = _causal_mask(n, kv_len, window, q.device)
+            mask = ragged._masks[i]
             o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask, scale=scaling,
                                                enable_gqa=heads != kv_heads)
             outs.append(o[0].transpose(0, 1))
@@ -160,6 +204,7 @@ class _Decoding:
     decode_rows: torch.Tensor  # [decoding] int64, the decoding requests' token rows in the packed step
     starts: torch.Tensor  # [decoding] int64, their segments' first slots
     kv_lens: torch.Tensor  # [decoding] int64, their segments' written lengths
+    max_kv: int  # the longest of kv_lens (0 when none decodes)
     prefills: list[int]  # the prefilling requests, by index
     prefill_rows: torch.Tensor  # [prefill tokens] int64, their token rows, in packing order
 
@@ -170,11 +215,12 @@ def _decoding(ragged: RaggedStep) -> _Decoding:
         decoding = [i for i, n in enumerate(ragged.q_lens) if n == 1]
         prefills = [i for i, n in enumerate(ragged.q_lens) if n > 1]
         first_rows = list(itertools.accumulate(ragged.q_lens, initial=0))
-        longs = functools.partial(torch.tensor, dtype=torch.long)
+        longs = functools.partial(torch.tensor, dtype=torch.long, device=ragged.pool.device)
         ragged._decoding = _Decoding(
             decode_rows=longs([first_rows[i] for i in decoding]),
             starts=longs([ragged.starts[i] for i in decoding]),
             kv_lens=longs([ragged.kv_lens[i] for i in decoding]),
+            max_kv=max((ragged.kv_lens[i] for i in decoding), default=0),
             prefills=prefills,
             prefill_rows=longs([row for i in prefills for row in range(first_rows[i], first_rows[i + 1])]))
     return ragged._decoding

@@ -60,6 +60,23 @@ def test_decode_matches_sdpa(kernel, dtype, heads, kv_heads, head_dim, window):
     torch.testing.assert_close(out, _sdpa(step, query, scale, window), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads, kv_heads", [(8, 4), (8, 1)], ids=["gqa", "mqa"])
+@pytest.mark.parametrize("window", [None, 16])
+@pytest.mark.parametrize("per_call", [None, 3], ids=["one-call", "groups-of-3"])
+def test_padded_decode_matches_sdpa(monkeypatch, dtype, heads, kv_heads, window, per_call):
+    """The accelerators' decode (a padded gather, one SDPA call per group of requests) on CPU tensors."""
+    if per_call:
+        monkeypatch.setattr(attention, "PADDED_DECODE_ELEMENTS", per_call * max(DECODE_LENS) * kv_heads * 40)
+    step, query = _step(heads, kv_heads, 40, dtype, [1] * len(DECODE_LENS), DECODE_LENS)
+    q = query[0].transpose(0, 1).contiguous()
+    decoding = attention._decoding(step)
+    out = attention._padded_decode(decoding.max_kv, q, step.pool.kv[0], decoding.starts, decoding.kv_lens, 0.3,
+                                   window)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out, _sdpa(step, query, 0.3, window), atol=tol, rtol=tol)
+
+
 class _Layer(torch.nn.Module):
     layer_idx = 0
 
