@@ -2,8 +2,8 @@
 
 from .adapter import Adapter
 from .base import KINDS, AdapterKind
-from .errors import AdapterError, AdapterExists, AdapterNotFound, InvalidAdapter, SourceUnavailable
-from .loading import CONFIG_FILE, WEIGHTS_FILE, load_adapter, read_adapter_dir
+from .errors import AdapterError, AdapterExists, AdapterNotFound, InvalidAdapter, SourceUnavailable, StoreFull
+from .loading import CONFIG_FILE, WEIGHTS_FILE, content_version, load_adapter, read_adapter_dir
 from .registry import AdapterRegistry
 from .spec import ModelSpec
 from .store import AdapterStore, Store, check_name, open_store
@@ -11,5 +11,5 @@ from .store import AdapterStore, Store, check_name, open_store
 __all__ = [
     "Adapter", "AdapterError", "AdapterExists", "AdapterKind", "AdapterNotFound", "AdapterRegistry",
     "AdapterStore", "CONFIG_FILE", "InvalidAdapter", "KINDS", "ModelSpec", "SourceUnavailable", "Store",
-    "WEIGHTS_FILE", "check_name", "load_adapter", "open_store", "read_adapter_dir",
+    "StoreFull", "WEIGHTS_FILE", "check_name", "content_version", "load_adapter", "open_store", "read_adapter_dir",
 ]

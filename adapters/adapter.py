@@ -16,10 +16,11 @@ class Adapter:
     peft_type: str
     num_virtual_tokens: int
     source: str  # where it came from: "upload", "disk" or "s3" (the store), "hub", "demo"
-    created_at: float  # unix time it was registered
+    created_at: float  # unix time this version was registered
     config: dict = field(repr=False)  # adapter_config.json as read
     kv: torch.Tensor = field(repr=False)  # [layers, 2, kv_heads, n, head_dim] on the model's device and dtype
     embeddings: torch.Tensor | None = field(repr=False)  # [n, hidden]: virtual-token embeddings, prompt kinds only
+    version: str = ""  # a hash of its two files (loading.content_version); "" for one built in memory
 
     @property
     def prefix_length(self) -> int:
@@ -32,6 +33,7 @@ class Adapter:
             "num_virtual_tokens": self.num_virtual_tokens,
             "source": self.source,
             "created_at": self.created_at,
+            "version": self.version,
             "task_type": self.config.get("task_type"),
             "base_model_name_or_path": self.config.get("base_model_name_or_path"),
             "prefix_bytes": self.kv.numel() * self.kv.element_size(),

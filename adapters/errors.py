@@ -17,6 +17,10 @@ class AdapterExists(AdapterError):
     """An adapter of that name is already registered or stored."""
 
 
+class StoreFull(AdapterError):
+    """The store holds as many adapters as it may (--max-adapters): a new one is refused."""
+
+
 class SourceUnavailable(AdapterError):
     """Where adapters come from (the S3 store, the Hugging Face hub) cannot be reached or refused
     the operation; the message names the store or hub and the cause."""

@@ -12,6 +12,7 @@ so memory is bounded by the size of the upload, never by a number in the config.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -31,6 +32,7 @@ from .spec import ModelSpec
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin")
+VERSION_CHARS = 16  # hex digits of an adapter's version (64 bits of its content hash)
 SUPPORTED_TASK_TYPES = ("CAUSAL_LM",)
 ENCODER_ROOTS = ("embedding", "transform", "mlp_head", "lstm_head")  # module names in PEFT's encoders
 MAX_HEADER_BYTES = 1 << 20  # an adapter's safetensors header is a few KB (an encoder has ~150 tensors at most)
@@ -275,6 +277,14 @@ def _encoder_key(key: str) -> str | None:
     return None
 
 
+def content_version(config_raw: bytes, weights_raw: bytes) -> str:
+    """An adapter's version: a hash of its two files, the same wherever and whenever they are saved.
+    sha256 over the two files' own sha256 digests (config first), as hex, cut to VERSION_CHARS;
+    hashing the digests keeps the boundary between the files unambiguous."""
+    digests = hashlib.sha256(config_raw).digest() + hashlib.sha256(weights_raw).digest()
+    return hashlib.sha256(digests).hexdigest()[:VERSION_CHARS]
+
+
 def load_adapter(
     name: str, config_raw: bytes, weights_raw: bytes, spec: ModelSpec, model, source: str,
     limits: Limits | None = None,
@@ -294,6 +304,7 @@ def load_adapter(
         config=config,
         kv=kv,
         embeddings=embeddings,
+        version=content_version(config_raw, weights_raw),
     )
 
 

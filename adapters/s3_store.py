@@ -7,8 +7,11 @@ Layout under `s3://bucket/prefix/`:
 
 Atomicity: a save uploads the files under a fresh version key, then writes the pointer last, and
 only if no pointer exists (`If-None-Match: *`, so of two servers saving one name, one wins and the
-other gets AdapterExists). An adapter is visible (`names`, `exists`, `path`) exactly when its
-pointer is, and the pointer is written only once its files are complete. A delete removes the
+other gets AdapterExists). A replace does the same but overwrites the pointer unconditionally (one
+PUT: readers get the old pointer or the new one), then removes the old version's files. An adapter
+is visible (`names`, `exists`, `path`) exactly when its pointer is, and the pointer is written only
+once its files are complete. (The pointer's `version` names one saved copy; the adapter's
+`version`, a hash of its files, is computed from the files themselves.) A delete removes the
 pointer first, then the files. Files no pointer refers to (an interrupted save or delete) are
 swept at start-up once they are older than `sweep_grace` (another server may be between its two
 writes).
@@ -127,6 +130,20 @@ class S3Store:
         check_name(name)
         if self.exists(name):
             raise AdapterExists(f"adapter {name!r} already exists in the store {self.url}")
+        return self._write(name, config_raw, weights_raw, replace=False)
+
+    def replace(self, name: str, config_raw: bytes, weights_raw: bytes) -> Path:
+        """The new files under a fresh version key, then the pointer overwritten (unconditionally),
+        then the old version's files removed: readers see the old version or the new one, whole."""
+        old = self._pointer(name)
+        if old is None:
+            raise AdapterNotFound(f"adapter {name!r} is not in the store {self.url}")
+        path = self._write(name, config_raw, weights_raw, replace=True)
+        self._delete_files(name, old["version"])  # best effort; the sweep gets what this misses
+        return path
+
+    def _write(self, name: str, config_raw: bytes, weights_raw: bytes, replace: bool) -> Path:
+        """Upload the files, then write the pointer (only if there is none, unless `replace`), then cache."""
         data = {CONFIG_FILE: config_raw, WEIGHTS_FILE: weights_raw}
         pointer = {
             "version": uuid.uuid4().hex,
@@ -138,7 +155,7 @@ class S3Store:
                 with self._remote(f"writing {filename} of {name!r}"):
                     self.client.put_object(Bucket=self.bucket, Key=self._file_key(name, pointer["version"], filename),
                                            Body=raw)
-            self._put_pointer(name, pointer)
+            self._put_pointer(name, pointer, replace)
         except BaseException:
             self._delete_files(name, pointer["version"])  # best effort; the sweep gets what this misses
             raise
@@ -255,11 +272,13 @@ class S3Store:
             raise InvalidAdapter(f"adapter store {self.url}: {key} is not a valid adapter pointer")
         return pointer
 
-    def _put_pointer(self, name: str, pointer: dict) -> None:
+    def _put_pointer(self, name: str, pointer: dict, replace: bool = False) -> None:
+        """Only if the name is free (AdapterExists if not), unless `replace`."""
         body = json.dumps(pointer, sort_keys=True).encode()
+        condition = {} if replace else {"IfNoneMatch": "*"}
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._pointer_key(name), Body=body,
-                                   ContentType="application/json", IfNoneMatch="*")
+                                   ContentType="application/json", **condition)
         except ClientError as exc:
             if _code(exc) in _TAKEN:
                 raise AdapterExists(f"adapter {name!r} already exists in the store {self.url}") from None

@@ -60,7 +60,8 @@ def build_service(config: Config) -> Service:
         raise SystemExit(f"refusing to start: {exc}") from exc
     # Materializing an adapter is a model forward: on the engine thread, between steps, once serving.
     registry = AdapterRegistry(base.spec, base.model, store, run_model=engine.run_between_steps,
-                               limits=Limits(max_virtual_tokens=config.max_virtual_tokens))
+                               limits=Limits(max_virtual_tokens=config.max_virtual_tokens),
+                               max_adapters=config.max_adapters)
     if config.model is None and DEMO_ADAPTERS.is_dir():
         for path in sorted(p for p in DEMO_ADAPTERS.iterdir() if p.is_dir()):
             if not store.exists(path.name):

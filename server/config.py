@@ -37,6 +37,8 @@ class Config:
     max_virtual_tokens: int = 512  # most num_virtual_tokens an adapter may declare (422 above)
     max_request_bytes: int = 4 * 1024 * 1024  # any other request body (413 above), before it is parsed
     max_stop_sequences: int = 4  # stop sequences per request (422 above), as TGI
+    max_adapters: int = 10000  # adapters registered (and stored) at most; uploads past it get 507
+    max_adapter_labels: int = 100  # adapters named in per-adapter metrics; the others count as "__other__"
     api_key: str | None = field(default=None, repr=False)  # required for generation when set
     admin_key: str | None = field(default=None, repr=False)  # required for adapter changes when set
     shutdown_timeout: float = 30.0  # seconds running requests get to finish on SIGTERM
@@ -74,6 +76,9 @@ _HELP = {
     "max_virtual_tokens": "most virtual tokens an adapter may declare (more: 422)",
     "max_request_bytes": "largest body of any other request in bytes, refused before parsing (larger: 413)",
     "max_stop_sequences": "most stop sequences per request (more: 422)",
+    "max_adapters": "most adapters registered and stored; an upload (or hub fetch) past it is refused with 507",
+    "max_adapter_labels": "most adapters named in the per-adapter metrics (the first seen since start-up); "
+                          "the others are counted under adapter=\"__other__\"",
     "api_key": "if set, generation routes need 'Authorization: Bearer KEY'",
     "admin_key": "if set, adapter uploads and deletions need 'Authorization: Bearer KEY'",
     "shutdown_timeout": "seconds running requests get to finish after SIGTERM",
@@ -138,7 +143,8 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
 
 def _check(config: Config) -> None:
     positive = ["port", "max_batch_size", "max_waiting", "max_prefill_tokens", "max_input_tokens",
-                "max_new_tokens", "max_upload_bytes", "max_virtual_tokens", "max_request_bytes", "max_stop_sequences"]
+                "max_new_tokens", "max_upload_bytes", "max_virtual_tokens", "max_request_bytes", "max_stop_sequences",
+                "max_adapters", "max_adapter_labels"]
     for name in positive:
         if getattr(config, name) <= 0:
             raise SystemExit(f"{_flag(name)} must be positive, got {getattr(config, name)}")

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters import AdapterExists, AdapterNotFound, InvalidAdapter, SourceUnavailable
+from adapters import AdapterExists, AdapterNotFound, InvalidAdapter, SourceUnavailable, StoreFull
 from server.engine.request import GenerationFailed, InvalidRequest, Overloaded
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ STATUS = {
     Forbidden: (403, "forbidden"),
     Overloaded: (503, "overloaded"),
     SourceUnavailable: (502, "source_unavailable"),
+    StoreFull: (507, "insufficient_storage"),
     GenerationFailed: (500, "generation_failed"),
     ClientGone: (499, "client_closed_request"),
 }

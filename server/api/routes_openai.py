@@ -1,6 +1,8 @@
 """OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
 
-`model` names an adapter, or the base model (or nothing) for no adapter.
+`model` names an adapter, or the base model (or nothing) for no adapter. Responses and stream
+chunks carry `adapter_version` (ours, not OpenAI's; its client keeps extra fields): the version of
+the adapter that answered, null for the base model.
 """
 
 from __future__ import annotations
@@ -84,8 +86,8 @@ async def _respond(request: Request, jobs: list[Job], model: str, chat: bool, st
         else:
             choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": None})
     generated = sum(len(r.seq.output_ids) for r in results)
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices,
-            "usage": _usage(jobs, generated)}
+    return {"id": rid, "object": obj, "created": created, "model": model, "adapter_version": jobs[0].adapter_version,
+            "choices": choices, "usage": _usage(jobs, generated)}
 
 
 async def _stream(service: Service, jobs: list[Job], streams, rid, created, model, chat, usage):
@@ -105,8 +107,10 @@ async def _stream(service: Service, jobs: list[Job], streams, rid, created, mode
             choice = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
         else:
             choice = {"index": i, "text": text, "finish_reason": finish, "logprobs": None}
-        return _sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]})
+        return _sse({"id": rid, "object": obj, "created": created, "model": model, "adapter_version": version,
+                     "choices": [choice]})
 
+    version = jobs[0].adapter_version  # one adapter for all of a request's prompts
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     emitted = [""] * len(jobs)  # text sent so far, per choice, with stop sequences held back
     remaining = len(jobs)
@@ -134,8 +138,8 @@ async def _stream(service: Service, jobs: list[Job], streams, rid, created, mode
                 service.record(jobs[i], seq)
         if usage and not remaining:  # OpenAI's stream_options.include_usage: one last chunk, no choices
             generated = sum(len(s.seq.output_ids) for s in streams)
-            yield _sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-                        "usage": _usage(jobs, generated)})
+            yield _sse({"id": rid, "object": obj, "created": created, "model": model, "adapter_version": version,
+                        "choices": [], "usage": _usage(jobs, generated)})
         yield "data: [DONE]\n\n"
     finally:
         for t in tasks:
@@ -155,7 +159,8 @@ async def completions(request: Request, body: CompletionRequest):
     if len(prompts) > service.config.max_waiting:  # could never be queued at once
         raise InvalidRequest("prompt", f"{len(prompts)} prompts is more than the {service.config.max_waiting} "
                              "one request may carry (--max-waiting)")
-    jobs = [await service.prepare("completions", p, params, body.model) for p in prompts]
+    adapter = await service.adapter(body.model)  # once: every prompt runs with the same version
+    jobs = [await service.prepare("completions", p, params, adapter) for p in prompts]
     return await _respond(request, jobs, body.model or service.base.name, chat=False, stream=bool(body.stream),
                           usage=body.include_usage)
 
@@ -170,7 +175,8 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    jobs = [await service.prepare("chat", ids, body.to_sampling_params(default_max_new_tokens=256), body.model)]
+    params = body.to_sampling_params(default_max_new_tokens=256)
+    jobs = [await service.prepare("chat", ids, params, await service.adapter(body.model))]
     return await _respond(request, jobs, body.model or service.base.name, chat=True, stream=bool(body.stream),
                           usage=body.include_usage)
 

@@ -58,6 +58,7 @@ async def info(request: Request):
         "max_virtual_tokens": c.max_virtual_tokens,
         "max_request_bytes": c.max_request_bytes,
         "max_stop_sequences": c.max_stop_sequences,
+        "max_adapters": c.max_adapters,
         "auth": {"api_key": bool(c.api_key), "admin_key": bool(c.admin_key)},
     }
 

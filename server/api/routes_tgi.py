@@ -23,8 +23,8 @@ def _service(request: Request) -> Service:
 async def _job(service: Service, body: GenerateRequest, route: str) -> Job:
     p = body.parameters
     params = p.to_sampling_params(default_max_new_tokens=20)
-    return await service.prepare(route, body.inputs, params, p.adapter_id, truncate=p.truncate,
-                                 adapter_source=p.adapter_source)
+    adapter = await service.adapter(p.adapter_id, p.adapter_source)
+    return await service.prepare(route, body.inputs, params, adapter, truncate=p.truncate)
 
 
 def _token(event: TokenEvent) -> Token:
@@ -48,6 +48,7 @@ async def _generate(request: Request, body: GenerateRequest, route: str) -> Gene
             generated_tokens=len(result.seq.output_ids),
             prompt_tokens=len(job.prompt_ids),
             seed=result.seq.seed if job.params.sampling else None,
+            adapter_version=job.adapter_version,
             tokens=[_token(e) for e in result.events],
         )
     return GenerateResponse(generated_text=_full_text(body, result.text), details=details)
@@ -94,6 +95,7 @@ async def generate_stream(request: Request, body: GenerateRequest):
                         generated_tokens=len(seq.output_ids),
                         prompt_tokens=len(job.prompt_ids),
                         seed=seq.seed if job.params.sampling else None,
+                        adapter_version=job.adapter_version,
                     )
                 yield f"data: {message.model_dump_json()}\n\n"
         except Exception as exc:  # the status line is sent already: report in the stream, as TGI does

@@ -101,6 +101,7 @@ class StreamDetails(BaseModel):
     generated_tokens: int
     prompt_tokens: int
     seed: int | None
+    adapter_version: str | None = None  # ours, not TGI's (its clients ignore it): the version that answered
 
 
 class Details(StreamDetails):

@@ -41,6 +41,11 @@ class Job:
     def adapter_name(self) -> str:
         return self.adapter.name if self.adapter else ""
 
+    @property
+    def adapter_version(self) -> str | None:
+        """The version of the adapter this request runs with (held since it was prepared); None: none."""
+        return self.adapter.version if self.adapter else None
+
 
 @dataclass
 class Result:
@@ -65,7 +70,7 @@ class Service:
         self.registry = registry
         self.sources = AdapterSources(registry, max_bytes=config.max_upload_bytes)
         self.engine = engine
-        self.metrics = Metrics(engine.engine, registry)
+        self.metrics = Metrics(engine.engine, registry, max_adapter_labels=config.max_adapter_labels)
         self.draining = False
         self.in_flight = 0  # HTTP requests being handled
         self.started = time.time()
@@ -100,11 +105,11 @@ class Service:
     def tokenize(self, text: str) -> list[int]:
         return self.base.tokenizer(text, add_special_tokens=True).input_ids
 
-    async def prepare(self, route: str, prompt, params: SamplingParams, adapter_name: str | None,
-                      truncate: int | None = None, adapter_source: str | None = None) -> Job:
+    async def prepare(self, route: str, prompt, params: SamplingParams, adapter: Adapter | None,
+                      truncate: int | None = None) -> Job:
         """Validate one request against the server's limits. `prompt` is text or token ids; long
-        texts are tokenized on a worker thread, so they do not hold up the event loop."""
-        adapter = await self.adapter(adapter_name, adapter_source)
+        texts are tokenized on a worker thread, so they do not hold up the event loop. `adapter`
+        (from `self.adapter`): the version the request runs with, whatever is uploaded meanwhile."""
         stops, limit = params.stop, self.config.max_stop_sequences
         if len(stops) > limit:
             raise InvalidRequest("stop", f"{len(stops)} stop sequences is more than the {limit} allowed "
@@ -165,7 +170,7 @@ class Service:
     def record(self, job: Job, seq: Sequence) -> None:
         """Metrics and the one log line of a finished generation request."""
         now = time.monotonic()
-        self.metrics.adapter_requests.inc(adapter=job.adapter_name)
+        self.metrics.count_adapter(job.adapter_name, len(seq.output_ids))
         self.metrics.prompt_tokens.inc(len(job.prompt_ids))
         self.metrics.generated_tokens.inc(len(seq.output_ids))
         self.metrics.latency.observe(now - job.start)
@@ -173,8 +178,8 @@ class Service:
         if ttft is not None:
             self.metrics.ttft.observe(ttft)
         log.info(
-            "route=%s adapter=%s prompt_tokens=%d generated_tokens=%d finish=%s ttft=%s total=%.3fs",
-            job.route, job.adapter_name or "-", len(job.prompt_ids), len(seq.output_ids),
+            "route=%s adapter=%s adapter_version=%s prompt_tokens=%d generated_tokens=%d finish=%s ttft=%s total=%.3fs",
+            job.route, job.adapter_name or "-", job.adapter_version or "-", len(job.prompt_ids), len(seq.output_ids),
             seq.finish_reason.value if seq.finish_reason else "aborted",
             f"{ttft:.3f}s" if ttft is not None else "-", now - job.start,
         )

@@ -189,17 +189,23 @@ def adapter_names(client: httpx.Client, **kwargs) -> list[str]:
 
 
 def leftovers(store_dir: Path) -> list[str]:
-    """Temporary or trashed directories a save or delete left behind in the store."""
-    return sorted(p.name for p in Path(store_dir).iterdir() if p.name.startswith("."))
+    """Temporary or trashed entries a save, replace or delete left behind in the store (`.versions`,
+    where the adapters' files are, is not one)."""
+    return sorted(p.name for p in Path(store_dir).iterdir() if p.name.startswith(".") and p.name != ".versions")
+
+
+def stored(store_dir: Path) -> list[str]:
+    """The adapters in a local store: its entries not hidden (symlinks to a version, or plain directories)."""
+    return sorted(p.name for p in Path(store_dir).iterdir() if not p.name.startswith("."))
 
 
 def assert_unharmed(client: httpx.Client, store_dir: Path, expected: list[str], **kwargs) -> None:
     """After a refused request: same adapters, no half-written files, and the server still generates."""
     assert adapter_names(client, **kwargs) == sorted(expected)
     assert leftovers(store_dir) == []
-    stored = sorted(p.name for p in Path(store_dir).iterdir() if p.is_dir())
-    assert set(stored) <= set(expected), f"store holds {stored}, registry {expected}"
-    for name in stored:
+    names = stored(store_dir)
+    assert set(names) <= set(expected), f"store holds {names}, registry {expected}"
+    for name in names:
         assert sorted(os.listdir(Path(store_dir) / name)) == [CONFIG_FILE, WEIGHTS_FILE]
     r = client.post("/generate", json=generate_body("ok", max_new_tokens=3), **kwargs)
     assert r.status_code == 200, r.text

@@ -32,6 +32,8 @@ def test_completion_equals_greedy_generate(oai, client, uploaded, reference, tok
         assert got.usage.prompt_tokens == len(tokenizer(PROMPT).input_ids)
         assert got.usage.completion_tokens == MAX_TOKENS
         assert got.usage.total_tokens == got.usage.prompt_tokens + MAX_TOKENS
+        # our `adapter_version`: the client keeps it as an extra field
+        assert got.adapter_version == client.get(f"/adapters/{name}").json()["version"]
 
 
 def test_completion_base_model_by_name(oai, server, client):
@@ -94,12 +96,14 @@ def test_chat_completion_stream(oai, uploaded):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == "length"
+    assert {c.adapter_version for c in chunks} == {whole.adapter_version} != {None}
 
 
 def test_chat_completion_base_model(oai, server, client, tokenizer):
     got = oai.chat.completions.create(model=server.model_name, messages=MESSAGES, max_tokens=4, temperature=0)
     rendered = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     assert got.choices[0].message.content == generate(client, rendered, None, 4)["generated_text"]
+    assert got.adapter_version is None
 
 
 def test_models_list(oai, server, uploaded):

@@ -21,6 +21,7 @@ REQUIRED = {
     "softprompt_queue_depth": "gauge",
     "softprompt_batch_size": "gauge",
     "softprompt_adapter_requests_total": "counter",
+    "softprompt_adapter_generated_tokens_total": "counter",
     "softprompt_adapter_loads_total": "counter",
     "softprompt_adapter_load_failures_total": "counter",
 }
@@ -41,7 +42,7 @@ def test_info(server, client):
     assert info["model_device_type"] == "cpu"
     assert isinstance(info["version"], str) and info["version"]
     for key in ("max_input_tokens", "max_new_tokens", "max_total_tokens", "max_batch_size",
-                "max_waiting_requests", "max_upload_bytes"):
+                "max_waiting_requests", "max_upload_bytes", "max_adapters"):
         assert isinstance(info[key], int) and info[key] > 0, key
     assert info["max_new_tokens"] == 1024 and info["max_input_tokens"] == 2048  # the defaults
     assert info["adapters"] == len(client.get("/adapters").json()["adapters"])
@@ -82,6 +83,7 @@ def test_metrics_count_a_request(client, uploaded):
     assert delta("softprompt_generated_tokens_total") == 5
     assert delta("softprompt_prompt_tokens_total") == len(PROMPT)
     assert delta("softprompt_adapter_requests_total", adapter=name) == 1
+    assert delta("softprompt_adapter_generated_tokens_total", adapter=name) == 5
     assert delta("softprompt_requests_total", route="/generate", status="200") == 1
     assert delta("softprompt_time_to_first_token_seconds_count") == 1
     assert delta("softprompt_request_duration_seconds_count") == 1

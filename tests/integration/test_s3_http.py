@@ -1,7 +1,7 @@
 """`--adapter-store s3://bucket/prefix`: real server processes sharing one store in a real
 S3-compatible server (moto's, its own process on loopback). An upload to one server is stored in
 the bucket; a second server finds it at start-up with the same tokens, and fetches one uploaded
-after its start with `adapter_source: "s3"`."""
+after its start with `adapter_source: "s3"`, and a replace (PUT) overwrites the store's pointer."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import httpx
 from tests.s3 import client
 
 from .conftest import PROMPT
-from .support import adapter_names, assert_error, generate, generate_body, metric, scrape, token_ids, upload
+from .support import (CONFIG_FILE, WEIGHTS_FILE, adapter_names, assert_error, generate, generate_body, metric, scrape,
+                      token_ids, upload)
 
 MAX_NEW = 10  # as test_adapters_http: the session caches PEFT's reference per (adapter, prompt, length)
 
@@ -59,3 +60,16 @@ def test_servers_share_an_s3_store(start_server, s3_endpoint, bucket, tmp_path, 
         assert not any("late" in o["Key"] for o in client(s3_endpoint).list_objects_v2(Bucket=bucket)["Contents"])
         assert token_ids(generate(c2, PROMPT, "late", MAX_NEW)) == reference("prefix-proj", PROMPT, MAX_NEW)
 
+
+        # a replace on one server: the pointer is overwritten, the old version's files removed; the
+        # other server keeps serving the version it registered until it restarts
+        old_version = c1.get("/adapters/sea").json()["version"]
+        files = {f: (f, (adapter_srcs["prefix"] / f).read_bytes()) for f in (CONFIG_FILE, WEIGHTS_FILE)}
+        r = c1.put("/adapters/sea", files=files)
+        assert r.status_code == 200, r.text
+        assert r.json()["version"] != old_version
+        keys = [o["Key"] for o in client(s3_endpoint).list_objects_v2(Bucket=bucket)["Contents"]]
+        assert "models/tiny/adapters/sea.json" in keys and len(keys) == 3, keys
+        assert token_ids(generate(c1, PROMPT, "sea", MAX_NEW)) == reference("prefix", PROMPT, MAX_NEW)
+        assert token_ids(generate(c2, PROMPT, "sea", MAX_NEW)) == tokens
+        assert c2.get("/adapters/sea").json()["version"] == old_version

@@ -25,6 +25,7 @@ def test_text_generation_client_generate(server, client, reference):
     assert [t.id for t in got.details.tokens] == token_ids(raw) == reference(None, PROMPT, MAX_NEW)
     assert got.details.finish_reason.value == raw["details"]["finish_reason"] == "length"
     assert got.details.generated_tokens == MAX_NEW
+    assert raw["details"]["adapter_version"] is None  # the base model
 
 
 def test_text_generation_client_generate_stream(server, client):
@@ -60,6 +61,8 @@ def test_lorax_client_generate_with_adapter(variant, server, client, uploaded, r
     assert got.details.finish_reason.value == raw["details"]["finish_reason"]
     assert got.details.generated_tokens == raw["details"]["generated_tokens"]
     assert got.details.prompt_tokens == len(PROMPT)
+    # our `adapter_version` in details: the clients parse past it
+    assert raw["details"]["adapter_version"] == client.get(f"/adapters/{name}").json()["version"]
 
 
 def test_lorax_client_generate_stream_with_adapter(server, client, uploaded, reference):

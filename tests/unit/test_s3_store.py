@@ -1,5 +1,5 @@
 """S3Store against a real S3-compatible server (moto's, as its own process on loopback): save, names,
-path through the disk cache, delete, visibility only once complete, two servers on one store, and
+path through the disk cache, replace, delete, visibility only once complete, two servers on one store, and
 a remote that fails (dead endpoint, silent endpoint, missing bucket) giving a clear error quickly."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from botocore.exceptions import ClientError
 
 from adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterExists, AdapterNotFound, InvalidAdapter, SourceUnavailable
 from adapters.s3_store import S3Store, parse_url
@@ -229,3 +230,40 @@ def test_open_store_and_config(s3_endpoint, bucket, tmp_path):
                  ["--adapter-store", str(tmp_path / "a"), "--adapter-dir", str(tmp_path / "b")]):
         with pytest.raises(SystemExit):
             load_config(argv, environ={})
+
+
+def test_replace_overwrites_the_pointer_last(s3_endpoint, bucket, tmp_path, monkeypatch):
+    store = _store(s3_endpoint, bucket, tmp_path / "cache")
+    store.save("r", CONFIG, WEIGHTS)
+    reader = _store(s3_endpoint, bucket, tmp_path / "cache-reader")
+    assert (reader.path("r") / WEIGHTS_FILE).read_bytes() == WEIGHTS
+    old_version = json.loads(client(s3_endpoint).get_object(
+        Bucket=bucket, Key="team/adapters/adapters/r.json")["Body"].read())["version"]
+
+    path = store.replace("r", b"{}", b"new weights")
+    assert (path / WEIGHTS_FILE).read_bytes() == b"new weights" and store.path("r") == path
+    keys = _keys(s3_endpoint, bucket)
+    assert len(keys) == 3 and not any(old_version in k for k in keys), "the old version's files were kept"
+    assert sorted(p.name for p in (tmp_path / "cache" / "r").iterdir()) == [path.name], "old cache kept"
+    # another server reads the new version (its cached old one is no longer the pointer's)
+    assert (reader.path("r") / WEIGHTS_FILE).read_bytes() == b"new weights"
+    assert sorted(p.name for p in (tmp_path / "cache-reader" / "r").iterdir()) == [path.name]
+
+    with pytest.raises(AdapterNotFound, match="absent"):
+        store.replace("absent", CONFIG, WEIGHTS)
+    assert len(_keys(s3_endpoint, bucket)) == 3
+
+    # the pointer's write fails: the old version stays, the new files are removed
+    real_put = store.client.put_object
+
+    def pointer_fails(**kwargs):
+        if kwargs["Key"].endswith("r.json"):
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "simulated"}}, "PutObject")
+        return real_put(**kwargs)
+
+    monkeypatch.setattr(store.client, "put_object", pointer_fails)
+    with pytest.raises(SourceUnavailable, match="simulated"):
+        store.replace("r", CONFIG, b"never stored")
+    monkeypatch.undo()
+    assert _keys(s3_endpoint, bucket) == keys
+    assert (_store(s3_endpoint, bucket, tmp_path / "cache-3").path("r") / WEIGHTS_FILE).read_bytes() == b"new weights"
