@@ -26,6 +26,10 @@ class Adapter:
     def prefix_length(self) -> int:
         return self.kv.shape[3]
 
+    @property
+    def prefix_bytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
     def describe(self) -> dict:
         return {
             "name": self.name,
@@ -36,7 +40,7 @@ class Adapter:
             "version": self.version,
             "task_type": self.config.get("task_type"),
             "base_model_name_or_path": self.config.get("base_model_name_or_path"),
-            "prefix_bytes": self.kv.numel() * self.kv.element_size(),
+            "prefix_bytes": self.prefix_bytes,
         }
 
 

@@ -18,6 +18,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -287,14 +288,20 @@ def content_version(config_raw: bytes, weights_raw: bytes) -> str:
 
 def load_adapter(
     name: str, config_raw: bytes, weights_raw: bytes, spec: ModelSpec, model, source: str,
-    limits: Limits | None = None,
+    limits: Limits | None = None, saved_kv: Callable[[str, int], torch.Tensor | None] | None = None,
 ) -> Adapter:
-    """Validate PEFT's two files and materialize them for `model`. Raises InvalidAdapter."""
+    """Validate PEFT's two files and materialize them for `model`. Raises InvalidAdapter.
+    saved_kv(version, num_virtual_tokens): the prefix materialized before for these files, if any
+    (then no encoder and no model forward run; the adapter has no embeddings)."""
     config = parse_config(config_raw)
     kind = check_config(config, spec, limits)
     check_weights(kind, config, read_header(weights_raw), spec)
-    table = read_table(kind, config, parse_weights(weights_raw), spec)
-    kv, embeddings = materialize(kind, table, spec, model)
+    version = content_version(config_raw, weights_raw)
+    kv = saved_kv(version, config["num_virtual_tokens"]) if saved_kv else None
+    embeddings = None
+    if kv is None:
+        table = read_table(kind, config, parse_weights(weights_raw), spec)
+        kv, embeddings = materialize(kind, table, spec, model)
     return Adapter(
         name=name,
         peft_type=kind.peft_type,
@@ -304,7 +311,7 @@ def load_adapter(
         config=config,
         kv=kv,
         embeddings=embeddings,
-        version=content_version(config_raw, weights_raw),
+        version=version,
     )
 
 

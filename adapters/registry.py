@@ -1,30 +1,41 @@
-"""What is loaded: adapters by name, materialized for the base model, backed by the store.
+"""What is registered: every adapter by name, known without materializing it, and a bounded cache
+of the materialized ones, backed by the store.
 
-A request takes its `Adapter` object when it is submitted and keeps it; removing or replacing the
-adapter in the registry therefore never disturbs requests already running with it. Lookups take
-no lock: every change to the name -> Adapter dict is one assignment or deletion, so a lookup sees
-the old state or the new one. Changes (and the store writes behind them) are serialized by a lock.
+Registering an adapter records where its files are; its KV prefix is materialized when a request
+first needs it (or at upload) and kept in a `PrefixCache` bounded in device bytes, least recently
+used evicted. Materializing saves the prefix next to the PEFT files (`prefix_file`), so a later
+cold load reads it back with no model forward. Start-up reads the store's names only: 10,000
+stored adapters cost a directory listing.
+
+A request takes its `Adapter` object when it is submitted and keeps it; evicting, removing or
+replacing the adapter therefore never disturbs requests already running with it. Lookups take no
+lock: every change to the name -> entry dict is one assignment or deletion. Changes (and the store
+writes behind them) are serialized by a lock.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
+import json
 import logging
 import threading
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
-import torch
-
 from .adapter import Adapter
 from .errors import AdapterError, AdapterExists, AdapterNotFound, InvalidAdapter, StoreFull
-from .loading import LIMITS, Limits, load_adapter, read_adapter_dir
+from .loading import CONFIG_FILE, LIMITS, Limits, load_adapter, read_adapter_dir
+from .prefix_cache import PrefixCache
+from .prefix_file import load_prefix, save_prefix
 from .spec import ModelSpec
-from .store import Store, check_name
+from .store import VERSIONS_DIR, Store, check_name
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+UNBOUNDED = 1 << 62
 
 
 class _ForwardsThrough:
@@ -40,131 +51,250 @@ class _ForwardsThrough:
         return getattr(self._model, name)
 
 
+_generations = itertools.count()
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A registered adapter, materialized or not: where its files are and where it came from."""
+
+    name: str
+    source: str
+    directory: Path | None  # its PEFT files, read again on a cold load (None: `files` holds them)
+    files: tuple[bytes, bytes] | None = None  # config and weights, for an adapter with no directory
+    persist_prefix: bool = True  # save the materialized prefix in `directory` (not in a read-only demo folder)
+    key: str = ""  # its cache key: a new one for every version, so a stale load never serves a replacement
+
+    def read(self) -> tuple[bytes, bytes]:
+        return self.files if self.files is not None else read_adapter_dir(self.directory)
+
+
 class AdapterRegistry:
     def __init__(self, spec: ModelSpec, model, store: Store | None = None,
                  run_model: Callable[[Callable[[], T]], T] | None = None, limits: Limits = LIMITS,
-                 max_adapters: int | None = None):
+                 max_adapters: int | None = None, cache_bytes: int = UNBOUNDED, pinned: frozenset[str] = frozenset(),
+                 model_key: str | None = None):
         """run_model: where the model's forwards for materialization run (the server passes the
         engine's `run_between_steps`, so they never overlap a step); default: on the caller's thread.
         limits: the largest sizes an adapter's config may declare. max_adapters: the most adapters
         registered; storing a new one past it raises StoreFull (those added with persist=False, which
-        are stored already or never, are not refused); None: no limit."""
+        are stored already or never, are not refused); None: no limit. cache_bytes: device bytes of
+        materialized prefixes kept; pinned: names never evicted. model_key: the base model's
+        `prefix_file.model_key`, under which prefixes are saved and read back (None: never saved)."""
         self.spec = spec
         self.limits = limits
         self.max_adapters = max_adapters
         self.model = model if run_model is None else _ForwardsThrough(model, run_model)
         self.store = store
-        self._adapters: dict[str, Adapter] = {}
+        self.model_key = model_key
+        self.cache: PrefixCache[Adapter] = PrefixCache(cache_bytes, size=lambda a: a.prefix_bytes)
+        self.pinned = frozenset(pinned)
+        self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
-        self.stats = Counter()  # "loads", "load_failures"
+        self.stats = Counter()  # "loads", "load_failures", "prefix_reads" (cold loads with no forward)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._adapters
+        return name in self._entries
 
     def __len__(self) -> int:
-        return len(self._adapters)
+        return len(self._entries)
 
-    def get(self, name: str) -> Adapter:
+    def _entry(self, name: str) -> _Entry:
         try:
-            return self._adapters[name]
+            return self._entries[name]
         except KeyError:
             raise AdapterNotFound(f"adapter {name!r} not found") from None
 
-    def list(self) -> list[Adapter]:
-        return sorted(self._adapters.values(), key=lambda a: a.name)
+    def get(self, name: str) -> Adapter:
+        """The materialized adapter: from the cache, or loaded now (a cold load; concurrent callers
+        share it). May run a model forward (through `run_model`) when no saved prefix matches."""
+        entry = self._entry(name)
+        return self.cache.get(entry.key, lambda: self._materialize(entry))
 
-    def page(self, limit: int, after: str | None = None) -> tuple[list[Adapter], str | None]:
-        """Up to `limit` adapters sorted by name, the first after `after` (any string, registered or
-        not); and the `after` of the next page, None if this is the last."""
-        names = sorted(self._adapters)
+    def resident(self, name: str) -> bool:
+        """Whether its KV prefix is materialized on the model's device now (a request for it needs no load)."""
+        entry = self._entries.get(name)
+        return entry is not None and entry.key in self.cache
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def page(self, limit: int, after: str | None = None) -> tuple[list[str], str | None]:
+        """Up to `limit` names, sorted, the first after `after` (any string, registered or not); and
+        the `after` of the next page, None if this is the last."""
+        names = sorted(self._entries)
         start = bisect.bisect_right(names, after) if after else 0
         chosen = names[start:start + limit]
-        adapters = [a for a in map(self._adapters.get, chosen) if a is not None]  # None: removed meanwhile
-        return adapters, chosen[-1] if chosen and start + limit < len(names) else None
+        return chosen, chosen[-1] if chosen and start + limit < len(names) else None
 
-    def resident(self, adapter: Adapter) -> bool:
-        """Whether the adapter's KV prefix is materialized on the model's device now. Every registered
-        adapter's is today (materialized when registered, kept until removed); a bounded cache of
-        prefixes would answer from its own state."""
-        return adapter.kv.device.type == torch.device(self.spec.device).type
-
-    def describe(self, adapter: Adapter) -> dict:
-        return {**adapter.describe(), "resident": self.resident(adapter)}
+    def describe(self, name: str) -> dict:
+        """Its description, without materializing it: the full one while resident."""
+        entry = self._entry(name)
+        adapter = self.cache.peek(entry.key)
+        if adapter is not None:
+            return {**adapter.describe(), "resident": True, "pinned": name in self.pinned}
+        return {**_peek_config(entry), "name": name, "source": entry.source, "resident": False,
+                "pinned": name in self.pinned}
 
     def add(self, name: str, config_raw: bytes, weights_raw: bytes, source: str = "upload", persist: bool = True) -> Adapter:
         """Validate, materialize, store (if `persist`) and register. Nothing changes on error.
         StoreFull if `persist` and `max_adapters` are registered already."""
         check_name(name)
-        if name in self._adapters:
+        if name in self._entries:
             raise AdapterExists(f"adapter {name!r} already exists")
         if persist:
             self._check_room()
-        adapter = self._load(name, config_raw, weights_raw, source)
+        loaded = self._load(name, config_raw, weights_raw, source)
         with self._lock:
-            if name in self._adapters:
+            if name in self._entries:
                 raise AdapterExists(f"adapter {name!r} already exists")
+            directory = None
             if persist:
                 self._check_room()  # again, under the lock: concurrent uploads count one by one
                 if self.store is not None:
-                    self.store.save(name, config_raw, weights_raw)
-            self._adapters[name] = adapter
-            self.stats["loads"] += 1
-        return adapter
+                    directory = self.store.save(name, config_raw, weights_raw)
+            return self._register(loaded, source, directory, None if directory else (config_raw, weights_raw))
 
     def replace(self, name: str, config_raw: bytes, weights_raw: bytes, source: str = "upload") -> Adapter:
         """A new version of a registered adapter: validated and materialized, stored (the store's
         atomic replace), then swapped in. Requests holding the old version finish with it; lookups
         from then on get the new one. AdapterNotFound if `name` is not registered; nothing changes
         on error."""
-        self.get(check_name(name))
-        adapter = self._load(name, config_raw, weights_raw, source)
+        self._entry(check_name(name))
+        loaded = self._load(name, config_raw, weights_raw, source)
         with self._lock:
-            self.get(name)  # removed meanwhile: 404, and nothing is stored
+            old = self._entry(name)  # removed meanwhile: 404, and nothing is stored
+            directory = None
             if self.store is not None:
                 if self.store.exists(name):
-                    self.store.replace(name, config_raw, weights_raw)
+                    directory = self.store.replace(name, config_raw, weights_raw)
                 else:  # registered but never stored (a demo adapter): stored from now on
-                    self.store.save(name, config_raw, weights_raw)
-            self._adapters[name] = adapter
-            self.stats["loads"] += 1
+                    directory = self.store.save(name, config_raw, weights_raw)
+            adapter = self._register(loaded, source, directory, None if directory else (config_raw, weights_raw))
+            self.cache.drop(old.key)
+            self.cache.pin(old.key, False)
         return adapter
 
-    def _load(self, name: str, config_raw: bytes, weights_raw: bytes, source: str) -> Adapter:
-        try:
-            return load_adapter(name, config_raw, weights_raw, self.spec, self.model, source, limits=self.limits)
-        except InvalidAdapter:
-            self.stats["load_failures"] += 1
-            raise
-
-    def _check_room(self) -> None:
-        if self.max_adapters is not None and len(self._adapters) >= self.max_adapters:
-            raise StoreFull(f"{len(self._adapters)} adapters are registered, the most this server stores "
-                            f"(--max-adapters {self.max_adapters}); delete one to make room")
-
-    def add_dir(self, name: str, path: Path, source: str) -> Adapter:
+    def add_dir(self, name: str, path: Path, source: str, persist_prefix: bool = True) -> Adapter:
+        """Register the adapter in `path` (already stored, or never to be), materializing it now."""
         try:
             files = read_adapter_dir(path)
         except InvalidAdapter:
             self.stats["load_failures"] += 1
             raise
-        return self.add(name, *files, source=source, persist=False)
+        check_name(name)
+        loaded = self._load(name, *files, source, directory=path if persist_prefix else None)
+        with self._lock:
+            if name in self._entries:
+                raise AdapterExists(f"adapter {name!r} already exists")
+            return self._register(loaded, source, path, None, persist_prefix)
 
     def remove(self, name: str) -> None:
         with self._lock:
-            self.get(name)
+            entry = self._entry(name)
             if self.store is not None and self.store.exists(name):
                 self.store.delete(name)
-            del self._adapters[name]
+            del self._entries[name]
+            self.cache.drop(entry.key)
+            self.cache.pin(entry.key, False)
 
     def load_store(self) -> list[str]:
-        """Register every adapter found in the store; a bad one is logged and skipped, not fatal."""
+        """Register every adapter in the store by name, without reading or materializing it (a bad
+        one fails when first used); the pinned ones are materialized now. Returns the pinned names
+        that failed (logged, not fatal)."""
         if self.store is None:
             return []
-        failed = []
         for name in self.store.names():
+            if name not in self._entries:
+                self._add_entry(_Entry(name, self.store.source, self.store.path(name) if
+                                       self.store.source == "disk" else None, key=_new_key(name)))
+        failed = []
+        for name in sorted(self.pinned & set(self._entries)):
             try:
-                self.add_dir(name, self.store.path(name), source=self.store.source)
-            except AdapterError as exc:  # counted in load_failures by add / add_dir
+                self.get(name)
+            except AdapterError as exc:
                 failed.append(name)
-                log.error("skipping stored adapter %r: %s", name, exc)
+                log.error("pinned adapter %r failed to load: %s", name, exc)
         return failed
+
+    def _register(self, loaded: tuple[Adapter, bool], source: str, directory: Path | None, files,
+                  persist_prefix: bool = True) -> Adapter:
+        adapter, computed = loaded
+        entry = _Entry(adapter.name, source, directory, files, persist_prefix, key=_new_key(adapter.name))
+        self._save_prefix(entry, adapter, computed)
+        self._add_entry(entry)
+        self.cache.put(entry.key, adapter)
+        self.stats["loads"] += 1
+        return adapter
+
+    def _add_entry(self, entry: _Entry) -> None:
+        if entry.name in self.pinned:
+            self.cache.pin(entry.key)
+        self._entries[entry.name] = entry
+
+    def _materialize(self, entry: _Entry) -> Adapter:
+        """A cold load: the entry's files read again (a remote store downloads them to its disk
+        cache), validated, and its saved prefix used when it matches, else materialized and saved."""
+        if entry.directory is None and entry.files is None:
+            entry = _Entry(entry.name, entry.source, self.store.path(entry.name), None, entry.persist_prefix, entry.key)
+        try:
+            files = entry.read()
+        except InvalidAdapter:
+            self.stats["load_failures"] += 1
+            raise
+        adapter, computed = self._load(entry.name, *files, entry.source,
+                                       directory=entry.directory if entry.persist_prefix else None)
+        self._save_prefix(entry, adapter, computed)
+        self.stats["loads"] += 1
+        return adapter
+
+    def _save_prefix(self, entry: _Entry, adapter: Adapter, computed: bool) -> None:
+        if computed and entry.directory is not None and entry.persist_prefix and self.model_key:
+            save_prefix(entry.directory, adapter.kv, self.model_key, adapter.version)
+
+    def _load(self, name: str, config_raw: bytes, weights_raw: bytes, source: str,
+              directory: Path | None = None) -> tuple[Adapter, bool]:
+        """Validated and materialized, from `directory`'s saved prefix when it matches; and whether
+        the prefix was computed (a forward or an encoder ran) rather than read."""
+        read = []
+
+        def saved_kv(version: str, n: int):
+            kv = load_prefix(directory, self.model_key, version, self.spec, n)
+            read.append(kv is not None)
+            return kv
+
+        try:
+            adapter = load_adapter(name, config_raw, weights_raw, self.spec, self.model, source, limits=self.limits,
+                                   saved_kv=saved_kv if directory is not None and self.model_key else None)
+        except InvalidAdapter:
+            self.stats["load_failures"] += 1
+            raise
+        if read and read[0]:
+            self.stats["prefix_reads"] += 1
+        return adapter, not (read and read[0])
+
+    def _check_room(self) -> None:
+        if self.max_adapters is not None and len(self._entries) >= self.max_adapters:
+            raise StoreFull(f"{len(self._entries)} adapters are registered, the most this server stores "
+                            f"(--max-adapters {self.max_adapters}); delete one to make room")
+
+
+def _peek_config(entry: _Entry) -> dict:
+    """What a description can say of an adapter not materialized, from its config file alone (a
+    local directory; nothing for a remote store's adapter not downloaded yet)."""
+    if entry.directory is None:
+        return {}
+    try:
+        config = json.loads((entry.directory / CONFIG_FILE).read_bytes())
+        version_dir = entry.directory.resolve()
+        about = {key: config.get(key) for key in ("peft_type", "num_virtual_tokens", "task_type",
+                                                   "base_model_name_or_path")}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if version_dir.parent.parent.name == VERSIONS_DIR:  # the local store's layout: .versions/NAME/VERSION
+        about["version"] = version_dir.name
+    return about
+
+
+def _new_key(name: str) -> str:
+    return f"{name}#{next(_generations)}"

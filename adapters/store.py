@@ -43,7 +43,7 @@ from .loading import CONFIG_FILE, WEIGHTS_FILE, content_version
 log = logging.getLogger(__name__)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _HIDDEN = "."  # temporary and trashed entries, and the versions, start with a dot; valid names never do
-_VERSIONS = ".versions"
+VERSIONS_DIR = _VERSIONS = ".versions"  # every version of every adapter, under the root
 _PENDING = ".pending-"  # + name: the new version's symlink, while a plain directory is being replaced
 
 

@@ -16,6 +16,7 @@ import uvicorn
 
 from adapters import AdapterRegistry, SourceUnavailable, open_store
 from adapters.loading import Limits
+from adapters.prefix_file import model_key
 from server.api.app import create_app
 from server.api.service import Service
 from server.config import Config, load_config, parse_memory
@@ -59,13 +60,20 @@ def build_service(config: Config) -> Service:
     except SelfCheckFailed as exc:
         raise SystemExit(f"refusing to start: {exc}") from exc
     # Materializing an adapter is a model forward: on the engine thread, between steps, once serving.
+    cache = parse_memory(config.adapter_cache_memory)
+    cache_bytes = int(cache * pool.nbytes()) if isinstance(cache, float) else cache or pool.nbytes() // 4
+    pinned = frozenset(n.strip() for n in (config.pin_adapters or "").split(",") if n.strip())
     registry = AdapterRegistry(base.spec, base.model, store, run_model=engine.run_between_steps,
                                limits=Limits(max_virtual_tokens=config.max_virtual_tokens),
-                               max_adapters=config.max_adapters)
+                               max_adapters=config.max_adapters, cache_bytes=cache_bytes, pinned=pinned,
+                               model_key=model_key(base.name, config.revision, base.model.config.to_dict(),
+                                                   base.spec.dtype))
+    log.info("adapter cache: %.1f MiB of materialized prefixes%s", cache_bytes / 2**20,
+             f", pinned: {', '.join(sorted(pinned))}" if pinned else "")
     if config.model is None and DEMO_ADAPTERS.is_dir():
         for path in sorted(p for p in DEMO_ADAPTERS.iterdir() if p.is_dir()):
             if not store.exists(path.name):
-                registry.add_dir(path.name, path, source="demo")
+                registry.add_dir(path.name, path, source="demo", persist_prefix=False)
     try:
         failed = registry.load_store()
     except SourceUnavailable as exc:

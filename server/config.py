@@ -39,6 +39,8 @@ class Config:
     max_stop_sequences: int = 4  # stop sequences per request (422 above), as TGI
     max_adapters: int = 10000  # adapters registered (and stored) at most; uploads past it get 507
     max_adapter_labels: int = 100  # adapters named in per-adapter metrics; the others count as "__other__"
+    adapter_cache_memory: str = "0.25"  # device bytes of materialized prefixes kept: bytes, or a fraction of the KV cache
+    pin_adapters: str | None = None  # comma-separated names kept materialized always
     api_key: str | None = field(default=None, repr=False)  # required for generation when set
     admin_key: str | None = field(default=None, repr=False)  # required for adapter changes when set
     shutdown_timeout: float = 30.0  # seconds running requests get to finish on SIGTERM
@@ -79,6 +81,10 @@ _HELP = {
     "max_adapters": "most adapters registered and stored; an upload (or hub fetch) past it is refused with 507",
     "max_adapter_labels": "most adapters named in the per-adapter metrics (the first seen since start-up); "
                           "the others are counted under adapter=\"__other__\"",
+    "adapter_cache_memory": "device memory for materialized adapter prefixes, least recently used evicted: bytes "
+                            "(e.g. 512MiB) or a fraction of the KV cache (e.g. 0.25); evicted ones load again "
+                            "from their saved prefix, with no model forward",
+    "pin_adapters": "comma-separated adapter names kept materialized always (loaded at start-up)",
     "api_key": "if set, generation routes need 'Authorization: Bearer KEY'",
     "admin_key": "if set, adapter uploads and deletions need 'Authorization: Bearer KEY'",
     "shutdown_timeout": "seconds running requests get to finish after SIGTERM",
@@ -150,10 +156,11 @@ def _check(config: Config) -> None:
             raise SystemExit(f"{_flag(name)} must be positive, got {getattr(config, name)}")
     if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise SystemExit(f"--dtype must be auto, float32, bfloat16 or float16, got {config.dtype!r}")
-    try:
-        parse_memory(config.kv_cache_memory)
-    except ValueError as exc:
-        raise SystemExit(f"--kv-cache-memory: {exc}") from None
+    for name in ("kv_cache_memory", "adapter_cache_memory"):
+        try:
+            parse_memory(getattr(config, name))
+        except ValueError as exc:
+            raise SystemExit(f"{_flag(name)}: {exc}") from None
     if config.shutdown_timeout < 0:
         raise SystemExit(f"--shutdown-timeout must be >= 0, got {config.shutdown_timeout}")
     _check_store(config)

@@ -116,6 +116,8 @@ class Metrics:
         self.generated_tokens = Counter(p + "generated_tokens_total", "Tokens generated")
         self.latency = Histogram(p + "request_duration_seconds", "Generation request latency")
         self.ttft = Histogram(p + "time_to_first_token_seconds", "Time from arrival to first token")
+        self.adapter_load = Histogram(p + "adapter_load_seconds", "Time to load an adapter that was not resident")
+        registry.cache.observe_load = self.adapter_load.observe
         self._all = [
             self.requests, self.adapter_requests, self.adapter_generated_tokens, self.prompt_tokens,
             self.generated_tokens, self.latency, self.ttft,
@@ -131,6 +133,20 @@ class Metrics:
             Gauge(p + "queue_depth", "Requests waiting to be scheduled", lambda: engine.num_waiting),
             Gauge(p + "running_requests", "Requests in the running batch", lambda: engine.num_running),
             Gauge(p + "adapters", "Adapters registered", lambda: len(registry)),
+            Gauge(p + "adapters_resident", "Adapters whose KV prefix is materialized on the device",
+                  lambda: len(registry.cache)),
+            Gauge(p + "adapter_cache_bytes", "Device bytes of materialized adapter prefixes kept "
+                  "(--adapter-cache-memory)", lambda: registry.cache.bytes),
+            Gauge(p + "adapter_cache_capacity_bytes", "The adapter cache's bound", lambda: registry.cache.capacity),
+            Gauge(p + "adapter_cache_hits_total", "Adapter lookups served from the cache",
+                  lambda: registry.cache.hits, "counter"),
+            Gauge(p + "adapter_cache_misses_total", "Adapter lookups that loaded (or waited for a load)",
+                  lambda: registry.cache.misses, "counter"),
+            Gauge(p + "adapter_cache_evictions_total", "Materialized prefixes evicted to stay within the bound",
+                  lambda: registry.cache.evictions, "counter"),
+            Gauge(p + "adapter_prefix_reads_total", "Cold loads served from a saved prefix, with no model forward",
+                  lambda: registry.stats["prefix_reads"], "counter"),
+            self.adapter_load,
             Gauge(p + "kv_cache_bytes", "Bytes of the key/value pool, allocated once (--kv-cache-memory)",
                   lambda: engine.runner.pool.nbytes()),
             Gauge(p + "kv_cache_slots", "Token slots of the key/value pool", lambda: engine.runner.pool.slots),

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from adapters import CONFIG_FILE, WEIGHTS_FILE, InvalidAdapter, check_name
+from adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterNotFound, InvalidAdapter, check_name
 
 from .errors import TooLarge
 from .service import Service
@@ -71,7 +71,7 @@ async def upload(request: Request):
     service.authorize(request, admin=True)
     name, files = await _read_upload(request, service, name_required=True)
     adapter = await run_in_threadpool(service.registry.add, name, files[CONFIG_FILE], files[WEIGHTS_FILE], "upload")
-    return service.registry.describe(adapter)
+    return service.registry.describe(adapter.name)
 
 
 @router.put("/{name}")
@@ -81,13 +81,14 @@ async def replace(request: Request, name: str):
     `name` is not registered (no upsert: POST creates); any error leaves the old version as it was."""
     service = _service(request)
     service.authorize(request, admin=True)
-    service.registry.get(check_name(name))  # 404 before the body is read
+    if check_name(name) not in service.registry:  # 404 before the body is read
+        raise AdapterNotFound(f"adapter {name!r} not found")
     form_name, files = await _read_upload(request, service, name_required=False)
     if form_name is not None and form_name != name:
         raise InvalidAdapter(f"form field 'name' is {form_name!r}, but the URL names {name!r}")
     adapter = await run_in_threadpool(service.registry.replace, name, files[CONFIG_FILE], files[WEIGHTS_FILE],
                                       "upload")
-    return service.registry.describe(adapter)
+    return service.registry.describe(adapter.name)
 
 
 @router.get("")
@@ -97,15 +98,16 @@ async def list_adapters(request: Request, limit: int = Query(PAGE_SIZE, ge=1, le
     `after` of the next page, null on the last."""
     service = _service(request)
     service.authorize(request)
-    adapters, next_after = service.registry.page(limit, after)
-    return {"adapters": [service.registry.describe(a) for a in adapters], "next_after": next_after}
+    names, next_after = service.registry.page(limit, after)
+    return {"adapters": [service.registry.describe(n) for n in names if n in service.registry],
+            "next_after": next_after}
 
 
 @router.get("/{name}")
 async def describe(request: Request, name: str):
     service = _service(request)
     service.authorize(request)
-    return service.registry.describe(service.registry.get(name))
+    return service.registry.describe(name)
 
 
 @router.delete("/{name}", status_code=204)

@@ -187,7 +187,8 @@ async def models(request: Request):
     service.authorize(request)
     created = int(service.started)
     data = [{"id": service.base.name, "object": "model", "created": created, "owned_by": "softprompt-server"}]
-    for adapter in service.registry.list():
-        data.append({"id": adapter.name, "object": "model", "created": int(adapter.created_at),
-                     "owned_by": "softprompt-server", "parent": service.base.name, "peft_type": adapter.peft_type})
+    for name in service.registry.names():
+        about = service.registry.describe(name) if name in service.registry else {}
+        data.append({"id": name, "object": "model", "created": int(about.get("created_at", created)),
+                     "owned_by": "softprompt-server", "parent": service.base.name, "peft_type": about.get("peft_type")})
     return {"object": "list", "data": data}

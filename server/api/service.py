@@ -99,7 +99,9 @@ class Service:
         if name in (None, "", self.base.name):
             return None
         if source == "local" or name in self.registry:
-            return self.registry.get(name)
+            if self.registry.resident(name):
+                return self.registry.get(name)
+            return await run_in_threadpool(self.registry.get, name)  # a cold load: off the event loop
         return await run_in_threadpool(self.sources.resolve, name, source)
 
     def tokenize(self, text: str) -> list[int]:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from adapters.prefix_file import PREFIX_FILE
+
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT = 90.0
 CONFIG_FILE = "adapter_config.json"
@@ -205,8 +207,9 @@ def assert_unharmed(client: httpx.Client, store_dir: Path, expected: list[str], 
     assert leftovers(store_dir) == []
     names = stored(store_dir)
     assert set(names) <= set(expected), f"store holds {names}, registry {expected}"
-    for name in names:
-        assert sorted(os.listdir(Path(store_dir) / name)) == [CONFIG_FILE, WEIGHTS_FILE]
+    for name in names:  # PEFT's two files, and the prefix materialized from them once used
+        assert sorted(os.listdir(Path(store_dir) / name)) in ([CONFIG_FILE, WEIGHTS_FILE],
+                                                              [CONFIG_FILE, WEIGHTS_FILE, PREFIX_FILE])
     r = client.post("/generate", json=generate_body("ok", max_new_tokens=3), **kwargs)
     assert r.status_code == 200, r.text
     assert r.json()["details"]["generated_tokens"] == 3

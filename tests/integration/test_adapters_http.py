@@ -160,7 +160,7 @@ def test_store_survives_restart(start_server, tmp_path, adapter_srcs, reference)
 
     second = start_server(adapter_dir=store, name="after-restart")
     with second.client() as c:
-        assert adapter_names(c) == sorted(kept.values())
+        assert adapter_names(c) == sorted(["broken", *kept.values()])  # listed by name: read when used
         for name, desc in descs.items():
             got = c.get(f"/adapters/{name}").json()
             for key in ("name", "peft_type", "num_virtual_tokens"):
@@ -169,7 +169,7 @@ def test_store_survives_restart(start_server, tmp_path, adapter_srcs, reference)
             body = generate(c, PROMPT, name, MAX_NEW)
             assert token_ids(body) == tokens[name] == reference(variant, PROMPT, MAX_NEW)
         assert_error(c.post("/generate", json=generate_body(PROMPT, "keep-prompt")), 404, "keep-prompt")
-        assert_error(c.post("/generate", json=generate_body(PROMPT, "broken")), 404, "broken")
+        assert_error(c.post("/generate", json=generate_body(PROMPT, "broken")), 422, "adapter_config.json")
         samples = scrape(c)
         assert metric(samples, "softprompt_adapter_load_failures_total") >= 1
         assert metric(samples, "softprompt_adapter_loads_total") == len(kept)
@@ -188,7 +188,8 @@ def test_upload_the_whole_save_pretrained_directory(client, store_dir, adapter_s
     assert r.status_code == 201, r.text
     try:
         assert token_ids(generate(client, PROMPT, "whole-dir", MAX_NEW)) == reference("ptuning-mlp", PROMPT, MAX_NEW)
-        assert sorted(os.listdir(store_dir / "whole-dir")) == [CONFIG_FILE, WEIGHTS_FILE]
+        # PEFT's two files, and the prefix materialized from them (README.md not kept)
+        assert sorted(os.listdir(store_dir / "whole-dir")) == [CONFIG_FILE, WEIGHTS_FILE, "prefix.safetensors"]
     finally:
         assert client.delete("/adapters/whole-dir").status_code == 204
 

@@ -423,8 +423,9 @@ def test_kill_during_upload_burst_leaves_only_complete_adapters(start_server, ad
     assert listed == on_disk, f"restarted server lists {listed}, store holds {on_disk}"
     assert metric(samples, "softprompt_adapter_load_failures_total") == 0, restarted.log_tail()
     assert leftovers(store) == []
-    for name in on_disk:
-        assert sorted(os.listdir(store / name)) == ["adapter_config.json", "adapter_model.safetensors"]
+    for name in on_disk:  # PEFT's two files, and the prefix materialized at upload (unless killed before it)
+        assert sorted(os.listdir(store / name))[:2] == ["adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(os.listdir(store / name))[2:] in ([], ["prefix.safetensors"])
     print(f"\nSUMMARY kill: uploads={BURST} acked_before_kill={len(acked)} on_disk_after_kill={len(on_disk)} "
           f"temporaries_left_by_kill={len(left_behind)} listed_after_restart={len(listed)}")
 

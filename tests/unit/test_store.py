@@ -393,29 +393,36 @@ def _store_with_adapters(llama, root, broken: dict[str, str]) -> AdapterStore:
     return store
 
 
-def test_load_store_registers_good_and_skips_corrupted(llama, tmp_path):
+def test_load_store_registers_every_name_and_a_corrupted_one_fails_when_used(llama, tmp_path):
+    """Start-up lists the store, reading and materializing nothing; an adapter is read when first
+    used, and a corrupted one then fails with InvalidAdapter, harming nothing else."""
     store = _store_with_adapters(llama, tmp_path / "store", {"corrupt": "corrupt"})
     registry = AdapterRegistry(llama.spec, llama.model, store)
-    failed = registry.load_store()
-    assert failed == ["corrupt"]
-    assert [a.name for a in registry.list()] == ["good-prefix", "good-prompt"]
-    assert all(a.source == "disk" for a in registry.list())
-    assert "corrupt" not in registry
-    assert registry.stats["load_failures"] >= 1
-    assert registry.stats["loads"] == 2
-    assert store.names() == ["corrupt", "good-prefix", "good-prompt"], "start-up must not delete files"
+    assert registry.load_store() == []
+    assert registry.names() == ["corrupt", "good-prefix", "good-prompt"]
+    assert not any(registry.resident(n) for n in registry.names()) and registry.stats["loads"] == 0
+    described = registry.describe("good-prompt")  # from its config file and its version's directory
+    assert {k: described[k] for k in ("name", "source", "resident", "peft_type", "num_virtual_tokens", "version")} \
+        == {"name": "good-prompt", "source": "disk", "resident": False, "peft_type": "PROMPT_TUNING",
+            "num_virtual_tokens": 5, "version": content_version(*llama.files("prompt"))}
+    with pytest.raises(InvalidAdapter):
+        registry.get("corrupt")
+    assert registry.stats["load_failures"] >= 1 and not registry.resident("corrupt")
+    assert store.names() == ["corrupt", "good-prefix", "good-prompt"], "a failed load must not delete files"
     torch.testing.assert_close(registry.get("good-prompt").kv, llama.adapter("prompt").kv, atol=0, rtol=0)
     torch.testing.assert_close(registry.get("good-prefix").kv, llama.adapter("prefix").kv, atol=0, rtol=0)
+    assert registry.resident("good-prompt") and registry.describe("good-prompt")["source"] == "disk"
 
 
-def test_load_store_counts_each_failure_once(llama, tmp_path):
-    """stats['load_failures'] counts failed adapters: one per adapter that could not be loaded."""
+def test_each_failed_load_is_counted_once(llama, tmp_path):
+    """stats['load_failures'] counts failed loads: one per attempt to load a broken adapter."""
     broken = {"corrupt": "corrupt", "no-weights": "no-weights", "bad-config": "bad-config"}
     store = _store_with_adapters(llama, tmp_path / "store", broken)
     registry = AdapterRegistry(llama.spec, llama.model, store)
-    failed = registry.load_store()
-    assert sorted(failed) == sorted(broken)
-    assert len(registry) == 2
+    assert registry.load_store() == [] and len(registry) == 5
+    for name in broken:
+        with pytest.raises(InvalidAdapter):
+            registry.get(name)
     assert registry.stats["load_failures"] == len(broken), dict(registry.stats)
 
 
@@ -517,7 +524,7 @@ def test_replace_swaps_the_registered_and_the_stored_version(llama, store_regist
     assert registry.get("r") is new and new.version == content_version(*llama.files("prefix")) != old.version
     assert new.peft_type == "PREFIX_TUNING" and len(registry) == 1
     assert _files(store, "r") == llama.files("prefix") and list(_versions(store)) == ["r"]
-    description = registry.describe(new)
+    description = registry.describe("r")
     assert description["version"] == new.version and description["resident"] is True
     assert registry.stats["loads"] == 2
 
@@ -614,8 +621,7 @@ def test_page_by_name(llama, store_registry):
 
 
 def _page(registry, limit, after=None):
-    adapters, next_after = registry.page(limit, after)
-    return [a.name for a in adapters], next_after
+    return registry.page(limit, after)
 
 
 def test_max_adapters_counts_concurrent_adds(llama, tmp_path):

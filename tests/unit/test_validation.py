@@ -28,7 +28,7 @@ GOOD_NAME = "my-adapter_1.v2"
 
 def _assert_nothing_added(registry, store):
     assert len(registry) == 0
-    assert registry.list() == []
+    assert registry.names() == []
     assert store.names() == []
     assert list(store.root.iterdir()) == [], "the store holds leftovers after a failed upload"
 

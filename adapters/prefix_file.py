@@ -1,0 +1,67 @@
+"""An adapter's materialized KV prefix, saved next to its PEFT files so a cold load needs no model forward.
+
+`prefix.safetensors` holds one tensor, `kv [layers, 2, kv_heads, n, head_dim]`, and in its metadata
+the base model it was computed with (`model_key`: model id, revision, config and dtype, hashed) and
+the adapter version it was computed from. A file whose record does not match the running model or
+the adapter's files is ignored (and recomputed); the PEFT files stay the source of truth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .spec import ModelSpec
+
+log = logging.getLogger(__name__)
+PREFIX_FILE = "prefix.safetensors"
+
+
+def model_key(model_id: str, revision: str | None, config: dict, dtype: torch.dtype) -> str:
+    """Which base model a prefix belongs to: the same key means the same keys and values."""
+    record = json.dumps({"model": model_id, "revision": revision, "config": config, "dtype": str(dtype)},
+                        sort_keys=True, default=str)
+    return hashlib.sha256(record.encode()).hexdigest()[:24]
+
+
+def save_prefix(directory: Path, kv: torch.Tensor, key: str, version: str) -> None:
+    """Write atomically (a temporary file renamed into place); a failure is logged, never raised:
+    the prefix can always be computed again."""
+    target = Path(directory) / PREFIX_FILE
+    tmp = target.with_name(f".{PREFIX_FILE}.{uuid.uuid4().hex}")
+    try:
+        save_file({"kv": kv.detach().to("cpu").contiguous()}, str(tmp), metadata={"model_key": key, "version": version})
+        os.replace(tmp, target)
+    except OSError as exc:
+        log.warning("could not save the materialized prefix in %s: %s", directory, exc)
+        tmp.unlink(missing_ok=True)
+
+
+def load_prefix(directory: Path, key: str, version: str, spec: ModelSpec, n: int) -> torch.Tensor | None:
+    """The saved prefix on the model's device, if it was computed for this model and version and has
+    the shape `n` virtual tokens give; else None."""
+    path = Path(directory) / PREFIX_FILE
+    if not path.is_file():
+        return None
+    want = (spec.num_layers, 2, spec.num_kv_heads, n, spec.head_dim)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("model_key") != key or meta.get("version") != version:
+                return None
+            if tuple(f.get_slice("kv").get_shape()) != want:
+                log.warning("ignoring %s: shape %s, expected %s", path, f.get_slice("kv").get_shape(), want)
+                return None
+            kv = f.get_tensor("kv")
+    except (SafetensorError, OSError, KeyError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return None
+    return kv.to(spec.device, spec.dtype).contiguous()
