@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Callable, TypeVar
 
 from .adapter import Adapter
 from .errors import AdapterError, AdapterExists, AdapterNotFound, InvalidAdapter, StoreFull
-from .loading import CONFIG_FILE, LIMITS, Limits, load_adapter, read_adapter_dir
+from .loading import CONFIG_FILE, LIMITS, Limits, check_config, load_adapter, parse_config, read_adapter_dir
 from .prefix_cache import PrefixCache
 from .prefix_file import load_prefix, save_prefix
 from .spec import ModelSpec
@@ -237,6 +238,9 @@ class AdapterRegistry:
         cache), validated, and its saved prefix used when it matches, else materialized and saved."""
         if entry.directory is None and entry.files is None:
             entry = _Entry(entry.name, entry.source, self.store.path(entry.name), None, entry.persist_prefix, entry.key)
+        adapter = self._from_saved_prefix(entry)
+        if adapter is not None:
+            return adapter
         try:
             files = entry.read()
         except InvalidAdapter:
@@ -247,6 +251,26 @@ class AdapterRegistry:
         self._save_prefix(entry, adapter, computed)
         self.stats["loads"] += 1
         return adapter
+
+    def _from_saved_prefix(self, entry: _Entry) -> Adapter | None:
+        """The fast cold load: in the local store a version's directory is named by its version
+        and its files never change, so a prefix saved there for this model is read with the config
+        alone (the weights neither read nor hashed again, no model forward)."""
+        version = _store_version(entry.directory)
+        if version is None or not self.model_key or not entry.persist_prefix:
+            return None
+        try:
+            config = parse_config((entry.directory / CONFIG_FILE).read_bytes())
+            kind = check_config(config, self.spec, self.limits)
+        except (OSError, InvalidAdapter):
+            return None  # the full load says what is wrong
+        kv = load_prefix(entry.directory, self.model_key, version, self.spec, config["num_virtual_tokens"])
+        if kv is None:
+            return None
+        self.stats["prefix_reads"] += 1
+        self.stats["loads"] += 1
+        return Adapter(entry.name, kind.peft_type, config["num_virtual_tokens"], entry.source, time.time(), config,
+                       kv, None, version)
 
     def _save_prefix(self, entry: _Entry, adapter: Adapter, computed: bool) -> None:
         if computed and entry.directory is not None and entry.persist_prefix and self.model_key:
@@ -279,6 +303,17 @@ class AdapterRegistry:
                             f"(--max-adapters {self.max_adapters}); delete one to make room")
 
 
+def _store_version(directory: Path | None) -> str | None:
+    """The version a local store's directory holds (`.versions/NAME/VERSION`), None for another layout."""
+    if directory is None:
+        return None
+    try:
+        resolved = directory.resolve()
+    except OSError:
+        return None
+    return resolved.name if resolved.parent.parent.name == VERSIONS_DIR else None
+
+
 def _peek_config(entry: _Entry) -> dict:
     """What a description can say of an adapter not materialized, from its config file alone (a
     local directory; nothing for a remote store's adapter not downloaded yet)."""
@@ -286,14 +321,12 @@ def _peek_config(entry: _Entry) -> dict:
         return {}
     try:
         config = json.loads((entry.directory / CONFIG_FILE).read_bytes())
-        version_dir = entry.directory.resolve()
         about = {key: config.get(key) for key in ("peft_type", "num_virtual_tokens", "task_type",
                                                    "base_model_name_or_path")}
     except (OSError, ValueError, AttributeError):
         return {}
-    if version_dir.parent.parent.name == VERSIONS_DIR:  # the local store's layout: .versions/NAME/VERSION
-        about["version"] = version_dir.name
-    return about
+    version = _store_version(entry.directory)
+    return {**about, "version": version} if version else about
 
 
 def _new_key(name: str) -> str:

@@ -39,15 +39,9 @@ KINDS = ("PROMPT_TUNING", "PREFIX_TUNING")
 
 
 def write_adapters(store: AdapterStore, model_dir: Path, count: int, seed: int = 0) -> list[str]:
-    """`count` adapters named a00000..., alternating prompt tuning and prefix tuning."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir)
-    hidden, layers = config.hidden_size, config.num_hidden_layers
-    kv_dim = getattr(config, "num_key_value_heads", config.num_attention_heads) * (
-        getattr(config, "head_dim", None) or hidden // config.num_attention_heads)
-    configs = {kind: _peft_config(kind, hidden, layers, config.num_attention_heads, str(model_dir)) for kind in KINDS}
-    widths = {"PROMPT_TUNING": hidden, "PREFIX_TUNING": 2 * layers * kv_dim}
+    """`count` adapters named a00000..., alternating prompt tuning and prefix tuning: the config PEFT
+    writes for the model, and a random `prompt_embeddings` of the shape PEFT saves."""
+    configs, widths = _peft_templates(model_dir)
     g = torch.Generator().manual_seed(seed)
     names = []
     for i in range(count):
@@ -59,16 +53,22 @@ def write_adapters(store: AdapterStore, model_dir: Path, count: int, seed: int =
     return names
 
 
-def _peft_config(kind: str, hidden: int, layers: int, heads: int, base: str) -> bytes:
-    """adapter_config.json as PEFT 0.21 writes it for this kind (the fields the loader reads, and PEFT's)."""
-    config = {"peft_type": kind, "task_type": "CAUSAL_LM", "num_virtual_tokens": VIRTUAL, "token_dim": hidden,
-              "num_transformer_submodules": 1, "num_attention_heads": heads, "num_layers": layers,
-              "base_model_name_or_path": base, "inference_mode": True, "revision": None}
-    if kind == "PROMPT_TUNING":
-        config.update(prompt_tuning_init="RANDOM", prompt_tuning_init_text=None, tokenizer_name_or_path=None)
-    else:
-        config.update(encoder_hidden_size=hidden, prefix_projection=False)
-    return json.dumps(config).encode()
+def _peft_templates(model_dir: Path) -> tuple[dict[str, bytes], dict[str, int]]:
+    """Per kind: adapter_config.json as PEFT writes it for this model, and the saved table's width."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    configs, widths = {}, {}
+    for kind, peft_config in (("PROMPT_TUNING", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL)),
+                              ("PREFIX_TUNING", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL))):
+        peft_model = get_peft_model(model, peft_config)
+        config = peft_model.peft_config["default"].to_dict()
+        config["base_model_name_or_path"] = str(model_dir)
+        configs[kind] = json.dumps(config, default=str).encode()
+        widths[kind] = peft_model.get_prompt_embedding_to_save("default").shape[1]
+        model = peft_model.unload() if hasattr(peft_model, "unload") else AutoModelForCausalLM.from_pretrained(model_dir)
+    return configs, widths
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,9 +126,8 @@ def ttft(registry: AdapterRegistry, engine: Engine, names: list[str], prompt: li
         t = time.perf_counter()
         engine.generate(prompt, params, registry.get(name))
         warm.append(time.perf_counter() - t)
-    # one engine forward per generate: the rest would be materialization forwards
     return {"cold_ms": statistics.median(cold) * 1e3, "warm_ms": statistics.median(warm) * 1e3,
-            "materialization_forwards": forwards_in_cold - len(names)}
+            "materialization_forwards": forwards_in_cold}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,9 +220,10 @@ def run_model(label: str, model_dir: Path, root: Path, counts: list[int], args) 
             for name in names:
                 registry.get(name)
         engine = Engine(base.model, base.tokenizer, base.spec, max_batch_size=64)
+        before = (registry.cache.hits, registry.cache.misses, registry.cache.evictions)
         results[label_] = {**zipf_run(registry, engine, names, requests, args.new_tokens),
-                           "hits": registry.cache.hits, "misses": registry.cache.misses,
-                           "evictions": registry.cache.evictions, "capacity": cache_bytes}
+                           "hits": registry.cache.hits - before[0], "misses": registry.cache.misses - before[1],
+                           "evictions": registry.cache.evictions - before[2], "capacity": cache_bytes}
     print(f"{args.requests} requests x {args.new_tokens} tokens over {len(names)} adapters, Zipf(1.1) popularity:")
     print(f"{'cache':<14}{'tokens/s':>10}{'hits':>7}{'misses':>8}{'evictions':>11}{'most bytes':>12}{'bound':>12}")
     for label_, r in results.items():
