@@ -234,19 +234,16 @@ class S3Store:
                 yield from page.get("Contents", ())
 
     def _head(self, key: str) -> dict | None:
-        try:
-            return self.client.head_object(Bucket=self.bucket, Key=key)
-        except ClientError as exc:
-            if _code(exc) in _NOT_FOUND:
-                return None
-            raise self._unavailable(exc, f"reading {key}") from None
-        except BotoCoreError as exc:
-            raise self._unavailable(exc, f"reading {key}") from None
+        return self._read(key, lambda: self.client.head_object(Bucket=self.bucket, Key=key))
 
     def _get(self, key: str):
         """The object's streaming body, or None if there is no such object."""
+        return self._read(key, lambda: self.client.get_object(Bucket=self.bucket, Key=key)["Body"])
+
+    def _read(self, key: str, call):
+        """call()'s result, or None if there is no such object; SourceUnavailable for the rest."""
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            return call()
         except ClientError as exc:
             if _code(exc) in _NOT_FOUND:
                 return None

@@ -207,11 +207,9 @@ def test_reuse_a_deleted_name_for_another_adapter(client, adapter_srcs, referenc
         assert client.delete(f"/adapters/{name}").status_code == 204
 
 
-def test_delete_while_a_request_uses_the_adapter(server, client, adapter_srcs, reference):
-    """The running request finishes with the adapter it started with; new requests see the change."""
-    name, n = "busy", 150
-    expected = reference("ptuning-lstm", PROMPT, n)
-    assert upload(client, name, adapter_srcs["ptuning-lstm"]).status_code == 201
+def _long_request(server, client, name: str, n: int) -> tuple[threading.Thread, dict]:
+    """A greedy request for `n` tokens with adapter `name` on a thread; returns once it runs.
+    result["r"] is its response when the thread ends."""
     result = {}
 
     def long_request():
@@ -224,6 +222,15 @@ def test_delete_while_a_request_uses_the_adapter(server, client, adapter_srcs, r
     while metric(scrape(client), "softprompt_running_requests") < 1:
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    return t, result
+
+
+def test_delete_while_a_request_uses_the_adapter(server, client, adapter_srcs, reference):
+    """The running request finishes with the adapter it started with; new requests see the change."""
+    name, n = "busy", 150
+    expected = reference("ptuning-lstm", PROMPT, n)
+    assert upload(client, name, adapter_srcs["ptuning-lstm"]).status_code == 201
+    t, result = _long_request(server, client, name, n)
     try:
         assert client.delete(f"/adapters/{name}").status_code == 204
         assert_error(client.post("/generate", json=generate_body(PROMPT, name, 2)), 404, name)
@@ -245,18 +252,7 @@ def test_put_replaces_while_a_request_runs_on_the_old_version(server, client, st
     old, new = content_version(adapter_srcs["ptuning-lstm"]), content_version(adapter_srcs["prefix"])
     expected = reference("ptuning-lstm", PROMPT, n)
     assert upload(client, name, adapter_srcs["ptuning-lstm"]).status_code == 201
-    result = {}
-
-    def long_request():
-        with server.client() as c:
-            result["r"] = c.post("/generate", json=generate_body(PROMPT, name, n))
-
-    t = threading.Thread(target=long_request)
-    t.start()
-    deadline = time.monotonic() + 30
-    while metric(scrape(client), "softprompt_running_requests") < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    t, result = _long_request(server, client, name, n)
     try:
         r = put(client, name, adapter_srcs["prefix"], form_name=name)
         assert r.status_code == 200, r.text
