@@ -39,7 +39,7 @@ class Config:
     max_stop_sequences: int = 4  # stop sequences per request (422 above), as TGI
     max_adapters: int = 10000  # adapters registered (and stored) at most; uploads past it get 507
     max_adapter_labels: int = 100  # adapters named in per-adapter metrics; the others count as "__other__"
-    adapter_cache_memory: str = "0.25"  # device bytes of materialized prefixes kept: bytes, or a fraction of the KV cache
+    adapter_cache_memory: str = "0.25"  # materialized prefixes kept: bytes, or a fraction of the KV cache
     pin_adapters: str | None = None  # comma-separated names kept materialized always
     api_key: str | None = field(default=None, repr=False)  # required for generation when set
     admin_key: str | None = field(default=None, repr=False)  # required for adapter changes when set

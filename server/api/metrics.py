@@ -121,7 +121,8 @@ class Metrics:
         self._all = [
             self.requests, self.adapter_requests, self.adapter_generated_tokens, self.prompt_tokens,
             self.generated_tokens, self.latency, self.ttft,
-            Gauge(p + "adapter_loads_total", "Adapters loaded and registered", lambda: registry.stats["loads"], "counter"),
+            Gauge(p + "adapter_loads_total", "Adapters materialized: at upload, or loaded when not resident",
+                  lambda: registry.stats["loads"], "counter"),
             Gauge(p + "adapter_load_failures_total", "Adapters refused or failed to load",
                   lambda: registry.stats["load_failures"], "counter"),
             Gauge(p + "batch_size", "Requests in the last engine step", lambda: engine.last_batch_size),

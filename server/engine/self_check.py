@@ -52,7 +52,9 @@ def check_packed_forward(runner: ModelRunner) -> float:
             if phase == "decode":
                 for seq in seqs:
                     seq.output_ids.append(draw(1)[0])
-            step = ScheduledStep(decode=seqs) if phase == "decode" else ScheduledStep(prefill=[(s, s.pending) for s in seqs])
+                step = ScheduledStep(decode=seqs)
+            else:
+                step = ScheduledStep(prefill=[(s, s.pending) for s in seqs])
             batch, logits = runner.forward(step)
             for seq, got in zip(batch, logits):
                 ids = torch.tensor(seq.prompt_ids + seq.output_ids, device=spec.device)
