@@ -90,7 +90,7 @@ class ModelRunner:
         if not chunks:
             return [], None
         sampling = [i for i, (seq, n) in enumerate(chunks) if n == seq.pending]  # the rest: a prompt's inner chunk
-        tokens = [seq.token_ids[seq.computed:seq.computed + n] for seq, n in chunks]
+        tokens = [seq.next_ids(n) for seq, n in chunks]
         logits = self._forward([seq for seq, _ in chunks], tokens, sampling)
         return [chunks[i][0] for i in sampling], logits
 

@@ -132,6 +132,14 @@ class Sequence:
         """Tokens of `token_ids` whose keys and values its segment holds."""
         return 0 if self.segment is None else self.segment.length - self.prefix_length
 
+    def next_ids(self, n: int) -> list[int]:
+        """The next `n` pending token ids (no copy of the whole history for a decoding request)."""
+        start, prompt = self.computed, len(self.prompt_ids)
+        if start >= prompt:
+            return self.output_ids[start - prompt:start - prompt + n]
+        return (self.prompt_ids[start:start + n] if start + n <= prompt
+                else self.prompt_ids[start:] + self.output_ids[:start + n - prompt])
+
     @property
     def pending(self) -> int:
         """Tokens of `token_ids` still to compute: its prompt (and, after a preemption, what it had

@@ -45,8 +45,9 @@ class Scheduler:
         free = self.pool.free_slots + sum(s.segment.capacity for s in step.release if s.segment is not None)
         free -= self._preempt_for_growth(step, free)
         budget = self.max_prefill_tokens
+        decoding = set(step.decode)
         for seq in self.running:
-            if seq in step.decode:
+            if seq in decoding:
                 continue
             n = min(seq.pending, budget)
             if n == 0:
