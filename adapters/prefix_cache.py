@@ -12,8 +12,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future
 from typing import Callable, Generic, TypeVar
+
+from .single_flight import SingleFlight
 
 T = TypeVar("T")
 
@@ -26,7 +27,7 @@ class PrefixCache(Generic[T]):
         self._size = size
         self.pinned = set(pinned)
         self._values: OrderedDict[str, T] = OrderedDict()  # least recently used first
-        self._loading: dict[str, Future] = {}
+        self._flights = SingleFlight()
         self._lock = threading.Lock()
         self.bytes = 0
         self.hits = self.misses = self.evictions = self.loads = self.load_failures = 0
@@ -51,27 +52,25 @@ class PrefixCache(Generic[T]):
                 self.hits += 1
                 return value
             self.misses += 1
-            future = self._loading.get(name)
-            leader = future is None
-            if leader:
-                future = self._loading[name] = Future()
-        if not leader:
-            return future.result()
+        return self._flights.run(name, lambda: self._load(name, load))
+
+    def _load(self, name: str, load: Callable[[], T]) -> T:
+        """Load and keep; a load that finished just before this one began is used instead."""
+        with self._lock:
+            value = self._values.get(name)
+        if value is not None:
+            return value
         started = time.perf_counter()
         try:
             value = load()
-        except BaseException as exc:
+        except BaseException:
             with self._lock:
-                del self._loading[name]
                 self.load_failures += 1
-            future.set_exception(exc)
             raise
         with self._lock:
-            del self._loading[name]
             self.loads += 1
             self._insert(name, value)
         self.observe_load(time.perf_counter() - started)
-        future.set_result(value)
         return value
 
     def put(self, name: str, value: T) -> None:

@@ -16,14 +16,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import threading
-from concurrent.futures import Future
 from pathlib import Path
 
 from .adapter import Adapter
 from .errors import AdapterExists, AdapterNotFound, InvalidAdapter, SourceUnavailable
 from .loading import CONFIG_FILE, PICKLE_FILES, WEIGHTS_FILE
 from .registry import AdapterRegistry
+from .single_flight import SingleFlight
 from .store import NAME_PATTERN, check_name
 
 SOURCES = ("local", "s3", "hub")
@@ -62,8 +61,7 @@ class AdapterSources:
         self.registry = registry
         self.max_bytes = max_bytes
         self.hub_timeout = hub_timeout
-        self._fetching: dict[str, Future] = {}
-        self._guard = threading.Lock()
+        self._flights = SingleFlight()
 
     def name(self, adapter_id: str, source: str) -> str:
         """The name the adapter is registered under."""
@@ -76,23 +74,7 @@ class AdapterSources:
         name = self.name(adapter_id, source)
         if name in self.registry or source == "local":
             return self.registry.get(name)
-        with self._guard:
-            future = self._fetching.get(name)
-            fetching = future is None
-            if fetching:
-                future = self._fetching[name] = Future()
-        if not fetching:
-            return future.result()
-        try:
-            adapter = self._fetch(adapter_id, name, source)
-            future.set_result(adapter)
-            return adapter
-        except BaseException as exc:
-            future.set_exception(exc)
-            raise
-        finally:
-            with self._guard:
-                del self._fetching[name]
+        return self._flights.run(name, lambda: self._fetch(adapter_id, name, source))
 
     def _fetch(self, adapter_id: str, name: str, source: str) -> Adapter:
         if name in self.registry:  # registered while this request waited for the guard

@@ -54,14 +54,18 @@ def test_concurrent_misses_share_one_load_and_its_error():
             return value
         return load
 
+    def together(n, target):
+        """n threads run `target`, released together once they all wait on the load."""
+        threads = [threading.Thread(target=target) for _ in range(n)]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
+        release.set()
+        for t in threads:
+            t.join()
+
     results = []
-    threads = [threading.Thread(target=lambda: results.append(cache.get("a", slow(b"a")))) for _ in range(50)]
-    for t in threads:
-        t.start()
-    time.sleep(0.2)
-    release.set()
-    for t in threads:
-        t.join()
+    together(50, lambda: results.append(cache.get("a", slow(b"a"))))
     assert calls == [b"a"] and results == [b"a"] * 50 and cache.loads == 1
 
     release.clear()
@@ -73,13 +77,7 @@ def test_concurrent_misses_share_one_load_and_its_error():
         except RuntimeError as exc:
             errors.append(str(exc))
 
-    threads = [threading.Thread(target=failing) for _ in range(5)]
-    for t in threads:
-        t.start()
-    time.sleep(0.2)
-    release.set()
-    for t in threads:
-        t.join()
+    together(5, failing)
     assert errors == ["load failed"] * 5 and "bad" not in cache and cache.load_failures == 1
 
 
