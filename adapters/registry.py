@@ -172,8 +172,7 @@ class AdapterRegistry:
                 else:  # registered but never stored (a demo adapter): stored from now on
                     directory = self.store.save(name, config_raw, weights_raw)
             adapter = self._register(loaded, source, directory, None if directory else (config_raw, weights_raw))
-            self.cache.drop(old.key)
-            self.cache.pin(old.key, False)
+            self._forget(old)
         return adapter
 
     def add_dir(self, name: str, path: Path, source: str, persist_prefix: bool = True) -> Adapter:
@@ -196,8 +195,7 @@ class AdapterRegistry:
             if self.store is not None and self.store.exists(name):
                 self.store.delete(name)
             del self._entries[name]
-            self.cache.drop(entry.key)
-            self.cache.pin(entry.key, False)
+            self._forget(entry)
 
     def load_store(self) -> list[str]:
         """Register every adapter in the store by name, without reading or materializing it (a bad
@@ -227,6 +225,11 @@ class AdapterRegistry:
         self.cache.put(entry.key, adapter)
         self.stats["loads"] += 1
         return adapter
+
+    def _forget(self, entry: _Entry) -> None:
+        """Its materialized prefix leaves the cache (a version replaced or removed)."""
+        self.cache.drop(entry.key)
+        self.cache.pin(entry.key, False)
 
     def _add_entry(self, entry: _Entry) -> None:
         if entry.name in self.pinned:
