@@ -26,13 +26,14 @@ from server.engine.request import SamplingParams, Sequence
 
 
 def run_ours(world: World, with_adapters: bool, requests: list[Request] | None = None, new_tokens: int | None = None,
-             name: str = "", instrument=None, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES) -> Result:
+             name: str = "", instrument=None, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
+             compile: bool = False) -> Result:
     requests = world.requests if requests is None else requests
     new_tokens = world.args.new_tokens if new_tokens is None else new_tokens
     base = world.base
     engine = Engine(base.model, base.tokenizer, base.spec, max_batch_size=len(requests),
                     max_waiting=max(256, len(requests)), max_prefill_tokens=world.args.max_prefill_tokens,
-                    kv_cache_bytes=kv_cache_bytes)
+                    kv_cache_bytes=kv_cache_bytes, compile=compile)
     if instrument is not None:
         instrument(engine)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)

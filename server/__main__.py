@@ -47,7 +47,7 @@ def build_service(config: Config) -> Service:
     kv_bytes = budget_bytes(parse_memory(config.kv_cache_memory), base.spec.device)
     engine = AsyncEngine(Engine(base.model, base.tokenizer, base.spec, max_batch_size=config.max_batch_size,
                                 max_waiting=config.max_waiting, max_prefill_tokens=config.max_prefill_tokens,
-                                kv_cache_bytes=kv_bytes),
+                                kv_cache_bytes=kv_bytes, compile=config.compile == "on"),
                          threads=threads)
     pool = engine.engine.runner.pool
     log.info("KV cache: %.2f GiB, %d tokens (--kv-cache-memory %s)", pool.nbytes() / 2**30, pool.slots,

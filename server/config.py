@@ -30,6 +30,7 @@ class Config:
     max_batch_size: int = 64  # requests decoded together at most
     max_waiting: int = 256  # queued requests before new ones are refused (503)
     max_prefill_tokens: int = 512  # prompt tokens computed in one engine step (longer prompts: in chunks)
+    compile: str = "off"  # on | off: the packed forward under torch.compile (measured slower so far; --no-compile)
     kv_cache_memory: str = "auto"  # the KV pool: bytes ("4GiB") or a fraction of free device memory ("0.9")
     max_input_tokens: int = 2048  # longest prompt accepted (422 above)
     max_new_tokens: int = 1024  # largest max_new_tokens accepted (422 above)
@@ -70,6 +71,9 @@ _HELP = {
     "max_waiting": "most queued requests; more are refused with 503 and Retry-After",
     "max_prefill_tokens": "prompt tokens computed in one engine step; longer prompts are prefilled in chunks "
                           "of this size alongside the running requests' decoding",
+    "compile": "on: run the model's packed forward under torch.compile (inductor), with CUDA graphs on a GPU; "
+               "compiling takes a minute or more at start-up (the log and /info report it). Measured slower than "
+               "eager so far on CPU and GPU (server/engine/compiled.py), so off by default (--no-compile: off)",
     "kv_cache_memory": "the key/value cache, allocated once: bytes (e.g. 4GiB, 512MiB) or a fraction of the device "
                        "memory free after loading the model (e.g. 0.9); auto: 0.9 on a GPU, 2GiB on CPU",
     "max_input_tokens": "longest prompt in tokens (longer: 422)",
@@ -125,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help=f"{_HELP[f.name]} [env {env_var(f.name)}; default {f.default}]",
         )
+    parser.add_argument("--no-compile", dest="compile", action="store_const", const="off",
+                        help="the same as --compile off")
     return parser
 
 
@@ -156,6 +162,8 @@ def _check(config: Config) -> None:
             raise SystemExit(f"{_flag(name)} must be positive, got {getattr(config, name)}")
     if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise SystemExit(f"--dtype must be auto, float32, bfloat16 or float16, got {config.dtype!r}")
+    if config.compile not in ("on", "off"):
+        raise SystemExit(f"--compile must be on or off, got {config.compile!r}")
     for name in ("kv_cache_memory", "adapter_cache_memory"):
         try:
             parse_memory(getattr(config, name))

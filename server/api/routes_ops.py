@@ -54,6 +54,7 @@ async def info(request: Request):
         "max_prefill_tokens": c.max_prefill_tokens,
         "kv_cache_bytes": service.engine.engine.runner.pool.nbytes(),
         "kv_cache_tokens": service.engine.engine.runner.pool.slots,
+        "compile": compiled.describe() if (compiled := service.engine.engine.runner.compiled) else {"mode": "off"},
         "max_upload_bytes": c.max_upload_bytes,
         "max_virtual_tokens": c.max_virtual_tokens,
         "max_request_bytes": c.max_request_bytes,

@@ -12,7 +12,7 @@ goes to padding. On CPU the step's decoding requests go to one call of a small C
 (`cpu_attention`, float32 and bfloat16, when it builds) and each prefilling request to one SDPA call;
 without the kernel every request takes one SDPA call (measured at 64 decoding requests: about 0.7 of
 the time of one batched call over a padded window). On CUDA with half precision the whole step is
-one variable-length flash attention call (`torch.nn.attention.varlen`), used once a self-check
+one variable-length flash attention call (aten's FlashAttention-2 op), used once a self-check
 on first use shows it matches the per-request path.
 
 What the project relies on in transformers beyond its documented API, and the test guarding each
@@ -71,6 +71,11 @@ class RaggedStep:
     _decoding: _Decoding | None = None  # the decoding requests' view of the step, built on first use
     _masks: dict[int, torch.Tensor] = field(default_factory=dict)  # per prefilling request: its causal mask
 
+    @property
+    def tokens(self) -> int:
+        """The step's tokens (a forward padded for a CUDA graph runs more)."""
+        return self.slots.shape[0]
+
     @classmethod
     def build(cls, pool: KVPool, starts: list[int], q_lens: list[int], kv_lens: list[int]) -> RaggedStep:
         """starts, q_lens, kv_lens: per request, in packing order; segments must not overlap."""
@@ -98,6 +103,9 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
     if unsupported:
         raise NotImplementedError(f"attention with {', '.join(unsupported)} is not supported")
     window = sliding_window or getattr(module, "sliding_window", None)
+    padded, tokens = query.shape[2], ragged.tokens
+    if padded != tokens:  # a step padded to a CUDA graph's size: the padding attends nothing, reads zeros
+        query, key, value = query[:, :, :tokens], key[:, :, :tokens], value[:, :, :tokens]
     kv = ragged.pool.kv[module.layer_idx]  # [2, kv_heads, slots, head_dim]
     kv[0].index_copy_(1, ragged.slots, key[0])
     kv[1].index_copy_(1, ragged.slots, value[0])
@@ -110,7 +118,10 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
             _VARLEN_OK[_varlen_key(query, kv.shape[1])] = False
     if out is None:
         out = _per_request(ragged, query, kv, scaling, window)
+    if padded != tokens:
+        out = torch.cat([out, out.new_zeros(padded - tokens, *out.shape[1:])])
     return out[None], None  # [1, tokens, heads, head_dim]
+
 
 
 def _per_request(ragged: RaggedStep, query, kv, scaling, window) -> torch.Tensor:
@@ -257,8 +268,9 @@ def _use_varlen(query, kv_heads: int, window) -> bool:
 
 
 def _varlen(ragged: RaggedStep, query, kv, scaling) -> torch.Tensor:
-    from torch.nn.attention.varlen import varlen_attn
-
+    """FlashAttention-2's variable-length forward, as aten has it (the op under `torch.nn.attention.varlen`,
+    whose wrapper in torch 2.11 takes neither GQA nor `seqused_k`): each request's queries against the
+    first `seqused_k` keys of its segment, causal aligned to their end; GQA native, no copies."""
     if ragged._varlen is None:
         device = query.device
         starts, at = [], 0
@@ -276,8 +288,12 @@ def _varlen(ragged: RaggedStep, query, kv, scaling) -> torch.Tensor:
             max_q=max(ragged.q_lens), max_k=max(ragged.kv_lens))
     q = query[0].transpose(0, 1).contiguous()  # [tokens, heads, head_dim]
     k, v = kv[0].transpose(0, 1), kv[1].transpose(0, 1)  # [slots, kv_heads, head_dim]
-    return varlen_attn(q, k, v, scale=scaling, window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1],
-                       **ragged._varlen)
+    step = ragged._varlen
+    return _FLASH_VARLEN(q, k, v, step["cu_seq_q"], step["cu_seq_k"], step["max_q"], step["max_k"], 0.0, True, False,
+                         scale=scaling, seqused_k=step["seqused_k"])[0]
+
+
+_FLASH_VARLEN = torch.ops.aten._flash_attention_forward  # a name of ours, so that tests put a CPU reference here
 
 
 def _varlen_self_check(device, dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
@@ -303,7 +319,8 @@ def _varlen_self_check(device, dtype, heads: int, kv_heads: int, head_dim: int) 
 
 
 def install(model) -> None:
-    """Route the model's attention through `ragged_attention` (plain SDPA when no RaggedStep is given).
+    """Route the model's attention through `ragged_attention` (plain SDPA when no RaggedStep is given),
+    a graph break under torch.compile (`compiled.py`): it stays eager, the rest of the forward compiles.
 
     Raises ValueError for models whose attention does not go through transformers' attention
     interface, or that need what the ragged path does not do (logit soft-capping, attention sinks).
@@ -315,7 +332,7 @@ def install(model) -> None:
     if getattr(model.config, "attn_logit_softcapping", None) or any(hasattr(m, "sinks") for m in model.modules()):
         raise ValueError(f"{name} uses attention logit soft-capping or attention sinks, which the adapter "
                          "KV pool's attention does not implement; this architecture is not supported")
-    AttentionInterface.register(NAME, ragged_attention)
+    AttentionInterface.register(NAME, torch.compiler.disable(ragged_attention))
     AttentionMaskInterface.register(NAME, sdpa_mask)
     if model.config._attn_implementation != NAME:
         model.set_attn_implementation(NAME)

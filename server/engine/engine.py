@@ -21,6 +21,7 @@ import torch
 
 from adapters import Adapter, ModelSpec
 
+from .compiled import CompiledForward, warm_up
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import DEFAULT_KV_CACHE_BYTES
 from .model_runner import ModelRunner, ScheduledStep, StepOutput
@@ -34,10 +35,19 @@ T = TypeVar("T")
 
 class Engine:
     def __init__(self, model, tokenizer, spec: ModelSpec, max_batch_size: int = 64, max_waiting: int = 256,
-                 max_prefill_tokens: int = 512, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES):
-        """kv_cache_bytes: the KV pool, allocated once; requests are admitted and preempted to fit it."""
+                 max_prefill_tokens: int = 512, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, compile: bool = False):
+        """kv_cache_bytes: the KV pool, allocated once; requests are admitted and preempted to fit it.
+        compile: run the packed forward compiled (`compiled.py`), compiling it now."""
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(model, spec, kv_cache_bytes)
+        compiled = CompiledForward(model, spec.device, max_batch_size + max_prefill_tokens) if compile else None
+        self.runner = ModelRunner(model, spec, kv_cache_bytes, compiled)
+        if compiled is not None:
+            try:
+                compiled.seconds = warm_up(self.runner)
+            except Exception as exc:  # no compiler, an unsupported op or device: serve eager rather than not at all
+                log.warning("torch.compile of the packed forward failed (%s: %s); running it eager",
+                            type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+                self.runner.compiled = None
         self.scheduler = Scheduler(max_batch_size, max_waiting, max_prefill_tokens, self.runner.pool)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.special_ids = set(tokenizer.all_special_ids)

@@ -9,6 +9,7 @@ when its chunk reaches the end of what it had to compute.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from adapters import ModelSpec
 
 from . import attention, cpu_attention
+from .compiled import CompiledForward
 from .kv_cache import KVPool, first_capacity, growth
 from .request import Sequence
 from .sampler import RowSampler, sample
@@ -39,9 +41,11 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, model, spec: ModelSpec, kv_cache_bytes: int):
-        """kv_cache_bytes: the KV pool's size, allocated once."""
+    def __init__(self, model, spec: ModelSpec, kv_cache_bytes: int, compiled: CompiledForward | None = None):
+        """kv_cache_bytes: the KV pool's size, allocated once; compiled: the packed steps' forward, when
+        compiled (`compiled.py`), else the model's own."""
         self.model = model
+        self.compiled = compiled
         self.spec = spec
         attention.install(model)
         if spec.device.type == "cpu":
@@ -121,22 +125,28 @@ class ModelRunner:
         q_lens = [len(t) for t in tokens]
         segments = [seq.segment for seq in batch]
         kv_lens = [seg.length + n for seg, n in zip(segments, q_lens)]
+        ids = [t for chunk in tokens for t in chunk]
         positions = [p for seg, n in zip(segments, kv_lens) for p in range(seg.length, n)]
+        last_rows = list(itertools.accumulate(q_lens))
+        keep = [last_rows[i] - 1 for i in sampling]
+        forward = self.compiled or self.model
+        if self.compiled is not None:  # padded to a CUDA graph's size (no-op without graphs): zeros, row 0
+            ids += [0] * (self.compiled.pad(len(ids)) - len(ids))
+            positions += [0] * (len(ids) - len(positions))
+            keep += [0] * (self.compiled.pad(len(keep)) - len(keep))
         ragged = attention.RaggedStep.build(self.pool, [seg.start for seg in segments], q_lens, kv_lens)
         device = self.spec.device
-        last = (torch.tensor(q_lens, device=device).cumsum(0) - 1)[torch.tensor(sampling, device=device,
-                                                                             dtype=torch.long)]
-        out = self.model(
-            input_ids=torch.tensor([[t for ids in tokens for t in ids]], device=device),  # [1, tokens]
+        out = forward(
+            input_ids=torch.tensor([ids], device=device),  # [1, tokens]
             position_ids=torch.tensor([positions], device=device),  # [1, tokens]
             attention_mask=attention.NO_MASK,
             ragged=ragged,
             use_cache=False,
-            logits_to_keep=last,
+            logits_to_keep=torch.tensor(keep, device=device),
         )
         for seg, n in zip(segments, kv_lens):
             seg.length = n
-        return out.logits[0]  # [sampling rows, vocab]
+        return out.logits[0, :len(sampling)]  # [sampling rows, vocab]
 
     @staticmethod
     def _sample(batch: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:

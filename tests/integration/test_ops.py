@@ -46,6 +46,7 @@ def test_info(server, client):
         assert isinstance(info[key], int) and info[key] > 0, key
     assert info["max_new_tokens"] == 1024 and info["max_input_tokens"] == 2048  # the defaults
     assert info["adapters"] == len(client.get("/adapters").json()["adapters"])
+    assert info["compile"] == {"mode": "off"}  # the default: the packed forward runs eager
 
 
 def test_metrics_format_and_families(client, uploaded):

@@ -231,13 +231,14 @@ def test_sliding_window_model_matches_transformers(tmp_path):
 
 
 def _flash_varlen_reference(bottom_right: bool):
-    """Flash attention's variable-length semantics, on CPU: sequence i's queries are
-    q[cu_seq_q[i]:cu_seq_q[i+1]], its keys the `seqused_k[i]` rows from k[cu_seq_k[i]]; causal
-    (window (-1, 0)) aligned to the end of the keys, as flash attention does (or to the start)."""
+    """aten's `_flash_attention_forward` in its variable-length form, on CPU: sequence i's queries are
+    q[cu_seq_q[i]:cu_seq_q[i+1]], its keys the `seqused_k[i]` rows from k[cu_seq_k[i]], query heads
+    sharing kv heads (GQA); causal aligned to the end of the keys, as flash attention does (or to the start)."""
 
-    def varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
-                    enable_gqa=False, seqused_k=None):
+    def flash_forward(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, is_causal, return_debug_mask, *,
+                      scale=None, seqused_k=None):
         assert q.dim() == k.dim() == v.dim() == 3 and q.stride(-1) == k.stride(-1) == 1
+        assert dropout_p == 0.0 and not return_debug_mask
         assert cu_seq_q.dtype == cu_seq_k.dtype == seqused_k.dtype == torch.int32
         assert len(cu_seq_k) == len(cu_seq_q) == len(seqused_k) + 1
         outs = []
@@ -247,26 +248,24 @@ def _flash_varlen_reference(bottom_right: bool):
             qi, ki, vi = q[qs:qe].transpose(0, 1), k[ks:ks + n].transpose(0, 1), v[ks:ks + n].transpose(0, 1)
             offset = n - (qe - qs) if bottom_right else 0
             mask = torch.arange(n)[None] <= torch.arange(qe - qs)[:, None] + offset
-            if window_size != (-1, 0):
+            if not is_causal:
                 mask = None
             o = F.scaled_dot_product_attention(qi[None], ki[None], vi[None], attn_mask=mask, scale=scale,
-                                               enable_gqa=enable_gqa)
+                                               enable_gqa=q.shape[1] != k.shape[1])
             outs.append(o[0].transpose(0, 1))
-        return torch.cat(outs)
+        return torch.cat(outs), None, None, None, None
 
-    return varlen_attn
+    return flash_forward
 
 
 def test_varlen_path_builds_flash_arguments_right(monkeypatch):
     """The CUDA path's bookkeeping (per-request key starts out of order, used lengths, GQA, causal
     alignment), checked on CPU against a reference of flash attention's varlen semantics; and the
     start-up self-check rejects a kernel that aligns the causal mask differently."""
-    import torch.nn.attention.varlen as varlen
-
-    monkeypatch.setattr(varlen, "varlen_attn", _flash_varlen_reference(bottom_right=True))
+    monkeypatch.setattr(attention, "_FLASH_VARLEN", _flash_varlen_reference(bottom_right=True))
     assert attention._varlen_self_check(torch.device("cpu"), torch.float32, 4, 2, HEAD_DIM)
     assert attention._varlen_self_check(torch.device("cpu"), torch.float32, 4, 4, HEAD_DIM)
-    monkeypatch.setattr(varlen, "varlen_attn", _flash_varlen_reference(bottom_right=False))
+    monkeypatch.setattr(attention, "_FLASH_VARLEN", _flash_varlen_reference(bottom_right=False))
     assert not attention._varlen_self_check(torch.device("cpu"), torch.float32, 4, 2, HEAD_DIM)
 
 
