@@ -142,7 +142,7 @@ class ModelRunner:
             attention_mask=attention.NO_MASK,
             ragged=ragged,
             use_cache=False,
-            logits_to_keep=torch.tensor(keep, device=device),
+            logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
         )
         for seg, n in zip(segments, kv_lens):
             seg.length = n

@@ -4,6 +4,7 @@ reported; and the padding CUDA graphs need (a step run as a bucket of tokens), e
 from __future__ import annotations
 
 import pytest
+from torch._dynamo.utils import counters
 
 from server.config import load_config
 from server.engine.compiled import bucket
@@ -29,6 +30,9 @@ def test_compiled_forward_gives_the_eager_tokens(llama):
     assert compiled is not None and compiled.describe()["seconds"] > 0
     assert compiled.describe()["cuda_graphs"] is False
     assert _run(llama, engine) == eager  # a batch of 4 of 6 requests, prompts in chunks of 16: every kind of step
+    graphs = counters["stats"]["unique_graphs"]
+    _run(llama, engine, max_new_tokens=5)  # other batch sizes and lengths: no recompilation
+    assert counters["stats"]["unique_graphs"] == graphs
     assert eager[1] != eager[0] and eager[2] != eager[0]  # the adapters change the output
     assert eager[1] == llama.reference("prompt", llama.ids(PROMPTS[1]), 8)
 
