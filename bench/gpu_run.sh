@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks in one run (CI has no GPU): bash bench/gpu_run.sh [OUT_DIR]
+# The GPU checks and benchmarks in one run (CI has no GPU): bash bench/gpu_run.sh [OUT_DIR] [all|compile]
+#   all      gpu_check, the engine benchmark in fp32 and bf16, the KV budget benchmark in bf16
+#   compile  gpu_check, then the compiled forward against eager in bf16 on the larger model
 # Wheels in .whl/ (transformers, peft at the locked versions) are installed first when present.
 set -uo pipefail
 out=${1:-/tmp/gpu-out}
+what=${2:-all}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -12,7 +15,12 @@ export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$out/gpu.txt"
 run() { local name=$1 limit=$2; shift 2; echo "== $name: $*"; timeout "$limit" python3 "$@" 2>&1 | tee "$out/$name.txt"; }
+large=(--hidden 2048 --layers 16 --requests 128 --adapters 16 --new-tokens 128)
 run check 150 -m bench.gpu_check
+if [ "$what" = compile ]; then
+  run compile-bf16 230 -m bench.compile_bench --device cuda --dtype bfloat16 "${large[@]}" --peft-subset 8 --repeats 1
+  exit 0
+fi
 run engine-fp32 120 -m bench.bench_engine --device cuda --dtype float32
-run engine-bf16 150 -m bench.bench_engine --device cuda --dtype bfloat16 --hidden 2048 --layers 16 --requests 128 --adapters 16 --new-tokens 128 --peft-subset 8
-run kv-bf16 150 -m bench.kv_budget --device cuda --dtype bfloat16 --hidden 2048 --layers 16 --requests 128 --adapters 16 --new-tokens 128
+run engine-bf16 150 -m bench.bench_engine --device cuda --dtype bfloat16 "${large[@]}" --peft-subset 8
+run kv-bf16 150 -m bench.kv_budget --device cuda --dtype bfloat16 "${large[@]}"
