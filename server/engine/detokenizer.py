@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+try:
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # tokenizers older than 0.21
+    DecodeStream = None
+
 CONTEXT = 5  # prompt tokens decoded before the first generated one (TGI's and vLLM's choice)
 
 
@@ -10,6 +15,11 @@ class IncrementalDetokenizer:
 
     The window starts with the prompt's last tokens, so the first generated token is decoded in
     context: SentencePiece-style tokenizers (a Metaspace `▁`) would otherwise drop its leading space.
+
+    With a fast tokenizer the window is kept in Rust (`tokenizers`' `DecodeStream`, the same
+    algorithm): about 2 µs a token instead of 17-20 for two `tokenizer.decode` calls, which on a
+    GPU serving 9,000 tokens/s was a sixth of the engine thread's time. Tokenizers that clean up
+    spaces after decoding (`clean_up_tokenization_spaces`) keep the Python path, which applies it.
     """
 
     def __init__(self, tokenizer, prompt_ids: list[int]):
@@ -17,9 +27,16 @@ class IncrementalDetokenizer:
         self.ids = list(prompt_ids[-CONTEXT:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._stream = None
+        if DecodeStream is not None and self._backend is not None and not getattr(
+                tokenizer, "clean_up_tokenization_spaces", False):
+            self._stream = DecodeStream(ids=self.ids, skip_special_tokens=True)
 
     def step(self, token_id: int) -> str:
         """The new text that `token_id` completes ('' while a character is still incomplete)."""
+        if self._stream is not None:
+            return self._stream.step(self._backend, token_id) or ""
         self.ids.append(token_id)
         decode = self.tokenizer.decode
         prefix_text = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)

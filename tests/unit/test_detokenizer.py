@@ -74,3 +74,31 @@ def test_generated_text_is_the_full_decode_minus_the_prompt(metaspace_world, var
         assert "".join(streamed) == seq.text
         spaced += seq.text.startswith(" ")
     assert spaced, "no generation started with a ▁ word: the leading-space case went untested"
+
+
+def _python_path(tokenizer, prompt_ids) -> IncrementalDetokenizer:
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+    detokenizer._stream = None  # as for a tokenizer without a Rust backend, or one that cleans up spaces
+    return detokenizer
+
+
+def test_the_rust_stream_and_the_python_window_give_the_same_text_token_by_token():
+    """The fast path (`tokenizers`' DecodeStream) against the two-decode window, on a Metaspace
+    tokenizer (leading spaces, multi-character pieces) and on the demo's byte-level one (UTF-8
+    characters split across tokens, invalid bytes, ids it has no token for, special ids), after
+    prompts of whole characters (where the prompt's text ends is then unambiguous)."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from server.model import DEMO_MODEL
+
+    rng = random.Random(0)
+    for tokenizer in (metaspace_tokenizer(), AutoTokenizer.from_pretrained(str(DEMO_MODEL))):
+        assert IncrementalDetokenizer(tokenizer, [5])._stream is not None
+        top = len(tokenizer) + 3  # a few ids past the vocabulary, as a padded lm_head can make
+        for _ in range(20):
+            prompt = tokenizer(rng.choice(PROMPTS + ["日本 é", "x"])).input_ids
+            ids = [rng.randrange(0, top) for _ in range(40)]
+            fast, slow = IncrementalDetokenizer(tokenizer, prompt), _python_path(tokenizer, prompt)
+            assert [fast.step(i) for i in ids] == [slow.step(i) for i in ids], (prompt, ids)
