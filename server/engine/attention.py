@@ -123,7 +123,6 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out[None], None  # [1, tokens, heads, head_dim]
 
 
-
 def _per_request(ragged: RaggedStep, query, kv, scaling, window) -> torch.Tensor:
     """[tokens, heads, head_dim]: each request's queries against its own segment, in packing order. The
     decoding requests take one call for all: the `cpu_attention` kernel on CPU when it handles the
