@@ -99,7 +99,9 @@ def test_fifty_concurrent_requests_for_one_cold_adapter_make_one_load(llama, tmp
     finally:
         forwards.handle.remove()
     assert len(got) == 50 and all(a is got[0] for a in got)
-    assert registry.cache.loads == 1 and registry.cache.misses == 50 and forwards.count == 1
+    assert registry.cache.loads == 1 and forwards.count == 1
+    # A thread that asks once the load is done is a hit: how many come that late depends on scheduling.
+    assert registry.cache.misses + registry.cache.hits == 50 and registry.cache.misses >= 1
 
 
 def test_pinned_adapters_are_loaded_at_start_and_never_evicted(llama, tmp_path):
