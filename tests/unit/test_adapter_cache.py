@@ -4,13 +4,13 @@ base model is recomputed, and concurrent requests for one cold adapter make one 
 
 from __future__ import annotations
 
-import threading
 
 import torch
 
 from adapters import AdapterRegistry, AdapterStore
 from adapters.prefix_file import PREFIX_FILE, model_key, save_prefix
 from server.engine.request import SamplingParams
+from tests.at_once import at_once
 from tests.conftest import MAX_NEW, PROMPTS
 
 VARIANTS = ["prompt", "prefix", "ptuning-mlp", "prefix-proj", "ptuning-lstm"]
@@ -84,18 +84,8 @@ def test_fifty_concurrent_requests_for_one_cold_adapter_make_one_load(llama, tmp
     registry = AdapterRegistry(llama.spec, llama.model, store, model_key=_key(llama))
     registry.load_store()
     forwards = _Forwards(llama.model)
-    got, start = [], threading.Barrier(50)
-
-    def ask():
-        start.wait()
-        got.append(registry.get("ptuning-lstm"))
-
-    threads = [threading.Thread(target=ask) for _ in range(50)]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        got = at_once(lambda i: registry.get("ptuning-lstm"), 50)
     finally:
         forwards.handle.remove()
     assert len(got) == 50 and all(a is got[0] for a in got)

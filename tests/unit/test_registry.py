@@ -22,6 +22,7 @@ from adapters import (
     content_version,
 )
 from server.engine.request import SamplingParams, Sequence
+from tests.at_once import at_once
 from tests.conftest import MAX_NEW, PROMPTS
 from tests.unit.test_store import _entries, _files, _hidden, _versions
 
@@ -116,21 +117,7 @@ def test_existing_stored_name_not_registered(llama, store_registry):
 def test_concurrent_add_of_same_name(llama, store_registry, round_):
     registry, store = store_registry
     variants = ["prompt", "prefix"]
-    barrier = threading.Barrier(2)
-    results: list = [None, None]
-
-    def add(i):
-        barrier.wait()
-        try:
-            results[i] = registry.add("same", *llama.files(variants[i]))
-        except Exception as exc:  # noqa: BLE001 - collected and checked below
-            results[i] = exc
-
-    threads = [threading.Thread(target=add, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    results = at_once(lambda i: registry.add("same", *llama.files(variants[i])), 2)
     winners = [r for r in results if not isinstance(r, Exception)]
     losers = [r for r in results if isinstance(r, Exception)]
     assert len(winners) == 1 and len(losers) == 1, results
@@ -276,21 +263,8 @@ def _page(registry, limit, after=None):
 def test_max_adapters_counts_concurrent_adds(llama, tmp_path):
     store = AdapterStore(tmp_path / "store")
     registry = AdapterRegistry(llama.spec, llama.model, store, max_adapters=3)
-    barrier, results = threading.Barrier(6), {}
-
-    def add(i):
-        barrier.wait()
-        try:
-            results[i] = registry.add(f"n{i}", *llama.files("prompt"))
-        except Exception as exc:  # noqa: BLE001 - checked below
-            results[i] = exc
-
-    threads = [threading.Thread(target=add, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    full = [r for r in results.values() if isinstance(r, Exception)]
+    results = at_once(lambda i: registry.add(f"n{i}", *llama.files("prompt")), 6)
+    full = [r for r in results if isinstance(r, Exception)]
     assert len(full) == 3 and all(isinstance(r, StoreFull) for r in full), results
     assert "--max-adapters 3" in str(full[0])
     assert len(registry) == 3 and len(store.names()) == 3

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 
 import pytest
@@ -17,6 +16,7 @@ from adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterExists, AdapterNotFound, 
 from adapters.s3_store import S3Store, parse_url
 from adapters.store import AdapterStore, open_store
 from server.config import load_config
+from tests.at_once import at_once
 from tests.s3 import client, free_port, moto_server
 
 CONFIG, WEIGHTS = b'{"peft_type": "PROMPT_TUNING"}', b"\x00weights\x01" * 1000
@@ -126,20 +126,7 @@ def test_an_adapter_is_visible_only_once_complete(s3_endpoint, bucket, tmp_path)
 @pytest.mark.parametrize("round_", range(3))
 def test_two_servers_saving_one_name_one_wins(s3_endpoint, bucket, tmp_path, round_):
     stores = [_store(s3_endpoint, bucket, tmp_path / f"cache-{i}") for i in range(2)]
-    barrier, results = threading.Barrier(2), [None, None]
-
-    def save(i):
-        barrier.wait()
-        try:
-            results[i] = stores[i].save("race", CONFIG, f"weights-{i}".encode())
-        except Exception as exc:  # noqa: BLE001 - checked below
-            results[i] = exc
-
-    threads = [threading.Thread(target=save, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    results = at_once(lambda i: stores[i].save("race", CONFIG, f"weights-{i}".encode()), 2)
     losers = [r for r in results if isinstance(r, Exception)]
     assert len(losers) == 1 and isinstance(losers[0], AdapterExists), results
     winner = 1 - results.index(losers[0])
