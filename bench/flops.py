@@ -11,6 +11,7 @@ import torch
 
 from bench.timing import Result, sync
 from bench.workload import World
+from server.engine import cpu_linear
 
 
 def linear_shapes(model) -> list[tuple[str, int, int, int]]:
@@ -24,7 +25,7 @@ def linear_shapes(model) -> list[tuple[str, int, int, int]]:
 
 
 def layer_params(model) -> int:
-    return sum(p.numel() for layer in model.model.layers for p in layer.parameters())
+    return sum(cpu_linear.weight_numel(m) for layer in model.model.layers for m in layer.modules())
 
 
 def model_flops(world: World, with_adapters: bool) -> dict[str, float]:

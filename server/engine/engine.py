@@ -47,7 +47,7 @@ class Engine:
             except Exception as exc:  # no compiler, an unsupported op or device: serve eager rather than not at all
                 log.warning("torch.compile of the packed forward failed (%s: %s); running it eager",
                             type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "")
-                self.runner.compiled = None
+                self.runner.use_compiled(None)
         self.scheduler = Scheduler(max_batch_size, max_waiting, max_prefill_tokens, self.runner.pool)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.special_ids = set(tokenizer.all_special_ids)

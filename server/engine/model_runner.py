@@ -16,7 +16,7 @@ import torch
 
 from adapters import ModelSpec
 
-from . import attention, cpu_attention
+from . import attention, cpu_attention, cpu_linear
 from .compiled import CompiledForward
 from .kv_cache import KVPool, first_capacity, growth
 from .request import Sequence
@@ -45,15 +45,25 @@ class ModelRunner:
         """kv_cache_bytes: the KV pool's size, allocated once; compiled: the packed steps' forward, when
         compiled (`compiled.py`), else the model's own."""
         self.model = model
-        self.compiled = compiled
         self.spec = spec
         attention.install(model)
         if spec.device.type == "cpu":
             cpu_attention.available()  # build or load the decode kernel now, not in the first request
+        self.use_compiled(compiled)
         slot_bytes = KVPool.slot_bytes(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype)
         self.pool = KVPool(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.device, spec.dtype,
                            slots=kv_cache_bytes // slot_bytes)
         self.seqs: list[Sequence] = []  # the requests holding a KV segment
+
+    def use_compiled(self, compiled: CompiledForward | None) -> None:
+        """Run steps through `compiled`, or eager when None: on CPU, eager linears run on oneDNN's
+        packed weights (`cpu_linear`), while torch.compile needs the plain ones back."""
+        self.compiled = compiled
+        if self.spec.device.type == "cpu":
+            if compiled is None:
+                cpu_linear.install(self.model)
+            else:
+                cpu_linear.unpack(self.model)
 
     def reset(self) -> None:
         """Drop every request (after a failed step)."""
