@@ -5,6 +5,9 @@ in-process, in one run, alternating, on the peer benchmark's model, adapters and
     python -m bench.serving --dtype bfloat16 --repeats 2
 
 Over HTTP: `/v1/completions` with `stream=true` (`bench.peer`'s client, all requests at once).
+The client runs on the same cores as the server, so it is also told where the CPU went during the
+HTTP rounds: the server's event loop (its main thread: routes, SSE chunks, sockets), the server's
+other threads (the engine and torch's), and the client itself.
 In-process: the same prompts (tokenized as the server does), `SamplingParams` and adapters
 submitted to an `Engine` at once and stepped to the end on this thread. Both runs generate
 exactly `--new-tokens` per request (`ignore_eos`). The best of the rounds is kept for each.
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     best = {"in-process": {}, "http": {}}
+    cpu: dict[str, float] = {}  # CPU seconds during the HTTP rounds, summed over them
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         setup = build_setup(pargs, Path(tmp))
         print(f"serving path: {args.requests} requests x {args.new_tokens} new tokens, {args.dtype}, "
@@ -78,7 +82,10 @@ def main(argv: list[str] | None = None) -> dict:
             try:
                 server.start()
                 warm_up("ours", server, pargs, setup, args.dtype)
+                before = cpu_seconds(server.proc.pid)
                 runs: dict[str, Run] = measure("ours", server, pargs, setup, args.dtype)
+                for key, value in cpu_seconds(server.proc.pid).items():
+                    cpu[key] = cpu.get(key, 0.0) + value - before[key]
             finally:
                 server.stop()
             for workload in ("base", "mixed"):
@@ -90,8 +97,21 @@ def main(argv: list[str] | None = None) -> dict:
     for w in ("base", "mixed"):
         a, b = best["in-process"][w], best["http"][w]
         print(f"{w:10s} {a:12.1f} {b:10.1f} {b / a:16.2f}   (goal >= 0.95)")
+    loop, engine, client = cpu["event loop"], cpu["server"] - cpu["event loop"], cpu["client"]
+    print(f"CPU during the HTTP rounds: server event loop {loop:.1f} s ({loop / engine:.1%} of the engine and torch "
+          f"threads' {engine:.1f} s); the client, on the same cores, {client:.1f} s ({client / engine:.1%})")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
-    return best
+    return best | {"cpu": cpu}
+
+
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds so far: the server process, its main thread (uvicorn's event loop), and this process (the client)."""
+    import psutil
+
+    server = psutil.Process(pid)
+    times = server.cpu_times()
+    main_thread = next((t.user_time + t.system_time for t in server.threads() if t.id == pid), 0.0)
+    return {"server": times.user + times.system, "event loop": main_thread, "client": time.process_time()}
 
 
 if __name__ == "__main__":

@@ -20,3 +20,14 @@ def test_compile_bench_quick_run(capsys):
     assert result["eager"] > 0 and result["compiled"] > 0
     assert result["same"] == 8  # float32: the compiled forward gives every request the eager tokens
     assert "compiled / eager" in out and "graph breaks" in out
+
+
+def test_serving_bench_quick_run(capsys):
+    """bench.serving end to end: the engine in-process, then a real server over HTTP, and where the CPU went."""
+    from bench.serving import main as serving_main
+
+    numbers = serving_main(["--requests", "4", "--new-tokens", "4", "--repeats", "1"])
+    for side in ("in-process", "http"):
+        assert set(numbers[side]) == {"base", "mixed"} and all(rate > 0 for rate in numbers[side].values())
+    assert 0 < numbers["cpu"]["event loop"] < numbers["cpu"]["server"] and numbers["cpu"]["client"] > 0
+    assert "CPU during the HTTP rounds" in capsys.readouterr().out
