@@ -90,8 +90,16 @@ async def _respond(request: Request, jobs: list[Job], model: str, chat: bool, st
             "choices": choices, "usage": _usage(jobs, generated)}
 
 
-async def _stream(service: Service, jobs: list[Job], streams, rid, created, model, chat, usage):
-    obj = "chat.completion.chunk" if chat else "text_completion"
+async def _events(streams):
+    """(choice index, event or the error that ended it) as they come from the streams. One stream
+    (most requests) is read directly; several are merged through a queue, one reading task each."""
+    if len(streams) == 1:
+        try:
+            async for event in streams[0]:
+                yield 0, event
+        except Exception as exc:
+            yield 0, exc
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i, stream):
@@ -100,6 +108,18 @@ async def _stream(service: Service, jobs: list[Job], streams, rid, created, mode
                 await queue.put((i, event))
         except Exception as exc:
             await queue.put((i, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        while True:
+            yield await queue.get()
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _stream(service: Service, jobs: list[Job], streams, rid, created, model, chat, usage):
+    obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(i, text, finish, role=False):
         if chat:
@@ -111,15 +131,14 @@ async def _stream(service: Service, jobs: list[Job], streams, rid, created, mode
                      "choices": [choice]})
 
     version = jobs[0].adapter_version  # one adapter for all of a request's prompts
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     emitted = [""] * len(jobs)  # text sent so far, per choice, with stop sequences held back
     remaining = len(jobs)
+    events = _events(streams)
     try:
         if chat:
             for i in range(len(jobs)):
                 yield chunk(i, "", None, role=True)
-        while remaining:
-            i, event = await queue.get()
+        async for i, event in events:
             if isinstance(event, Exception):
                 yield _sse(json.loads(to_response(event).body))
                 break
@@ -136,14 +155,15 @@ async def _stream(service: Service, jobs: list[Job], streams, rid, created, mode
             if finish:
                 remaining -= 1
                 service.record(jobs[i], seq)
+                if not remaining:
+                    break
         if usage and not remaining:  # OpenAI's stream_options.include_usage: one last chunk, no choices
             generated = sum(len(s.seq.output_ids) for s in streams)
             yield _sse({"id": rid, "object": obj, "created": created, "model": model, "adapter_version": version,
                         "choices": [], "usage": _usage(jobs, generated)})
         yield "data: [DONE]\n\n"
     finally:
-        for t in tasks:
-            t.cancel()
+        await events.aclose()
         for s in streams:
             s.abort()
 

@@ -72,6 +72,23 @@ def test_completion_stream_concatenates_to_the_same_text(oai, uploaded):
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
 
 
+def test_completion_stream_of_a_prompt_list_interleaves_the_choices(oai, uploaded):
+    """Several prompts in one streamed request: each choice's chunks carry its index, concatenate to
+    its non-streamed text and end with its own finish reason; the usage chunk counts them all."""
+    name = uploaded["prefix"]
+    prompts = [PROMPT, "the quick brown fox", "zz"]
+    whole = oai.completions.create(model=name, prompt=prompts, max_tokens=MAX_TOKENS, temperature=0)
+    chunks = list(oai.completions.create(model=name, prompt=prompts, max_tokens=MAX_TOKENS, temperature=0,
+                                         stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(prompts) * MAX_TOKENS
+    by_index = {i: [c.choices[0] for c in chunks[:-1] if c.choices[0].index == i] for i in range(len(prompts))}
+    assert sum(map(len, by_index.values())) == len(chunks) - 1
+    for i, choices in by_index.items():
+        assert "".join(c.text for c in choices) == whole.choices[i].text
+        assert [c.finish_reason for c in choices][-1] == "length"
+        assert all(c.finish_reason is None for c in choices[:-1])
+
+
 def test_chat_completion(oai, client, uploaded, reference, tokenizer):
     name = uploaded["prompt"]
     got = oai.chat.completions.create(model=name, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0)
