@@ -51,6 +51,26 @@ def test_packed_model_computes_the_same_and_unpacks_exactly(arch):
     torch.testing.assert_close(_logits(model, ids), want, atol=0, rtol=0)
 
 
+def test_bfloat16_is_packed_natively_or_widened_to_float32():
+    """Natively where oneDNN packs bfloat16; elsewhere as float32, each output rounded back to bfloat16."""
+    model = _model("llama").to(torch.bfloat16)
+    ids = torch.randint(3, 200, (2, 11), generator=torch.Generator().manual_seed(0))
+    want = _logits(model, ids)
+    plain = {name: m.weight.detach().clone() for name, m in _linears(model).items()}
+    assert cpu_linear.install(model) == len(plain)
+    native = cpu_linear._probe(torch.bfloat16) == ""
+    for layer in _linears(model).values():
+        assert getattr(layer, cpu_linear.PACKED).dtype == (torch.bfloat16 if native else torch.float32)
+        assert layer.weight.dtype == torch.bfloat16
+    got = _logits(model, ids)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=0.05)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+    cpu_linear.unpack(model)
+    for name, layer in _linears(model).items():
+        assert layer.weight.dtype == torch.bfloat16 and torch.equal(layer.weight, plain[name]), name
+
+
 def test_a_dtype_onednn_cannot_pack_leaves_every_layer_alone(monkeypatch):
     model = _model("llama")
     monkeypatch.setattr(cpu_linear, "_probe", lambda dtype: "no packing for this dtype here")
