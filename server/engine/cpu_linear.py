@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import types
+from collections import Counter
 
 import torch
 from torch import nn
@@ -67,8 +68,7 @@ def install(model: nn.Module) -> int:
         return 0
     tied = _shared_weights(model)
     for layer in layers:
-        with torch.no_grad():
-            setattr(layer, PACKED, torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach().to(compute)))
+        setattr(layer, PACKED, torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach().to(compute)))
         if id(layer.weight) not in tied:  # the packed copy replaces it: no second copy of the model
             layer.weight = nn.Parameter(layer.weight.new_empty(0), requires_grad=False)
         layer.forward = types.MethodType(_packed_forward, layer)
@@ -123,8 +123,5 @@ def _probe(dtype: torch.dtype) -> str:
 
 def _shared_weights(model: nn.Module) -> set[int]:
     """ids of parameters held by more than one module (tied weights)."""
-    seen: dict[int, int] = {}
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            seen[id(param)] = seen.get(id(param), 0) + 1
-    return {key for key, count in seen.items() if count > 1}
+    held = Counter(id(param) for module in model.modules() for param in module.parameters(recurse=False))
+    return {key for key, count in held.items() if count > 1}
