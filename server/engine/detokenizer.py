@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-try:
-    from tokenizers.decoders import DecodeStream
-except ImportError:  # tokenizers older than 0.21
-    DecodeStream = None
+from tokenizers.decoders import DecodeStream  # with `ids`, the prompt's tail, since tokenizers 0.22
 
 CONTEXT = 5  # prompt tokens decoded before the first generated one (TGI's and vLLM's choice)
 
@@ -29,8 +26,7 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.ids)
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
         self._stream = None
-        if DecodeStream is not None and self._backend is not None and not getattr(
-                tokenizer, "clean_up_tokenization_spaces", False):
+        if self._backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
             self._stream = DecodeStream(ids=self.ids, skip_special_tokens=True)
 
     def step(self, token_id: int) -> str:

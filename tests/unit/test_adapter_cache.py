@@ -4,7 +4,6 @@ base model is recomputed, and concurrent requests for one cold adapter make one 
 
 from __future__ import annotations
 
-
 import torch
 
 from adapters import AdapterRegistry, AdapterStore
