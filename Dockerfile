@@ -37,8 +37,8 @@ FROM cuda-base AS base-cu129
 FROM cuda-base AS base-cu130
 
 FROM ${CPU_IMAGE} AS base-cpu
-# A C++ compiler: on CPU the server builds its decode-attention kernel at start-up (about 15 s,
-# server/engine/cpu_attention.py; without g++ it falls back to slower attention, with a warning).
+# A C++ compiler: on CPU the server builds its attention and linear kernels at start-up (about 30 s,
+# server/engine/cpu_kernels.py; without g++ it falls back to slower attention and oneDNN, with a warning).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ \

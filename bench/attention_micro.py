@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from server.engine import attention, cpu_attention
+from server.engine import attention, cpu_attention, cpu_kernels
 from server.engine.kv_cache import GROWTH_SLOTS, KVPool
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 4, 64
@@ -35,7 +35,7 @@ def build_step(requests: int, dtype, seed: int = 0):
     pool.kv.normal_()
     order = rng.sample(range(requests), requests)  # packing order is not pool order after a while
     step = attention.RaggedStep.build(pool, [starts[i] for i in order], [1] * requests, [kv_lens[i] for i in order])
-    query = torch.randn(1, requests, HEADS, HEAD_DIM).to(dtype).transpose(1, 2)  # as the model's projection gives it
+    query = torch.randn(requests, HEADS, HEAD_DIM).to(dtype)  # [tokens, heads, head_dim], as `attention.attend` takes it
     return step, query, pool.kv[0]
 
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=1000, help="calls timed per path and dtype")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not cpu_attention.available():
+    if not cpu_kernels.available():
         raise SystemExit("the CPU decode attention kernel did not build: see the warning above")
 
     scale = HEAD_DIM ** -0.5
@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
         step, query, kv = build_step(args.requests, dtype)
 
         def sdpa():  # what _per_request does without the kernel
-            q = query[0].transpose(0, 1).contiguous()  # [requests, heads, head_dim]
-            return torch.cat(attention._sdpa_each(step, q, kv, scale, None, range(args.requests)))
+            return torch.cat(attention._sdpa_each(step, query, kv, scale, None, range(args.requests)))
 
         def kernel():
             return attention._per_request(step, query, kv, scale, None)

@@ -73,10 +73,9 @@ def profile_engine(world: World) -> None:
         timers.wrap(runner, "_admit", "runner.run.admit (allocate, copy prefix)")
         timers.wrap(runner, "_forward", "runner.run.model forward")
         timers.wrap(runner, "_sample", "runner.run.sample")
-        attention.install(runner.model)  # registers the wrapped attention below
 
-    originals = {name: getattr(attention, name) for name in ("ragged_attention", "_per_request", "_varlen")}
-    timers.wrap(attention, "ragged_attention", "runner.run.model forward.attention (KV write + attend)")
+    originals = {name: getattr(attention, name) for name in ("attend", "_per_request", "_varlen")}
+    timers.wrap(attention, "attend", "runner.run.model forward.attention (KV write + attend)")
     timers.wrap(attention, "_per_request", "runner.run.model forward.attention.attend")
     timers.wrap(attention, "_varlen", "runner.run.model forward.attention.attend")
     try:
@@ -84,7 +83,6 @@ def profile_engine(world: World) -> None:
     finally:
         for name, fn in originals.items():
             setattr(attention, name, fn)
-        attention.install(world.model)
 
     wall = res.wall_s
     print(f"\n== Profile of ours-mixed: {res.extra['steps']} steps, wall {wall:.2f} s with timers "

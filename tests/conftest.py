@@ -193,3 +193,17 @@ def store_registry(llama, tmp_path):
 
 
 __all__ = ["MAX_NEW", "PEFT_TYPES", "PROMPTS", "ArchWorld", "Worlds"]
+
+
+@pytest.fixture(scope="session")
+def cpu_kernels_built() -> None:
+    """The engine's C++ CPU kernels built; skipped only where this machine cannot build extensions at all."""
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    from server.engine import cpu_kernels
+
+    if not cpp_extension.is_ninja_available() or not shutil.which(cpp_extension.get_cxx_compiler()):
+        pytest.skip("no C++ compiler or ninja: the CPU kernels cannot be built here")
+    assert cpu_kernels.available(), "the CPU kernels failed to build: see the warning logged above"

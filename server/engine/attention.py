@@ -95,7 +95,8 @@ class RaggedStep:
 
 def ragged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, ragged=None,
                      sliding_window=None, **kwargs):
-    """query: [1, heads, tokens, head_dim]; key, value: [1, kv_heads, tokens, head_dim] (this forward's)."""
+    """transformers' attention interface. query: [1, heads, tokens, head_dim]; key, value: [1, kv_heads,
+    tokens, head_dim] (this forward's)."""
     if ragged is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       sliding_window=sliding_window, **kwargs)
@@ -103,31 +104,40 @@ def ragged_attention(module, query, key, value, attention_mask, scaling=None, dr
     if unsupported:
         raise NotImplementedError(f"attention with {', '.join(unsupported)} is not supported")
     window = sliding_window or getattr(module, "sliding_window", None)
-    padded, tokens = query.shape[2], ragged.tokens
-    if padded != tokens:  # a step padded to a CUDA graph's size: the padding attends nothing, reads zeros
-        query, key, value = query[:, :, :tokens], key[:, :, :tokens], value[:, :, :tokens]
-    kv = ragged.pool.kv[module.layer_idx]  # [2, kv_heads, slots, head_dim]
-    kv[0].index_copy_(1, ragged.slots, key[0])
-    kv[1].index_copy_(1, ragged.slots, value[0])
-    out = None
-    if _use_varlen(query, kv.shape[1], window):
-        try:
-            out = _varlen(ragged, query, kv, scaling)
-        except Exception as exc:  # a shape or length the kernel refuses: per request from now on
-            log.warning("variable-length flash attention failed (%s); attending per request from now on", exc)
-            _VARLEN_OK[_varlen_key(query, kv.shape[1])] = False
-    if out is None:
-        out = _per_request(ragged, query, kv, scaling, window)
-    if padded != tokens:
-        out = torch.cat([out, out.new_zeros(padded - tokens, *out.shape[1:])])
+    out = attend(ragged, module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                 scaling, window)
     return out[None], None  # [1, tokens, heads, head_dim]
 
 
-def _per_request(ragged: RaggedStep, query, kv, scaling, window) -> torch.Tensor:
-    """[tokens, heads, head_dim]: each request's queries against its own segment, in packing order. The
-    decoding requests take one call for all: the `cpu_attention` kernel on CPU when it handles the
-    tensors, one padded SDPA call on an accelerator; prefilling requests one SDPA call each."""
-    q = query[0].transpose(0, 1).contiguous()  # [tokens, heads, head_dim]
+def attend(ragged: RaggedStep, layer: int, q, k, v, scaling, window) -> torch.Tensor:
+    """Write layer `layer`'s new keys/values into the pool, attend: [tokens, heads, head_dim].
+    q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim] (this forward's)."""
+    padded, tokens = q.shape[0], ragged.tokens
+    if padded != tokens:  # a step padded to a CUDA graph's size: the padding attends nothing, reads zeros
+        q, k, v = q[:tokens], k[:tokens], v[:tokens]
+    kv = ragged.pool.kv[layer]  # [2, kv_heads, slots, head_dim]
+    kv[0].index_copy_(1, ragged.slots, k.transpose(0, 1))
+    kv[1].index_copy_(1, ragged.slots, v.transpose(0, 1))
+    q = q.contiguous()
+    out = None
+    if _use_varlen(q, kv.shape[1], window):
+        try:
+            out = _varlen(ragged, q, kv, scaling)
+        except Exception as exc:  # a shape or length the kernel refuses: per request from now on
+            log.warning("variable-length flash attention failed (%s); attending per request from now on", exc)
+            _VARLEN_OK[_varlen_key(q, kv.shape[1])] = False
+    if out is None:
+        out = _per_request(ragged, q, kv, scaling, window)
+    if padded != tokens:
+        out = torch.cat([out, out.new_zeros(padded - tokens, *out.shape[1:])])
+    return out
+
+
+def _per_request(ragged: RaggedStep, q, kv, scaling, window) -> torch.Tensor:
+    """[tokens, heads, head_dim]: each request's queries (q [tokens, heads, head_dim], contiguous) against
+    its own segment, in packing order. The decoding requests take one call for all: the `cpu_attention`
+    kernel on CPU when it handles the tensors, one padded SDPA call on an accelerator; prefilling
+    requests one SDPA call each."""
     if q.device.type == "cpu":
         if not cpu_attention.supports(q, kv):
             return torch.cat(_sdpa_each(ragged, q, kv, scaling, window, range(len(ragged.q_lens))))
@@ -253,25 +263,25 @@ def _causal_mask(n: int, kv_len: int, window: int | None, device) -> torch.Tenso
 _VARLEN_OK: dict[tuple, bool] = {}
 
 
-def _varlen_key(query, kv_heads: int) -> tuple:
-    return query.device, query.dtype, query.shape[1], kv_heads, query.shape[3]
+def _varlen_key(q, kv_heads: int) -> tuple:
+    return q.device, q.dtype, q.shape[1], kv_heads, q.shape[2]
 
 
-def _use_varlen(query, kv_heads: int, window) -> bool:
-    if query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16) or window:
+def _use_varlen(q, kv_heads: int, window) -> bool:
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16) or window:
         return False
-    key = _varlen_key(query, kv_heads)
+    key = _varlen_key(q, kv_heads)
     if key not in _VARLEN_OK:
         _VARLEN_OK[key] = _varlen_self_check(*key)
     return _VARLEN_OK[key]
 
 
-def _varlen(ragged: RaggedStep, query, kv, scaling) -> torch.Tensor:
+def _varlen(ragged: RaggedStep, q, kv, scaling) -> torch.Tensor:
     """FlashAttention-2's variable-length forward, as aten has it (the op under `torch.nn.attention.varlen`,
     whose wrapper in torch 2.11 takes neither GQA nor `seqused_k`): each request's queries against the
     first `seqused_k` keys of its segment, causal aligned to their end; GQA native, no copies."""
     if ragged._varlen is None:
-        device = query.device
+        device = q.device
         starts, at = [], 0
         for size in ragged.split_sizes:
             starts.append(at)
@@ -285,7 +295,6 @@ def _varlen(ragged: RaggedStep, query, kv, scaling) -> torch.Tensor:
             cu_seq_k=torch.tensor(k_starts + [ragged.pool.slots], dtype=torch.int32, device=device),
             seqused_k=torch.tensor(ragged.kv_lens, dtype=torch.int32, device=device),
             max_q=max(ragged.q_lens), max_k=max(ragged.kv_lens))
-    q = query[0].transpose(0, 1).contiguous()  # [tokens, heads, head_dim]
     k, v = kv[0].transpose(0, 1), kv[1].transpose(0, 1)  # [slots, kv_heads, head_dim]
     step = ragged._varlen
     return _FLASH_VARLEN(q, k, v, step["cu_seq_q"], step["cu_seq_k"], step["max_q"], step["max_k"], 0.0, True, False,
@@ -305,9 +314,9 @@ def _varlen_self_check(device, dtype, heads: int, kv_heads: int, head_dim: int) 
             for seg in segs:
                 pool.kv[:, :, :, seg.start:seg.start + seg.capacity].normal_()
             step = RaggedStep.build(pool, [s.start for s in segs], q_lens, kv_lens[::-1])
-            query = torch.randn(1, heads, sum(q_lens), head_dim, device=device, dtype=dtype)
-            fast = _varlen(step, query, pool.kv[0], None).float()
-            slow = _per_request(step, query, pool.kv[0], None, None).float()
+            q = torch.randn(sum(q_lens), heads, head_dim, device=device, dtype=dtype)
+            fast = _varlen(step, q, pool.kv[0], None).float()
+            slow = _per_request(step, q, pool.kv[0], None, None).float()
             if not torch.allclose(fast, slow, atol=2e-2, rtol=2e-2):
                 log.warning("variable-length flash attention disagrees with the reference; attending per request")
                 return False

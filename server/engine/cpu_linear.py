@@ -1,33 +1,38 @@
-"""The model's linear layers on CPU through oneDNN, their weights packed once at start.
+"""The model's linear layers on CPU, their weights packed once at start: our AVX2 kernel, or oneDNN.
 
 `torch.nn.functional.linear` on CPU hands MKL the weight in its plain [out, in] layout at every
 call. With a step's weights out of cache (any real model: the bench model alone is 92 MB), MKL's
-small-batch GEMM reads them far below the memory's speed; oneDNN, given the weight already
-reordered into its blocked layout (what vLLM's CPU build does too), streams it. Measured with the
-bench model's 33 weight matrices of [1360, 512] (92 MB) on the 2-core AMD EPYC here, float32,
-milliseconds for one pass through all of them, plain linear / packed oneDNN:
-  1 row (one stream decoding) 9.1 / 6.4, 4 rows 18.4 / 7.6, 16 rows 19.8 / 12.1, 64 rows 45.2 / 28.6,
-  512 rows 259 / 180, 2048 rows 917 / 686.
-With the weights in cache the two are within a few percent, which is why a hot microbenchmark
-shows no difference.
+small-batch GEMM reads them far below the memory's speed. Packed once into a layout a kernel can
+stream, they are read near it. With the weights in cache the layouts are within a few percent,
+which is why a hot microbenchmark shows no difference.
 
-oneDNN keeps each shape's compiled call (its primitive, with buffers sized by the rows) in two
-caches of 1024 entries by default; a step's row count changes with every arrival, so unbounded they
-grew a server's memory by half under the load test. `install` caps both at `CACHE_CAPACITY` (unless
-set in the environment): a step uses about 7 shapes, a new one costs about 0.5 ms, and the cached
-buffers then stay under CACHE_CAPACITY x (max prefill tokens + max batch) x widest layer x 4 bytes
-(50 MB for the bench model at the server's defaults). The caps are read at oneDNN's first use in the
-process, so a process that used oneDNN before `install` keeps whatever it had.
+Two packings, one per model, chosen at `install`:
+- On x86 CPUs whose best vector unit is AVX2 (`torch.backends.cpu.get_cpu_capability()`), with the
+  engine's CPU kernels built (`cpu_kernels`): `csrc/linear.cpp`, float32, each weight cut into
+  blocks of 16 output columns stored one after another ([blocks, in, 16]), a 6 x 16 register tile
+  of FMAs per block. Milliseconds for one pass through the bench model's 56 weights (92 MB) on the
+  2-core AMD EPYC here, 2 threads, oneDNN packed / this kernel: 1 row (one stream decoding)
+  7.8 / 4.8 (memory: 25 GB/s), 2 rows 9.7 / 4.7, 8 rows 10.9 / 7.3, 16 rows 13.8 / 9.9,
+  64 rows 31.3 / 30.2, 256 rows 97.6 / 92.4, 4096 rows 1458 / 1362.
+- Elsewhere (AVX-512 and AMX CPUs, whose wider units oneDNN uses; ARM; no compiler): oneDNN, the
+  weight reordered into its blocked layout (what vLLM's CPU build does). oneDNN keeps each shape's
+  compiled call (its primitive, with buffers sized by the rows) in two caches of 1024 entries by
+  default; a step's row count changes with every arrival, so unbounded they grew a server's memory
+  by half under the load test. `install` caps both at `CACHE_CAPACITY` (unless set in the
+  environment): a step uses about 7 shapes, a new one costs about 0.5 ms. The caps are read at
+  oneDNN's first use in the process.
 
 `install` replaces, on each `nn.Linear` of the model, the forward by the packed call and frees the
 plain weight (a tied weight, such as an lm_head sharing the embedding table, is packed and kept).
-`unpack` gives the plain weights back: torch.compile traces plain linears and cannot take oneDNN's
-opaque tensors. oneDNN packs bfloat16 only on CPUs with AVX512-BF16 or AVX-NE-CONVERT; elsewhere torch's bfloat16
-GEMM is emulated, and the bench model ran at 144 tok/s in bfloat16 against 664 in float32. There the
-bfloat16 weights are packed widened to float32 and each layer computes in float32, its output
-rounded back to bfloat16 (the KV cache and activations stay bfloat16): the weights take float32's
-memory, at float32's speed. Any other dtype oneDNN cannot pack, or a packed layer that disagrees
-with the plain one on a probe, leaves every layer as it was.
+`unpack` gives the plain weights back exactly: torch.compile traces plain linears.
+
+bfloat16: the AVX2 kernel computes in float32, and oneDNN packs bfloat16 only on CPUs with
+AVX512-BF16 or AVX-NE-CONVERT; elsewhere torch's bfloat16 GEMM is emulated (the bench model ran at
+144 tok/s in bfloat16 against 664 in float32). So without a native bfloat16 GEMM the bfloat16
+weights are packed widened to float32 and each layer computes in float32, its output rounded back
+to bfloat16 (the KV cache and activations stay bfloat16): the weights take float32's memory, at
+float32's speed. A dtype neither can take, or a packed layer that disagrees with the plain one on
+a probe, leaves every layer as it was.
 """
 
 from __future__ import annotations
@@ -36,43 +41,47 @@ import logging
 import os
 import types
 from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
+from . import cpu_kernels
+
 log = logging.getLogger(__name__)
 
-PACKED = "_softprompt_packed"  # the attribute holding a packed layer's oneDNN weight
+PACKED = "_softprompt_packed"  # the attribute holding a packed layer's weight
+BLOCK = 16  # output columns per block of the AVX2 kernel's packing (csrc/linear.cpp's kBlock)
 CACHE_CAPACITY = 32  # shapes kept by oneDNN's primitive cache and by ideep's, each
 CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 
 
+@dataclass(frozen=True)
+class _Backend:
+    name: str
+    pack: Callable[[torch.Tensor], torch.Tensor]  # plain [out, in] weight -> packed
+    forward: Callable  # the layer's new forward(self, x)
+    compute: torch.dtype  # the packed weights' dtype
+
+
 def install(model: nn.Module) -> int:
     """Pack the weight of every CPU `nn.Linear` of `model` (once; again is a no-op). Returns the
-    number of layers packed, 0 when oneDNN cannot pack this dtype here."""
+    number of layers packed, 0 when neither packing can take this dtype here."""
     layers = [m for m in model.modules() if type(m) is nn.Linear and not hasattr(m, PACKED)
               and m.weight.device.type == "cpu" and m.weight.dtype in (torch.float32, torch.bfloat16)]
-    if not layers or not torch.backends.mkldnn.is_available():
+    if not layers:
         return 0
-    for variable in CACHE_VARIABLES:
-        os.environ.setdefault(variable, str(CACHE_CAPACITY))
-    dtype = layers[0].weight.dtype
-    problem = _probe(dtype)
-    compute = dtype
-    if problem and dtype == torch.bfloat16 and not _probe(torch.float32):
-        compute = torch.float32  # no native bfloat16 GEMM: widened, it runs at float32's speed, not emulated
-        log.info("bfloat16 linear layers packed as float32 for oneDNN (%s); their weights take float32's memory",
-                 problem)
-    elif problem:
-        log.info("linear layers stay on torch's own CPU GEMM: oneDNN cannot pack %s weights here (%s)", dtype, problem)
+    backend = _choose(layers[0].weight.dtype)
+    if backend is None:
         return 0
     tied = _shared_weights(model)
     for layer in layers:
-        setattr(layer, PACKED, torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach().to(compute)))
+        setattr(layer, PACKED, backend.pack(layer.weight.detach().to(backend.compute)))
         if id(layer.weight) not in tied:  # the packed copy replaces it: no second copy of the model
             layer.weight = nn.Parameter(layer.weight.new_empty(0), requires_grad=False)
-        layer.forward = types.MethodType(_packed_forward, layer)
-    log.info("packed %d linear layers for oneDNN", len(layers))
+        layer.forward = types.MethodType(backend.forward, layer)
+    log.info("packed %d linear layers for %s (%s)", len(layers), backend.name, str(backend.compute).split(".")[-1])
     return len(layers)
 
 
@@ -83,19 +92,65 @@ def unpack(model: nn.Module) -> None:
         if packed is None:
             continue
         if layer.weight.numel() == 0:  # the empty stand-in keeps the weight's dtype
-            layer.weight = nn.Parameter(packed.to_dense().to(layer.weight.dtype), requires_grad=False)
+            plain = packed.to_dense() if packed.is_mkldnn else _unblock(packed, layer.out_features)
+            layer.weight = nn.Parameter(plain.to(layer.weight.dtype), requires_grad=False)
         del layer.forward
         delattr(layer, PACKED)
 
 
 def weight_numel(layer: nn.Module) -> int:
     """The elements of a layer's weights, packed ones included (packing frees the plain weight)."""
-    packed = getattr(layer, PACKED, None)
     plain = sum(p.numel() for p in layer.parameters(recurse=False))
-    return plain + (packed.numel() if packed is not None and layer.weight.numel() == 0 else 0)
+    packed = hasattr(layer, PACKED) and layer.weight.numel() == 0
+    return plain + (layer.in_features * layer.out_features if packed else 0)
 
 
-def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _choose(dtype: torch.dtype) -> _Backend | None:
+    """The AVX2 kernel where it is the CPU's best and works; else oneDNN in `dtype`, or widened to
+    float32 for bfloat16; else None (logged)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX2" and cpu_kernels.available():
+        problem = _probe(_KERNEL, torch.float32)
+        if not problem:
+            return _KERNEL
+        log.warning("the AVX2 linear kernel is off (%s); linear layers go to oneDNN", problem)
+    if not torch.backends.mkldnn.is_available():
+        log.info("linear layers stay on torch's own CPU GEMM: no oneDNN in this build of torch")
+        return None
+    for variable in CACHE_VARIABLES:
+        os.environ.setdefault(variable, str(CACHE_CAPACITY))
+    problem = _probe(_ONEDNN, dtype)
+    if not problem:
+        return _onednn(dtype)
+    if dtype == torch.bfloat16 and not _probe(_ONEDNN, torch.float32):
+        return _ONEDNN  # no native bfloat16 GEMM: widened, it runs at float32's speed, not emulated
+    log.info("linear layers stay on torch's own CPU GEMM: oneDNN cannot pack %s weights here (%s)", dtype, problem)
+    return None
+
+
+def _block(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> [blocks, in, BLOCK]: output columns in blocks, each block's rows contiguous, zero-padded."""
+    out, inp = weight.shape
+    blocks = -(-out // BLOCK)
+    padded = torch.zeros(blocks * BLOCK, inp, dtype=weight.dtype)
+    padded[:out] = weight
+    return padded.view(blocks, BLOCK, inp).transpose(1, 2).contiguous()
+
+
+def _unblock(packed: torch.Tensor, out: int) -> torch.Tensor:
+    return packed.transpose(1, 2).reshape(-1, packed.shape[1])[:out].contiguous()
+
+
+def _kernel_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    rows = x.reshape(-1, self.in_features)
+    bias = self.bias
+    if x.dtype != torch.float32:  # widened bfloat16
+        rows, bias = rows.float(), None if bias is None else bias.float()
+    y = cpu_kernels.ops().packed_linear(rows.contiguous(), getattr(self, PACKED), bias, self.out_features)
+    return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def _onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     packed = getattr(self, PACKED)
     if packed.dtype == x.dtype:
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
@@ -103,19 +158,30 @@ def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, bias, "none", [], "").to(x.dtype)
 
 
-def _probe(dtype: torch.dtype) -> str:
-    """Why oneDNN cannot serve linears of `dtype` here ('' when it can): packing refused, or a result off."""
+def _onednn(dtype: torch.dtype) -> _Backend:
+    return _Backend("oneDNN", torch.ops.mkldnn._reorder_linear_weight, _onednn_forward, dtype)
+
+
+_KERNEL = _Backend("the AVX2 kernel", _block, _kernel_forward, torch.float32)
+_ONEDNN = _onednn(torch.float32)
+
+
+def _probe(backend: _Backend, dtype: torch.dtype) -> str:
+    """Why `backend` cannot serve linears of `dtype` here ('' when it can): packing refused, or a result off.
+    The shapes take every tile size of the kernel and a partly filled block."""
     generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(48, 40, generator=generator).to(dtype)
-    bias = torch.randn(48, generator=generator).to(dtype)
-    x = torch.randn(3, 5, 40, generator=generator).to(dtype)
+    layer = nn.Linear(40, 37).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(37, 40, generator=generator))
+        layer.bias.copy_(torch.randn(37, generator=generator))
+    x = torch.randn(3, 7, 40, generator=generator).to(dtype)  # 21 rows: tiles of 6 and one of 3
     try:
         with torch.no_grad():
-            got = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(weight), bias,
-                                                     "none", [], "")
+            want = layer(x)
+            setattr(layer, PACKED, backend.pack(layer.weight.detach().to(dtype)))
+            got = backend.forward(layer, x)
     except RuntimeError as exc:
         return str(exc).strip().splitlines()[0]
-    want = nn.functional.linear(x, weight, bias)
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     error = (got.float() - want.float()).abs().max().item()
     return "" if error <= tolerance * want.float().abs().max().item() else f"off by {error:.2e} on a probe"

@@ -16,9 +16,10 @@ import torch
 
 from adapters import ModelSpec
 
-from . import attention, cpu_attention, cpu_linear
+from . import attention, cpu_kernels, cpu_linear
 from .compiled import CompiledForward
 from .kv_cache import KVPool, first_capacity, growth
+from .lean_forward import LeanForward
 from .request import Sequence
 from .sampler import RowSampler, sample
 
@@ -47,8 +48,9 @@ class ModelRunner:
         self.model = model
         self.spec = spec
         attention.install(model)
+        self.lean = LeanForward(model) if LeanForward.supports(model) else None  # else transformers' forward
         if spec.device.type == "cpu":
-            cpu_attention.available()  # build or load the decode kernel now, not in the first request
+            cpu_kernels.available()  # build or load the kernels now, not in the first request
         self.use_compiled(compiled)
         slot_bytes = KVPool.slot_bytes(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype)
         self.pool = KVPool(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.device, spec.dtype,
@@ -139,7 +141,7 @@ class ModelRunner:
         positions = [p for seg, n in zip(segments, kv_lens) for p in range(seg.length, n)]
         last_rows = list(itertools.accumulate(q_lens))
         keep = [last_rows[i] - 1 for i in sampling]
-        forward = self.compiled or self.model
+        forward = self.compiled or self.lean or self.model
         if self.compiled is not None:  # padded to a CUDA graph's size (no-op without graphs): zeros, row 0
             ids += [0] * (self.compiled.pad(len(ids)) - len(ids))
             positions += [0] * (len(ids) - len(positions))

@@ -16,11 +16,16 @@ VARIANTS = ["prompt", "prefix", "ptuning-mlp", "prefix-proj", "ptuning-lstm"]
 
 
 class _Forwards:
-    """Counts the model's forwards (materialization of prompt kinds runs one)."""
+    """Counts the model's forwards other than the engine's packed steps (materialization runs one)."""
 
     def __init__(self, model):
         self.count = 0
-        self.handle = model.register_forward_pre_hook(lambda *_: setattr(self, "count", self.count + 1))
+
+        def count(module, args, kwargs):
+            if kwargs.get("ragged") is None:
+                self.count += 1
+
+        self.handle = model.register_forward_pre_hook(count, with_kwargs=True)
 
 
 def _store(llama, root) -> AdapterStore:
@@ -53,7 +58,7 @@ def test_evicted_adapters_come_back_with_the_same_tokens_and_no_forward(llama, t
                 assert registry.cache.bytes <= registry.cache.capacity
     finally:
         forwards.handle.remove()
-    assert forwards.count == 2 * len(VARIANTS) * MAX_NEW, "a cold load ran the model (its saved prefix unused)"
+    assert forwards.count == 0, "a cold load ran the model (its saved prefix unused)"
     assert registry.stats["prefix_reads"] >= len(VARIANTS)
     for v in VARIANTS:
         assert first[v] == llama.reference(v, ids) and first[v] != llama.reference(None, ids), v

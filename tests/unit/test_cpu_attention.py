@@ -4,31 +4,20 @@ from __future__ import annotations
 
 import logging
 import random
-import shutil
 
 import pytest
 import torch
 
-from server.engine import attention, cpu_attention
+from server.engine import attention, cpu_attention, cpu_kernels
 from server.engine.kv_cache import KVPool
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 DECODE_LENS = [1, 300, 57, 2, 129, 16, 17, 64]  # keys per decoding request: 1, long, around a window of 16
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    """The kernel built; skipped only where this machine cannot build C++ extensions at all."""
-    from torch.utils import cpp_extension
-
-    if not cpp_extension.is_ninja_available() or not shutil.which(cpp_extension.get_cxx_compiler()):
-        pytest.skip("no C++ compiler or ninja: the kernel cannot be built here")
-    assert cpu_attention.available(), "the kernel failed to build: see the warning logged above"
-
-
 def _step(heads, kv_heads, head_dim, dtype, q_lens, kv_lens, seed=0):
     """A one-layer pool of random keys/values (gaps included) whose segments lie out of packing order with
-    unwritten slots between them; returns the step and a query [1, heads, tokens, head_dim]."""
+    unwritten slots between them; returns the step and its queries [tokens, heads, head_dim]."""
     torch.manual_seed(seed)
     pool = KVPool(1, kv_heads, head_dim, "cpu", dtype, slots=sum(kv_lens) + 8 * len(kv_lens) + 16)
     segs = [pool.allocate(kv + 8) for kv in kv_lens]
@@ -37,21 +26,20 @@ def _step(heads, kv_heads, head_dim, dtype, q_lens, kv_lens, seed=0):
     random.Random(seed).shuffle(order)
     step = attention.RaggedStep.build(pool, [segs[i].start for i in order], [q_lens[i] for i in order],
                                       [kv_lens[i] for i in order])
-    query = torch.randn(1, heads, sum(q_lens), head_dim).to(dtype)
+    query = torch.randn(sum(q_lens), heads, head_dim).to(dtype)
     return step, query
 
 
 def _sdpa(step, query, scale, window) -> torch.Tensor:
     """The per-request SDPA loop: [tokens, heads, head_dim]."""
-    q = query[0].transpose(0, 1).contiguous()
-    return torch.cat(attention._sdpa_each(step, q, step.pool.kv[0], scale, window, range(len(step.q_lens))))
+    return torch.cat(attention._sdpa_each(step, query, step.pool.kv[0], scale, window, range(len(step.q_lens))))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("heads, kv_heads", [(8, 4), (8, 8), (8, 1)], ids=["gqa", "mha", "mqa"])
 @pytest.mark.parametrize("head_dim", [64, 40, 17])
 @pytest.mark.parametrize("window", [None, 16])
-def test_decode_matches_sdpa(kernel, dtype, heads, kv_heads, head_dim, window):
+def test_decode_matches_sdpa(cpu_kernels_built, dtype, heads, kv_heads, head_dim, window):
     step, query = _step(heads, kv_heads, head_dim, dtype, [1] * len(DECODE_LENS), DECODE_LENS)
     scale = 0.3
     out = attention._per_request(step, query, step.pool.kv[0], scale, window)
@@ -69,9 +57,8 @@ def test_padded_decode_matches_sdpa(monkeypatch, dtype, heads, kv_heads, window,
     if per_call:
         monkeypatch.setattr(attention, "PADDED_DECODE_ELEMENTS", per_call * max(DECODE_LENS) * kv_heads * 40)
     step, query = _step(heads, kv_heads, 40, dtype, [1] * len(DECODE_LENS), DECODE_LENS)
-    q = query[0].transpose(0, 1).contiguous()
     decoding = attention._decoding(step)
-    out = attention._padded_decode(decoding.max_kv, q, step.pool.kv[0], decoding.starts, decoding.kv_lens, 0.3,
+    out = attention._padded_decode(decoding.max_kv, query, step.pool.kv[0], decoding.starts, decoding.kv_lens, 0.3,
                                    window)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out, _sdpa(step, query, 0.3, window), atol=tol, rtol=tol)
@@ -88,7 +75,7 @@ class _Layer(torch.nn.Module):
     ([4, 7], [10, 7]),  # prefilling only
     ([1], [33]),  # one decoding request
 ], ids=["mixed", "prefill", "one"])
-def test_mixed_step_end_to_end(kernel, monkeypatch, dtype, window, q_lens, kv_lens):
+def test_mixed_step_end_to_end(cpu_kernels_built, monkeypatch, dtype, window, q_lens, kv_lens):
     """ragged_attention with the kernel equals it without: outputs in packing order, keys written."""
     heads, kv_heads, head_dim = 8, 4, 64
     step, query = _step(heads, kv_heads, head_dim, dtype, q_lens, kv_lens, seed=1)
@@ -96,8 +83,8 @@ def test_mixed_step_end_to_end(kernel, monkeypatch, dtype, window, q_lens, kv_le
     key, value = (torch.randn(1, kv_heads, tokens, head_dim).to(dtype) for _ in range(2))
 
     def run():
-        out, _ = attention.ragged_attention(_Layer(), query, key, value, attention.NO_MASK, scaling=0.125,
-                                            ragged=step, sliding_window=window)
+        out, _ = attention.ragged_attention(_Layer(), query.transpose(0, 1)[None], key, value, attention.NO_MASK,
+                                            scaling=0.125, ragged=step, sliding_window=window)
         return out
 
     fast = run()
@@ -108,11 +95,11 @@ def test_mixed_step_end_to_end(kernel, monkeypatch, dtype, window, q_lens, kv_le
     torch.testing.assert_close(fast, slow, atol=tol, rtol=tol)
 
 
-def test_default_scale_and_bounds(kernel):
+def test_default_scale_and_bounds(cpu_kernels_built):
     step, query = _step(4, 2, 32, torch.float32, [1, 1], [9, 30])
     torch.testing.assert_close(attention._per_request(step, query, step.pool.kv[0], None, None),
                                _sdpa(step, query, None, None), atol=1e-5, rtol=1e-5)
-    q = query[0].transpose(0, 1).contiguous()
+    q = query
     slots = step.pool.slots
     with pytest.raises(RuntimeError, match="not in the pool"):
         cpu_attention.decode(q, step.pool.kv[0], torch.tensor([0, slots - 5]), torch.tensor([9, 30]), None, None)
@@ -122,14 +109,14 @@ def test_unavailable_kernel_falls_back_with_one_warning(monkeypatch, caplog):
     def fail():
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(cpu_attention, "_tried", False)
-    monkeypatch.setattr(cpu_attention, "_kernel", None)
-    monkeypatch.setattr(cpu_attention, "_load", fail)
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_ops", None)
+    monkeypatch.setattr(cpu_kernels, "_load", fail)
     step, query = _step(8, 4, 64, torch.float32, [1, 3, 1], [50, 3, 120])
-    with caplog.at_level(logging.WARNING, logger=cpu_attention.__name__):
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
         first = attention._per_request(step, query, step.pool.kv[0], 0.125, None)
         again = attention._per_request(step, query, step.pool.kv[0], 0.125, None)
-    assert not cpu_attention.available()
+    assert not cpu_kernels.available() and not cpu_attention.supports(query, step.pool.kv[0])
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "no compiler here" in warnings[0].getMessage()
     torch.testing.assert_close(first, _sdpa(step, query, 0.125, None), atol=0, rtol=0)

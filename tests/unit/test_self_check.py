@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import pytest
-from transformers import AttentionInterface
 
 from server.engine import attention
 from server.engine.kv_cache import KVPool
@@ -24,18 +23,15 @@ def test_self_check_passes_and_leaves_the_runner_idle(worlds, arch):
 
 @pytest.fixture
 def broken_attention(monkeypatch):
-    """The registered attention, its packed-step output scaled: what a changed internal could do.
-    Installed now, and by every engine made during the test."""
-    original = attention.ragged_attention
+    """The packed steps' attention, its output scaled: what a changed internal could do. Both forwards
+    the runner may use (transformers' with our attention registered, and `lean_forward`) attend
+    through `attention.attend`."""
+    original = attention.attend
 
-    def broken(module, query, key, value, attention_mask, ragged=None, **kwargs):
-        out, weights = original(module, query, key, value, attention_mask, ragged=ragged, **kwargs)
-        return (out * 0.5 if ragged is not None else out), weights
+    def broken(*args, **kwargs):
+        return original(*args, **kwargs) * 0.5
 
-    monkeypatch.setattr(attention, "ragged_attention", broken)
-    AttentionInterface.register(attention.NAME, broken)
-    yield
-    AttentionInterface.register(attention.NAME, original)
+    monkeypatch.setattr(attention, "attend", broken)
 
 
 def test_self_check_refuses_a_broken_attention(llama, broken_attention):

@@ -1,5 +1,5 @@
 // Decode attention over the KV pool: one query per request against its own segment of the pool.
-// Built and called by server/engine/cpu_attention.py, which documents when and why.
+// Built by server/engine/cpu_kernels.py, called by cpu_attention.py, which documents when and why.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

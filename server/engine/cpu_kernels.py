@@ -1,0 +1,78 @@
+"""The engine's C++ kernels for CPU (`csrc/`), built into one extension on first use.
+
+`decode_attention.cpp`: every decoding request's attention over its pool segment (`cpu_attention`);
+`linear.cpp`: linear layers on weights packed for AVX2 (`cpu_linear`). Both register torch ops under
+`torch.ops.softprompt`.
+
+The extension is compiled with torch.utils.cpp_extension into torch's extension cache
+(TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions; about 30 s once, then loaded from there), so it
+needs a C++ compiler and ninja but no Python headers. Without them, or on any error while building
+or loading it, one warning is logged and `available()` is False: attention stays one SDPA call per
+request and linear layers go to oneDNN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode_attention.cpp", "linear.cpp")]
+# Plain -O3, no -march: the cache may be shared by machines with different CPUs (a mounted home, a
+# baked image), where a foreign instruction kills the process instead of falling back. Code that needs
+# AVX2 says so per function (`target("avx2,fma")`) and is called only where the CPU has it.
+# -fopenmp makes ATen's parallel_for parallel (without it the header runs serially); libgomp resolves
+# to torch's own.
+CFLAGS = ["-O3", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+
+_lock = threading.Lock()
+_tried = False  # whether this process has tried to load the extension
+_ops = None  # torch.ops.softprompt once loaded
+
+
+def available() -> bool:
+    """Whether the kernels are loaded; builds or loads them on the first call in this process."""
+    global _tried, _ops
+    if not _tried:
+        with _lock:
+            if not _tried:
+                try:
+                    _ops = _load()
+                except Exception as exc:  # no compiler or ninja, a failed build, an unwritable cache
+                    log.warning("CPU kernels unavailable (%s: %s); attention runs per request with SDPA and linear "
+                                "layers on oneDNN", type(exc).__name__, _last_lines(str(exc)))
+                _tried = True
+    return _ops is not None
+
+
+def ops():
+    """torch.ops.softprompt; call only after `available()` said True."""
+    return _ops
+
+
+def _load():
+    from torch.utils import cpp_extension
+
+    with contextlib.suppress(ImportError):  # the ninja wheel (a dependency) when no ninja is on PATH
+        import ninja
+
+        if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = os.pathsep.join(filter(None, [os.environ.get("PATH"), ninja.BIN_DIR]))
+    began = time.perf_counter()
+    cpp_extension.load(name="softprompt_cpu_kernels", sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
+                       extra_ldflags=LDFLAGS, is_python_module=False)
+    log.info("CPU kernels built or loaded in %.1f s", time.perf_counter() - began)
+    return torch.ops.softprompt
+
+
+def _last_lines(text: str, n: int = 3) -> str:
+    """A build error's last lines: where compilers and ninja say what went wrong."""
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-n:])

@@ -1,0 +1,87 @@
+"""The packed step's forward for Llama, Qwen2 and Mistral, written out: transformers' computation without its plumbing.
+
+transformers' forward of a decoder passes each layer through several wrappers (output capture,
+gradient-checkpointing layers, keyword merging, the attention interface's lookup), about a
+millisecond of Python per layer and step on the CPU here, as much as the layer's arithmetic when
+one request decodes. `LeanForward` runs the same modules' weights through the same operations in
+the same order, on the packed step's [tokens, ...] tensors: the model's own embedding, rotary
+embedding, norms, projections and MLP modules, the attention through `attention.attend`. Only the
+final norm and lm_head run on just the rows that sample (transformers normalizes every row, then
+keeps those): row-wise, so the same numbers.
+
+Taken for the classes in SUPPORTED whose layers have exactly the modules this code calls; any
+other model keeps transformers' forward with our attention registered in it. The start-up
+self-check (`self_check.py`) compares whichever forward the runner uses against transformers' own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import attention
+
+# the classes written out, each with where its attention finds its sliding window (as its own forward does)
+SUPPORTED = {
+    "LlamaForCausalLM": lambda attn, config: None,
+    "Qwen2ForCausalLM": lambda attn, config: attn.sliding_window,  # per layer: config.layer_types
+    "MistralForCausalLM": lambda attn, config: getattr(config, "sliding_window", None),
+}
+ATTENTION_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj"}
+MLP_MODULES = {"gate_proj", "up_proj", "down_proj"}
+
+
+@dataclass
+class LeanOutput:
+    logits: torch.Tensor  # [1, sampled rows, vocab], as transformers' output with logits_to_keep
+
+
+class LeanForward:
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.inner = model.model
+        self.layers = list(self.inner.layers)
+        self.head_dim = self.layers[0].self_attn.head_dim
+        window = SUPPORTED[type(model).__name__]
+        self.windows = [window(layer.self_attn, model.config) for layer in self.layers]
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        """Whether `model` is a class written out here, with the modules this code calls and nothing more."""
+        if type(model).__name__ not in SUPPORTED or getattr(model.config, "pretraining_tp", 1) != 1:
+            return False
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if {name for name, _ in attn.named_children()} != ATTENTION_MODULES:
+                return False  # e.g. per-head q/k norms
+            if {name for name, _ in mlp.named_children()} - {"act_fn"} != MLP_MODULES:
+                return False
+        return True
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, ragged: attention.RaggedStep,
+                 logits_to_keep: torch.Tensor, **_) -> LeanOutput:
+        """input_ids, position_ids: [1, tokens]; logits_to_keep: the rows whose logits are returned."""
+        h = self.inner.embed_tokens(input_ids[0])  # [tokens, hidden]
+        tokens, head_dim = h.shape[0], self.head_dim
+        cos, sin = self.inner.rotary_emb(h, position_ids)  # [1, tokens, head_dim]
+        cos, sin = cos[0, :, None], sin[0, :, None]  # [tokens, 1, head_dim]: broadcast over heads
+        for layer, window in zip(self.layers, self.windows):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(tokens, -1, head_dim)
+            k = attn.k_proj(x).view(tokens, -1, head_dim)
+            v = attn.v_proj(x).view(tokens, -1, head_dim)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            o = attention.attend(ragged, attn.layer_idx, q, k, v, attn.scaling, window)
+            h = h + attn.o_proj(o.reshape(tokens, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        logits = self.model.lm_head(self.inner.norm(h[logits_to_keep]))
+        return LeanOutput(logits[None])
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

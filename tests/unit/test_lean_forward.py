@@ -1,0 +1,67 @@
+"""The written-out forward (`lean_forward`) computes exactly what transformers' forward computes
+on the same packed steps, for every class it takes; other models keep transformers' forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from adapters import Adapter, ModelSpec
+from adapters.adapter import virtual_tokens_to_kv
+from server.demo.tiny import seeded_init, tiny_config
+from server.engine.lean_forward import LeanForward
+from server.engine.model_runner import ModelRunner, ScheduledStep
+from server.engine.request import SamplingParams, Sequence
+
+VARIANTS = {
+    "llama": dict(),
+    "qwen2": dict(),  # biases on q/k/v, lm_head tied to the embeddings
+    "qwen2-sliding": dict(use_sliding_window=True, sliding_window=5, max_window_layers=1),  # one full layer, one windowed
+    "mistral": dict(sliding_window=5),
+}
+
+
+def _model(variant: str):
+    arch = variant.split("-")[0]
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, hidden_size=64, num_layers=2, **VARIANTS[variant]))
+    seeded_init(model, seed=3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_lean_forward_equals_transformers_on_packed_steps(variant):
+    """Two runners on one model, one lean and one through transformers, run the same prefill (a
+    prefix-carrying request and a plain one, prompts longer than the window) and three decodes:
+    the logits are equal to the last bit."""
+    model = _model(variant)
+    spec = ModelSpec.from_hf_config(model.config, torch.device("cpu"), torch.float32)
+    lean, plain = (ModelRunner(model, spec, kv_cache_bytes=1 << 20) for _ in range(2))
+    assert lean.lean is not None
+    plain.lean = None
+    g = torch.Generator().manual_seed(0)
+    prefix = virtual_tokens_to_kv(model, model.get_input_embeddings()(torch.randint(3, 200, (4,), generator=g)))
+    adapter = Adapter("p", "PROMPT_TUNING", 4, "p", 0.0, {}, prefix, None)
+    prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (9, 3)]
+    seqs = {runner: [Sequence(list(prompts[0]), SamplingParams(max_new_tokens=8), adapter),
+                     Sequence(list(prompts[1]), SamplingParams(max_new_tokens=8))] for runner in (lean, plain)}
+    for step in range(4):
+        logits = {}
+        for runner, batch in seqs.items():
+            scheduled = ScheduledStep(prefill=[(s, s.pending) for s in batch]) if step == 0 else ScheduledStep(decode=batch)
+            _, logits[runner] = runner.forward(scheduled)
+        assert torch.equal(logits[lean], logits[plain]), f"step {step}"
+        for batch in seqs.values():
+            for seq, row in zip(batch, logits[lean]):
+                seq.output_ids.append(int(row.argmax()))
+    assert len({tuple(s.output_ids) for s in seqs[lean]}) == 2  # the requests did differ
+
+
+def test_only_the_classes_written_out_are_taken():
+    assert LeanForward.supports(_model("llama"))
+    gpt2 = AutoModelForCausalLM.from_config(tiny_config("gpt2", hidden_size=64, num_layers=2))
+    assert not LeanForward.supports(gpt2)
+    with_norms = _model("llama")
+    for layer in with_norms.model.layers:  # per-head q/k norms, as Qwen3 has: not what the lean forward computes
+        layer.self_attn.q_norm = torch.nn.Identity()
+    assert not LeanForward.supports(with_norms)
