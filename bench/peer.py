@@ -52,6 +52,7 @@ import torch
 from bench.bench_engine import parse_args as engine_args
 from bench.process import quiet
 from bench.report import agreement
+from bench.sse_client import post_events
 from bench.workload import build_world
 
 SYSTEMS = ("ours", "vllm")
@@ -294,27 +295,21 @@ class Run:
         return sum(o.tokens < self.max_tokens for o in self.outs)
 
 
-async def stream_one(client: httpx.AsyncClient, url: str, body: dict, t0: float, counted_by_text: bool) -> Out:
+async def stream_one(url: str, body: dict, t0: float, counted_by_text: bool) -> Out:
     pieces, ttft, finish, usage = [], None, None, None
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"POST {url}/v1/completions -> {r.status_code}: {(await r.aread())[:400]!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line[6:]
-            if data == "[DONE]":
-                break
-            obj = json.loads(data)
-            if "error" in obj:
-                raise RuntimeError(f"{url}: error in stream: {obj}")
-            if obj.get("usage"):
-                usage = obj["usage"]
-            for choice in obj.get("choices") or ():
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-                pieces.append(choice.get("text") or "")
-                finish = choice.get("finish_reason") or finish
+    async for data in post_events(url, "/v1/completions", body):
+        if data == "[DONE]":
+            break
+        obj = json.loads(data)
+        if "error" in obj:
+            raise RuntimeError(f"{url}: error in stream: {obj}")
+        if obj.get("usage"):
+            usage = obj["usage"]
+        for choice in obj.get("choices") or ():
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            pieces.append(choice.get("text") or "")
+            finish = choice.get("finish_reason") or finish
     end = time.perf_counter() - t0
     text = "".join(pieces)
     if usage and usage.get("completion_tokens") is not None:
@@ -327,17 +322,16 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict, t0: float,
 
 
 async def run_bodies(url: str, bodies: list[dict], counted_by_text: bool, sequential: bool = False) -> tuple[list[Out], float]:
-    limits = httpx.Limits(max_connections=len(bodies) + 4, max_keepalive_connections=len(bodies) + 4)
-    async with httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(900.0), limits=limits) as client:
-        if sequential:
-            outs = []
-            for body in bodies:
-                t0 = time.perf_counter()
-                outs.append(await stream_one(client, url, body, t0, counted_by_text))
-            return outs, sum(o.end for o in outs)
-        t0 = time.perf_counter()
-        outs = await asyncio.gather(*(stream_one(client, url, b, t0, counted_by_text) for b in bodies))
-        return list(outs), time.perf_counter() - t0
+    """Stream every body's completion, all at once (or one after another), with `sse_client`'s lean client."""
+    if sequential:
+        outs = []
+        for body in bodies:
+            t0 = time.perf_counter()
+            outs.append(await stream_one(url, body, t0, counted_by_text))
+        return outs, sum(o.end for o in outs)
+    t0 = time.perf_counter()
+    outs = await asyncio.gather(*(stream_one(url, b, t0, counted_by_text) for b in bodies))
+    return list(outs), time.perf_counter() - t0
 
 
 def embeds_b64(setup: Setup, adapter: str, index: int, dtype: torch.dtype) -> str:

@@ -216,6 +216,12 @@ def _call_back(deliveries: list[Delivery]) -> None:
         seq.on_token(seq, event)
 
 
+def _call_back_on_loop(deliveries: list[Delivery], loop: asyncio.AbstractEventLoop, flushed: threading.Event | None):
+    _call_back(deliveries)
+    if flushed is not None:  # once the readers woken here have run (the loop's next iteration) and written
+        loop.call_soon(loop.call_soon, flushed.set)
+
+
 def _eos_ids(model, tokenizer) -> set[int]:
     ids = set()
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -232,7 +238,16 @@ class AsyncEngine:
 
     Start it from the event loop that consumes the streams: each step's tokens reach that loop
     in one `call_soon_threadsafe`, and every callback of `Sequence.on_token` runs on it.
+
+    On CPU the engine's torch threads fill the cores, so the loop's work for a step (waking the
+    readers, writing their chunks) would preempt one of them in the next step and stall its whole
+    parallel region. There the engine thread lets the loop deliver a step's tokens before it starts
+    the next (waiting at most FLUSH_WAIT_S, so a loop busy elsewhere cannot hold the engine up).
+    Measured over HTTP on 2 cores, 64 streams, alternating in one run: +10% tokens/s with mixed
+    adapters (rounds of 556-584 against 469-527), base even or better.
     """
+
+    FLUSH_WAIT_S = 0.02
 
     def __init__(self, engine: Engine, threads: int | None = None):
         """threads: torch's intra-op threads on the engine thread (default: as the process has)."""
@@ -242,6 +257,7 @@ class AsyncEngine:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._wait_for_delivery = engine.runner.spec.device.type == "cpu"
         self._between_steps: deque[tuple[Callable, concurrent.futures.Future]] = deque()
 
     def start(self) -> None:
@@ -280,10 +296,15 @@ class AsyncEngine:
 
     def _hand_over(self, deliveries: list[Delivery]) -> None:  # any thread, once per step
         if deliveries:
+            loop = self._event_loop
+            wait = self._wait_for_delivery and threading.current_thread() is self._thread
+            flushed = threading.Event() if wait else None
             try:
-                self._event_loop.call_soon_threadsafe(_call_back, deliveries)
+                loop.call_soon_threadsafe(_call_back_on_loop, deliveries, loop, flushed)
             except RuntimeError:  # the event loop has closed: nobody is listening any more
-                pass
+                return
+            if flushed is not None:
+                flushed.wait(self.FLUSH_WAIT_S)
 
     def _loop(self) -> None:
         if self.threads:
