@@ -39,19 +39,6 @@ T = TypeVar("T")
 UNBOUNDED = 1 << 62
 
 
-class _ForwardsThrough:
-    """The model, its forward calls run through `run_model`; everything else reads straight through."""
-
-    def __init__(self, model, run_model):
-        self._model, self._run_model = model, run_model
-
-    def __call__(self, *args, **kwargs):
-        return self._run_model(lambda: self._model(*args, **kwargs))
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-
 _generations = itertools.count()
 
 
@@ -75,8 +62,12 @@ class AdapterRegistry:
                  run_model: Callable[[Callable[[], T]], T] | None = None, limits: Limits = LIMITS,
                  max_adapters: int | None = None, cache_bytes: int = UNBOUNDED, pinned: frozenset[str] = frozenset(),
                  model_key: str | None = None):
-        """run_model: where the model's forwards for materialization run (the server passes the
-        engine's `run_between_steps`, so they never overlap a step); default: on the caller's thread.
+        """run_model: where a load's tensor work runs (reading a saved prefix, the encoders, the model
+        forward). The server passes the engine's `run_between_steps`: it never overlaps a step, and
+        torch's threads stay the engine thread's (torch ops on another thread start a second
+        OpenMP team, and with more OpenMP threads than cores libgomp stops spinning between parallel
+        regions: every step slowed by a third for the rest of the process). Default: on the
+        caller's thread.
         limits: the largest sizes an adapter's config may declare. max_adapters: the most adapters
         registered; storing a new one past it raises StoreFull (those added with persist=False, which
         are stored already or never, are not refused); None: no limit. cache_bytes: device bytes of
@@ -85,7 +76,8 @@ class AdapterRegistry:
         self.spec = spec
         self.limits = limits
         self.max_adapters = max_adapters
-        self.model = model if run_model is None else _ForwardsThrough(model, run_model)
+        self.model = model
+        self._run = run_model or (lambda fn: fn())
         self.store = store
         self.model_key = model_key
         self.cache: PrefixCache[Adapter] = PrefixCache(cache_bytes, size=lambda a: a.prefix_bytes)
@@ -267,7 +259,8 @@ class AdapterRegistry:
             kind = check_config(config, self.spec, self.limits)
         except (OSError, InvalidAdapter):
             return None  # the full load says what is wrong
-        kv = load_prefix(entry.directory, self.model_key, version, self.spec, config["num_virtual_tokens"])
+        kv = self._run(lambda: load_prefix(entry.directory, self.model_key, version, self.spec,
+                                           config["num_virtual_tokens"]))
         if kv is None:
             return None
         self.stats["prefix_reads"] += 1
@@ -291,8 +284,9 @@ class AdapterRegistry:
             return kv
 
         try:
-            adapter = load_adapter(name, config_raw, weights_raw, self.spec, self.model, source, limits=self.limits,
-                                   saved_kv=saved_kv if directory is not None and self.model_key else None)
+            adapter = self._run(lambda: load_adapter(
+                name, config_raw, weights_raw, self.spec, self.model, source, limits=self.limits,
+                saved_kv=saved_kv if directory is not None and self.model_key else None))
         except InvalidAdapter:
             self.stats["load_failures"] += 1
             raise

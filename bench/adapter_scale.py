@@ -113,7 +113,7 @@ class _ForwardCounter:
 def ttft(registry: AdapterRegistry, engine: Engine, names: list[str], prompt: list[int]) -> dict:
     """Per adapter: evicted then asked for (cold: read its saved prefix), then asked again (warm)."""
     params = SamplingParams(max_new_tokens=1)
-    counter = _ForwardCounter(registry.model if not hasattr(registry.model, "_model") else registry.model._model)
+    counter = _ForwardCounter(registry.model)
     cold, warm, forwards_in_cold = [], [], 0
     for name in names:
         registry.cache.drop(registry._entries[name].key)

@@ -1,5 +1,6 @@
 """An adapter uploaded while the engine serves is materialized on the engine thread, between two
-steps: its model forward never overlaps a step's."""
+steps: its model forward never overlaps a step's, and its encoders run on the engine thread too (torch
+ops on another thread would start a second OpenMP team, which slows every later step)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,16 @@ from server.engine.request import SamplingParams
 from tests.conftest import PROMPTS
 
 
-def test_materialization_runs_between_steps_on_the_engine_thread(llama):
+def test_materialization_runs_between_steps_on_the_engine_thread(llama, monkeypatch):
+    import adapters.loading
+
+    materialize, materialized_on = adapters.loading.materialize, []
+
+    def recorded_materialize(*args, **kwargs):
+        materialized_on.append(threading.current_thread().name)
+        return materialize(*args, **kwargs)
+
+    monkeypatch.setattr(adapters.loading, "materialize", recorded_materialize)
     engine = AsyncEngine(llama.engine())
     registry = AdapterRegistry(llama.spec, llama.model, run_model=engine.run_between_steps)
     spans, forwards = [], []
@@ -57,6 +67,7 @@ def test_materialization_runs_between_steps_on_the_engine_thread(llama):
     finally:
         type(llama.model).forward = model_forward
     assert len(forwards) == 2 and all(thread == "engine" for *_, thread in forwards)
+    assert materialized_on == ["engine", "engine"]  # the LSTM encoder included
     for began, ended, _ in forwards:
         assert not any(b < ended and began < e for b, e in spans), "a materialization overlapped a step"
     assert any(b > forwards[0][1] for b, _ in spans), "the batch went on after the upload"
