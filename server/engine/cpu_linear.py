@@ -10,10 +10,11 @@ Two packings, one per model, chosen at `install`:
 - On x86 CPUs whose best vector unit is AVX2 (`torch.backends.cpu.get_cpu_capability()`), with the
   engine's CPU kernels built (`cpu_kernels`): `csrc/linear.cpp`, float32, each weight cut into
   blocks of 16 output columns stored one after another ([blocks, in, 16]), a 6 x 16 register tile
-  of FMAs per block. Milliseconds for one pass through the bench model's 56 weights (92 MB) on the
-  2-core AMD EPYC here, 2 threads, oneDNN packed / this kernel: 1 row (one stream decoding)
-  7.8 / 4.8 (memory: 25 GB/s), 2 rows 9.7 / 4.7, 8 rows 10.9 / 7.3, 16 rows 13.8 / 9.9,
-  64 rows 31.3 / 30.2, 256 rows 97.6 / 92.4, 4096 rows 1458 / 1362.
+  of FMAs per block, a block streamed in once with prefetching. Milliseconds for one pass through
+  the bench model's 56 weights (92 MB) on the 2-core AMD EPYC here, 2 threads, in one process
+  alternating, this kernel / oneDNN packed / plain F.linear: 1 row (one stream decoding)
+  4.3 / 6.9 / 7.9 (memory: about 21 GB/s), 8 rows 4.0 / 8.1 / 11.3, 16 rows 6.1 / 10.7 / 15.4,
+  64 rows 26.8 / 23.8 / 27.1, 1024 rows 415 / 407 / 542.
 - Elsewhere (AVX-512 and AMX CPUs, whose wider units oneDNN uses; ARM; no compiler): oneDNN, the
   weight reordered into its blocked layout (what vLLM's CPU build does). oneDNN keeps each shape's
   compiled call (its primitive, with buffers sized by the rows) in two caches of 1024 entries by
