@@ -48,6 +48,20 @@ def test_decode_matches_sdpa(cpu_kernels_built, dtype, heads, kv_heads, head_dim
     torch.testing.assert_close(out, _sdpa(step, query, scale, window), atol=tol, rtol=tol)
 
 
+def test_decode_does_not_depend_on_how_the_work_is_shared(cpu_kernels_built):
+    """(request, KV head) tasks go to whichever thread asks first: bit-identical with 1, 2 and 7 threads."""
+    step, query = _step(8, 4, 64, torch.float32, [1] * len(DECODE_LENS), DECODE_LENS)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 7):
+            torch.set_num_threads(threads)
+            outs.append(attention._per_request(step, query, step.pool.kv[0], 0.3, None))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outs[0], out) for out in outs[1:])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("heads, kv_heads", [(8, 4), (8, 1)], ids=["gqa", "mqa"])
 @pytest.mark.parametrize("window", [None, 16])

@@ -120,6 +120,26 @@ def test_kernel_equals_linear_at_every_row_count(cpu_kernels_built, out_features
 
 
 @pytest.mark.skipif(not AVX2, reason="the AVX2 kernel is used only on CPUs whose best vector unit is AVX2")
+def test_kernel_output_does_not_depend_on_how_the_work_is_shared(cpu_kernels_built):
+    """Tasks go to whichever thread asks first (csrc/parallel.cpp): bit-identical outputs with 1 thread,
+    2, and more threads than tasks or cores."""
+    generator = torch.Generator().manual_seed(0)
+    packed = cpu_linear._block(torch.randn(300, 67, generator=generator))
+    bias = torch.randn(300, generator=generator)
+    before = torch.get_num_threads()
+    try:
+        for rows in (1, 5, 100):
+            x = torch.randn(rows, 67, generator=generator)
+            outs = []
+            for threads in (1, 2, 7):
+                torch.set_num_threads(threads)
+                outs.append(cpu_kernels.ops().packed_linear(x, packed, bias, 300))
+            assert all(torch.equal(outs[0], out) for out in outs[1:]), f"{rows} rows"
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not AVX2, reason="the AVX2 kernel is used only on CPUs whose best vector unit is AVX2")
 def test_kernel_refuses_what_it_cannot_compute(cpu_kernels_built):
     packed = cpu_linear._block(torch.randn(20, 8))
     op = cpu_kernels.ops().packed_linear

@@ -9,7 +9,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <vector>
+
+namespace softprompt {
+void shared_for(int64_t tasks, const std::function<void(int64_t, int64_t)>& fn);  // parallel.cpp
+}
 
 namespace {
 
@@ -99,7 +104,7 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& kv, const
   at::Tensor out = at::empty_like(query);
 
   auto run = [&](auto* q, auto* pool, auto* o) {
-    at::parallel_for(0, requests * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    softprompt::shared_for(requests * kv_heads, [&](int64_t begin, int64_t end) {
       std::vector<float> work;
       for (int64_t item = begin; item < end; ++item) {
         const int64_t r = item / kv_heads, g = item % kv_heads;

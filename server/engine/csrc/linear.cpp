@@ -3,8 +3,8 @@
 //
 // The packed weight is [blocks, in, 16]: block b holds output columns 16b..16b+15, one row of 16 per
 // input feature, so a block is one contiguous stream of memory (the last block zero-padded). Each
-// (block, chunk of up to kChunkRows rows) is a task for ATen's parallel_for, block-major, so a
-// thread's tasks walk its blocks in memory order. A task runs register tiles of up to 6 rows by 16
+// (block, chunk of up to kChunkRows rows) is a task, shared out by `shared_for` (parallel.cpp) in
+// block-major runs, so a thread's tasks walk blocks in memory order. A task runs register tiles of up to 6 rows by 16
 // columns (12 accumulators of FMAs) over the block:
 // - few rows (decoding; up to kSlicedRows): memory-bound. The tiles take the block slice by slice
 //   (kDepth input features, 4 KB), so the first tile reads a slice from memory and the others from
@@ -20,11 +20,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <functional>
 #include <optional>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+
+namespace softprompt {
+void shared_for(int64_t tasks, const std::function<void(int64_t, int64_t)>& fn);  // parallel.cpp
+}
 
 namespace {
 
@@ -128,7 +133,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const st
   float* yp = y.data_ptr<float>();
   const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
   // block-major: consecutive tasks share a block, which stays in cache while they sweep the rows
-  at::parallel_for(0, blocks * chunks, 1, [&](int64_t first, int64_t last) {
+  softprompt::shared_for(blocks * chunks, [&](int64_t first, int64_t last) {
     for (int64_t task = first; task < last; ++task) {
       const int64_t b = task / chunks, r0 = (task % chunks) * kChunkRows;
       const int64_t n0 = b * kBlock, cols = std::min(kBlock, out_features - n0);

@@ -1,0 +1,39 @@
+// Work sharing for the kernels: tasks handed out from a shared counter instead of split up front.
+// Built by server/engine/cpu_kernels.py.
+//
+// ATen's parallel_for splits its range into one fixed part per thread. When the OS takes a core from
+// one of those threads (the server's event loop writing a step's tokens, a client on the same
+// machine, a noisy neighbour), the others finish their parts and wait for it at the barrier: a
+// millisecond taken from one thread costs the whole team a millisecond. Here each thread takes the
+// next run of tasks from a shared counter, runs shrinking as the range runs out (guided
+// scheduling), so the others take over a preempted thread's share and the op is delayed by its own
+// part of the interruption only. Runs stay long at first, so each thread still walks memory in order.
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <functional>
+
+namespace softprompt {
+
+void shared_for(int64_t tasks, const std::function<void(int64_t, int64_t)>& fn) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
+  if (threads <= 1 || at::in_parallel_region()) {
+    if (tasks > 0) fn(0, tasks);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    int64_t begin = next.load(std::memory_order_relaxed);
+    while (begin < tasks) {
+      const int64_t end = begin + std::max<int64_t>(1, (tasks - begin) / (2 * threads));
+      if (next.compare_exchange_weak(begin, end, std::memory_order_relaxed)) {
+        fn(begin, end);
+        begin = next.load(std::memory_order_relaxed);
+      }
+    }
+  });
+}
+
+}  // namespace softprompt
