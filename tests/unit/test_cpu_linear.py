@@ -121,7 +121,7 @@ def test_kernel_equals_linear_at_every_row_count(cpu_kernels_built, out_features
 
 @pytest.mark.skipif(not AVX2, reason="the AVX2 kernel is used only on CPUs whose best vector unit is AVX2")
 def test_kernel_output_does_not_depend_on_how_the_work_is_shared(cpu_kernels_built):
-    """Tasks go to whichever thread asks first (csrc/parallel.cpp): bit-identical outputs with 1 thread,
+    """Tasks go to whichever thread asks first (csrc/common.cpp): bit-identical outputs with 1 thread,
     2, and more threads than tasks or cores."""
     generator = torch.Generator().manual_seed(0)
     packed = cpu_linear._block(torch.randn(300, 67, generator=generator))

@@ -3,7 +3,7 @@
 //
 // The packed weight is [blocks, in, 16]: block b holds output columns 16b..16b+15, one row of 16 per
 // input feature, so a block is one contiguous stream of memory (the last block zero-padded). Each
-// (block, chunk of up to kChunkRows rows) is a task, shared out by `shared_for` (parallel.cpp) in
+// (block, chunk of up to kChunkRows rows) is a task, shared out by `shared_for` (common.cpp) in
 // block-major runs, so a thread's tasks walk blocks in memory order. A task runs register tiles of up to 6 rows by 16
 // columns (12 accumulators of FMAs) over the block:
 // - few rows (decoding; up to kSlicedRows): memory-bound. The tiles take the block slice by slice
@@ -27,9 +27,10 @@
 #include <immintrin.h>
 #endif
 
-namespace softprompt {
-void shared_for(int64_t tasks, const std::function<void(int64_t, int64_t)>& fn);  // parallel.cpp
-}
+namespace softprompt {  // common.cpp
+void shared_for(int64_t tasks, const std::function<void(int64_t, int64_t)>& fn);
+bool cpu_has_avx2_fma();
+}  // namespace softprompt
 
 namespace {
 
@@ -97,20 +98,17 @@ void rows_times_block(const float* x, int64_t rows, int64_t in, const float* blo
     for (int64_t c = 0; c < cols; ++c) y[r * out_features + c] = acc[r * kBlock + c] + (bias ? bias[c] : 0.f);
 }
 
-bool cpu_has_avx2_fma() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
-
 #else
 
 void rows_times_block(const float*, int64_t, int64_t, const float*, const float*, float*, int64_t, int64_t,
                       const float*) {}
-bool cpu_has_avx2_fma() { return false; }
 
 #endif
 
 // x [rows, in] float32 contiguous; packed [blocks, in, 16]; bias [out_features] or none.
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                          int64_t out_features) {
-  TORCH_CHECK(cpu_has_avx2_fma(), "packed_linear needs an x86 CPU with AVX2 and FMA");
+  TORCH_CHECK(softprompt::cpu_has_avx2_fma(), "packed_linear needs an x86 CPU with AVX2 and FMA");
   TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(2) == kBlock, "x [rows, in] and a packed weight "
               "[blocks, in, ", kBlock, "] expected");
   TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "CPU tensors expected");

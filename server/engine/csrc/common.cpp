@@ -1,5 +1,5 @@
-// Work sharing for the kernels: tasks handed out from a shared counter instead of split up front.
-// Built by server/engine/cpu_kernels.py.
+// What the kernels share: work sharing (tasks handed out from a shared counter instead of split up
+// front) and the CPU feature check. Built by server/engine/cpu_kernels.py.
 //
 // ATen's parallel_for splits its range into one fixed part per thread. When the OS takes a core from
 // one of those threads (the server's event loop writing a step's tokens, a client on the same
@@ -35,5 +35,11 @@ void shared_for(int64_t tasks, const std::function<void(int64_t, int64_t)>& fn) 
     }
   });
 }
+
+#if defined(__x86_64__)
+bool cpu_has_avx2_fma() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+#else
+bool cpu_has_avx2_fma() { return false; }
+#endif
 
 }  // namespace softprompt
