@@ -10,7 +10,9 @@ HTTP rounds: the server's event loop (its main thread: routes, SSE chunks, socke
 other threads (the engine and torch's), and the client itself.
 In-process: the same prompts (tokenized as the server does), `SamplingParams` and adapters
 submitted to an `Engine` at once and stepped to the end on this thread. Both runs generate
-exactly `--new-tokens` per request (`ignore_eos`). The best of the rounds is kept for each.
+exactly `--new-tokens` per request (`ignore_eos`). The best of the rounds is kept for each, and
+each round's own HTTP / in-process ratio is printed with their median: the machine's speed drifts
+between rounds, and a round's two runs are close in time.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -69,14 +72,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     best = {"in-process": {}, "http": {}}
+    paired: dict[str, list[float]] = {"base": [], "mixed": []}  # each round's http / in-process
     cpu: dict[str, float] = {}  # CPU seconds during the HTTP rounds, summed over them
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         setup = build_setup(pargs, Path(tmp))
         print(f"serving path: {args.requests} requests x {args.new_tokens} new tokens, {args.dtype}, "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
         for rep in range(args.repeats):
+            local = {}
             for workload in ("base", "mixed"):
-                rate = in_process(setup, args, args.dtype, workload)
+                local[workload] = rate = in_process(setup, args, args.dtype, workload)
                 best["in-process"][workload] = max(rate, best["in-process"].get(workload, 0.0))
             server = make_server("ours", pargs, setup, args.dtype, None, Path(tmp) / "logs", f"r{rep}")
             try:
@@ -90,18 +95,19 @@ def main(argv: list[str] | None = None) -> dict:
                 server.stop()
             for workload in ("base", "mixed"):
                 best["http"][workload] = max(runs[workload].tokens_per_s, best["http"].get(workload, 0.0))
-            print(f"  round {rep + 1}: in-process " + ", ".join(f"{w} {best['in-process'][w]:.1f}" for w in ("base", "mixed"))
+                paired[workload].append(runs[workload].tokens_per_s / local[workload])
+            print(f"  round {rep + 1}: in-process " + ", ".join(f"{w} {local[w]:.1f}" for w in ("base", "mixed"))
                   + f" | http base {runs['base'].tokens_per_s:.1f}, mixed {runs['mixed'].tokens_per_s:.1f} tok/s",
                   flush=True)
-    print(f"\n{'workload':10s} {'in-process':>12s} {'http':>10s} {'http/in-process':>16s}")
+    print(f"\n{'workload':10s} {'in-process':>12s} {'http':>10s} {'best/best':>10s} {'median of rounds':>17s}")
     for w in ("base", "mixed"):
         a, b = best["in-process"][w], best["http"][w]
-        print(f"{w:10s} {a:12.1f} {b:10.1f} {b / a:16.2f}   (goal >= 0.95)")
+        print(f"{w:10s} {a:12.1f} {b:10.1f} {b / a:10.2f} {statistics.median(paired[w]):17.2f}   (goal >= 0.95)")
     loop, engine, client = cpu["event loop"], cpu["server"] - cpu["event loop"], cpu["client"]
     print(f"CPU during the HTTP rounds: server event loop {loop:.1f} s ({loop / engine:.1%} of the engine and torch "
           f"threads' {engine:.1f} s); the client, on the same cores, {client:.1f} s ({client / engine:.1%})")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
-    return best | {"cpu": cpu}
+    return best | {"cpu": cpu, "paired": paired}
 
 
 def cpu_seconds(pid: int) -> dict[str, float]:

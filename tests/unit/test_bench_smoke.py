@@ -29,5 +29,6 @@ def test_serving_bench_quick_run(capsys):
     numbers = serving_main(["--requests", "4", "--new-tokens", "4", "--repeats", "1"])
     for side in ("in-process", "http"):
         assert set(numbers[side]) == {"base", "mixed"} and all(rate > 0 for rate in numbers[side].values())
+    assert all(len(ratios) == 1 and ratios[0] > 0 for ratios in numbers["paired"].values())
     assert 0 < numbers["cpu"]["event loop"] < numbers["cpu"]["server"] and numbers["cpu"]["client"] > 0
     assert "CPU during the HTTP rounds" in capsys.readouterr().out
