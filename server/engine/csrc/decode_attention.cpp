@@ -9,8 +9,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <functional>
+#include <type_traits>
 #include <vector>
 
 namespace softprompt {  // common.cpp
@@ -22,8 +22,8 @@ namespace {
 
 constexpr int64_t kLanes = 8;  // independent partial sums: vectorizable without reassociating one sum
 
-// The code below is inlined whole into two entry points, `attend_items` compiled for the baseline
-// x86-64 (SSE2) and for AVX2 with FMA, which the CPU check picks at run time: the same loops,
+// The code below is inlined whole into two entry points, `attend_items_baseline` (x86-64's SSE2) and
+// `attend_items_avx2` (AVX2 with FMA), one of which the CPU check picks at run time: the same loops,
 // vectorized 8 wide with fused multiply-adds where the CPU has them (no -march: see cpu_kernels.py).
 #define SP_INLINE inline __attribute__((always_inline))
 
@@ -48,8 +48,8 @@ SP_INLINE const float* as_float(const c10::BFloat16* row, int64_t n, float* buf)
 // One request, one kv head: its `group` query heads against keys [lo, len) of its segment.
 // q, out: [group, dim]; k, v: [len, dim], rows contiguous.
 template <typename T>
-SP_INLINE void attend_group(const T* q, const T* k, const T* v, int64_t lo, int64_t len, int64_t group, int64_t dim,
-                  float scale, T* out, std::vector<float>& work) {
+SP_INLINE void attend_group(const T* q, const T* k, const T* v, int64_t lo, int64_t len, int64_t group,
+                            int64_t dim, float scale, T* out, std::vector<float>& work) {
   const int64_t n = len - lo;
   work.resize(group * (2 * dim + n + 1) + dim);
   float* qf = work.data();        // [group, dim] scaled queries

@@ -4,8 +4,8 @@
 // The packed weight is [blocks, in, 16]: block b holds output columns 16b..16b+15, one row of 16 per
 // input feature, so a block is one contiguous stream of memory (the last block zero-padded). Each
 // (block, chunk of up to kChunkRows rows) is a task, shared out by `shared_for` (common.cpp) in
-// block-major runs, so a thread's tasks walk blocks in memory order. A task runs register tiles of up to 6 rows by 16
-// columns (12 accumulators of FMAs) over the block:
+// block-major runs, so a thread's tasks walk blocks in memory order. A task runs register tiles of
+// up to 6 rows by 16 columns (12 accumulators of FMAs) over the block:
 // - few rows (decoding; up to kSlicedRows): memory-bound. The tiles take the block slice by slice
 //   (kDepth input features, 4 KB), so the first tile reads a slice from memory and the others from
 //   L1, while every tile prefetches the next slice: the block streams in once, during the compute.
