@@ -8,8 +8,8 @@ which is why a hot microbenchmark shows no difference.
 
 Two packings, one per model, chosen at `install`:
 - On x86 CPUs whose best vector unit is AVX2 (`torch.backends.cpu.get_cpu_capability()`), with the
-  engine's CPU kernels built (`cpu_kernels`): `csrc/linear.cpp`, float32, each weight cut into
-  blocks of 16 output columns stored one after another ([blocks, in, 16]), a 6 x 16 register tile
+  engine's CPU kernels built (`cpu_kernels`): `csrc/linear.cpp`, computing in float32, each weight
+  cut into blocks of 16 output columns stored one after another ([blocks, in, 16]), a 6 x 16 tile
   of FMAs per block, a block streamed in once with prefetching. Milliseconds for one pass through
   the bench model's 56 weights (92 MB) on the 2-core AMD EPYC here, 2 threads, in one process
   alternating, this kernel / oneDNN packed / plain F.linear: 1 row (one stream decoding)
@@ -27,13 +27,14 @@ Two packings, one per model, chosen at `install`:
 plain weight (a tied weight, such as an lm_head sharing the embedding table, is packed and kept).
 `unpack` gives the plain weights back exactly: torch.compile traces plain linears.
 
-bfloat16: the AVX2 kernel computes in float32, and oneDNN packs bfloat16 only on CPUs with
-AVX512-BF16 or AVX-NE-CONVERT; elsewhere torch's bfloat16 GEMM is emulated (the bench model ran at
-144 tok/s in bfloat16 against 664 in float32). So without a native bfloat16 GEMM the bfloat16
-weights are packed widened to float32 and each layer computes in float32, its output rounded back
-to bfloat16 (the KV cache and activations stay bfloat16): the weights take float32's memory, at
-float32's speed. A dtype neither can take, or a packed layer that disagrees with the plain one on
-a probe, leaves every layer as it was.
+bfloat16: the AVX2 kernel keeps the weights in bfloat16 and widens them to float32 in registers as
+it loads them (exact: bfloat16 is float32's top half), computing in float32 on float32 inputs, the
+output rounded back to bfloat16: the weights take bfloat16's memory and half float32's traffic.
+oneDNN packs bfloat16 only on CPUs with AVX512-BF16 or AVX-NE-CONVERT; elsewhere torch's bfloat16
+GEMM is emulated (the bench model ran at 144 tok/s in bfloat16 against 664 in float32), so there the
+bfloat16 weights are packed widened to float32 and each layer computes in float32 (the KV cache and
+activations stay bfloat16). A dtype neither can take, or a packed layer that disagrees with the
+plain one on a probe, leaves every layer as it was.
 """
 
 from __future__ import annotations
@@ -111,9 +112,10 @@ def _choose(dtype: torch.dtype) -> _Backend | None:
     float32 for bfloat16; else None (logged)."""
     capability = torch.backends.cpu.get_cpu_capability()
     if capability == "AVX2" and cpu_kernels.available():
-        problem = _probe(_KERNEL, torch.float32)
+        kernel = _kernel(dtype)
+        problem = _probe(kernel, dtype)
         if not problem:
-            return _KERNEL
+            return kernel
         log.warning("the AVX2 linear kernel is off (%s); linear layers go to oneDNN", problem)
     if not torch.backends.mkldnn.is_available():
         log.info("linear layers stay on torch's own CPU GEMM: no oneDNN in this build of torch")
@@ -145,7 +147,7 @@ def _unblock(packed: torch.Tensor, out: int) -> torch.Tensor:
 def _kernel_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.reshape(-1, self.in_features)
     bias = self.bias
-    if x.dtype != torch.float32:  # widened bfloat16
+    if x.dtype != torch.float32:  # bfloat16: computed in float32
         rows, bias = rows.float(), None if bias is None else bias.float()
     y = cpu_kernels.ops().packed_linear(rows.contiguous(), getattr(self, PACKED), bias, self.out_features)
     return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -163,7 +165,10 @@ def _onednn(dtype: torch.dtype) -> _Backend:
     return _Backend("oneDNN", torch.ops.mkldnn._reorder_linear_weight, _onednn_forward, dtype)
 
 
-_KERNEL = _Backend("the AVX2 kernel", _block, _kernel_forward, torch.float32)
+def _kernel(dtype: torch.dtype) -> _Backend:
+    return _Backend("the AVX2 kernel", _block, _kernel_forward, dtype)
+
+
 _ONEDNN = _onednn(torch.float32)
 
 

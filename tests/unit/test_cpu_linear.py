@@ -69,13 +69,14 @@ def test_packed_model_computes_the_same_and_unpacks_exactly(arch, backend):
 
 
 def test_bfloat16_is_packed_natively_or_widened_to_float32(backend):
-    """Natively where oneDNN packs bfloat16; elsewhere as float32, each output rounded back to bfloat16."""
+    """The kernel keeps bfloat16 weights and oneDNN packs them natively where it can; elsewhere oneDNN
+    packs them as float32. Each output is rounded back to bfloat16."""
     model = _model("llama").to(torch.bfloat16)
     ids = torch.randint(3, 200, (2, 11), generator=torch.Generator().manual_seed(0))
     want = _logits(model, ids)
     plain = {name: m.weight.detach().clone() for name, m in _linears(model).items()}
     assert cpu_linear.install(model) == len(plain)
-    native = backend == "onednn" and cpu_linear._probe(cpu_linear._onednn(torch.bfloat16), torch.bfloat16) == ""
+    native = backend == "kernel" or cpu_linear._probe(cpu_linear._onednn(torch.bfloat16), torch.bfloat16) == ""
     for layer in _linears(model).values():
         assert getattr(layer, cpu_linear.PACKED).dtype == (torch.bfloat16 if native else torch.float32)
         assert layer.weight.dtype == torch.bfloat16
@@ -117,6 +118,11 @@ def test_kernel_equals_linear_at_every_row_count(cpu_kernels_built, out_features
         x = torch.randn(rows, 67, generator=generator)
         got = cpu_kernels.ops().packed_linear(x, packed, layer.bias, out_features)
         torch.testing.assert_close(got, layer(x).detach(), atol=2e-5, rtol=2e-5, msg=f"{rows} rows")
+        # bfloat16 weights, widened as they are loaded: float32's result on the rounded weights
+        rounded = layer.weight.detach().bfloat16()
+        got = cpu_kernels.ops().packed_linear(x, cpu_linear._block(rounded), layer.bias, out_features)
+        want = torch.nn.functional.linear(x, rounded.float(), layer.bias)
+        torch.testing.assert_close(got, want.detach(), atol=2e-5, rtol=2e-5, msg=f"{rows} rows, bfloat16")
 
 
 @pytest.mark.skipif(not AVX2, reason="the AVX2 kernel is used only on CPUs whose best vector unit is AVX2")
@@ -146,7 +152,8 @@ def test_kernel_refuses_what_it_cannot_compute(cpu_kernels_built):
     for args, message in [
         ((torch.randn(3, 9), packed, None, 20), "features"),  # inputs of another width
         ((torch.randn(3, 8), packed, None, 40), "do not fit"),  # more outputs than blocks
-        ((torch.randn(3, 8).double(), packed, None, 20), "float32"),
+        ((torch.randn(3, 8).double(), packed, None, 20), "float32 x"),
+        ((torch.randn(3, 8), packed.double(), None, 20), "bfloat16 packed"),
         ((torch.randn(8, 3).t(), packed, None, 20), "contiguous"),
         ((torch.randn(3, 8), packed, torch.randn(19), 20), "bias"),
     ]:
@@ -170,8 +177,9 @@ def test_a_kernel_failing_its_probe_leaves_the_layers_to_onednn(monkeypatch, cap
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     monkeypatch.setattr(cpu_kernels, "available", lambda: True)
     probe = cpu_linear._probe
+    kernel = cpu_linear._kernel(torch.float32).name
     monkeypatch.setattr(cpu_linear, "_probe",
-                        lambda backend, dtype: "off on a probe" if backend is cpu_linear._KERNEL else probe(backend, dtype))
+                        lambda backend, dtype: "off on a probe" if backend.name == kernel else probe(backend, dtype))
     model = _model("llama")
     with caplog.at_level("WARNING", logger=cpu_linear.__name__):
         assert cpu_linear.install(model) == len(_linears(model))
