@@ -2,7 +2,8 @@
 
 `decode_attention.cpp`: every decoding request's attention over its pool segment (`cpu_attention`);
 `linear.cpp`: linear layers on weights packed for AVX2 (`cpu_linear`). Both register torch ops under
-`torch.ops.softprompt`.
+`torch.ops.softprompt`, and share `common.cpp`: their tasks handed out to torch's threads from a
+counter, and the CPU's AVX2/FMA check.
 
 The extension is compiled with torch.utils.cpp_extension into torch's extension cache
 (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions; about 30 s once, then loaded from there), so it
