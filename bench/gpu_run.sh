@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks in one run (CI has no GPU): bash bench/gpu_run.sh [OUT_DIR] [all|compile]
+# The GPU checks and benchmarks in one run (CI has no GPU): bash bench/gpu_run.sh [OUT_DIR] [all|compile|serving]
 #   all      gpu_check, the engine benchmark in fp32 and bf16, the KV budget benchmark in bf16
 #   compile  gpu_check, then the compiled forward against eager in bf16 on the larger model
-# Wheels in .whl/ (transformers, peft at the locked versions) are installed first when present.
+#   serving  gpu_check, then the serving path on the host's CPUs (a GPU host has more cores than CI):
+#            bench.serving on 4 CPUs of 4 physical cores with --cpu-threads 4, auto and a list of 3,
+#            then on every CPU with auto
+# Wheels in .whl/ (the locked transformers, peft, and for `serving` the HTTP stack) are installed first.
 set -uo pipefail
 out=${1:-/tmp/gpu-out}
 what=${2:-all}
@@ -17,6 +20,18 @@ python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 
 run() { local name=$1 limit=$2; shift 2; echo "== $name: $*"; timeout "$limit" python3 "$@" 2>&1 | tee "$out/$name.txt"; }
 large=(--hidden 2048 --layers 16 --requests 128 --adapters 16 --new-tokens 128)
 run check 150 -m bench.gpu_check
+if [ "$what" = serving ]; then
+  lscpu | grep -E "^(Model name|CPU\(s\)|Thread|Core|Socket|NUMA node|Flags)" | cut -c1-600 | tee "$out/cpu.txt"
+  run kernels 120 -c "from server.engine import cpu_kernels; print('CPU kernels', cpu_kernels.available())"
+  cores=$(python3 -c "import os; from server.engine.cpu_threads import physical_cores
+print(' '.join(str(c[0]) for c in physical_cores(sorted(os.sched_getaffinity(0)))[:4]))")
+  read -r a b c d <<<"$cores"
+  for flags in "--cpu-threads 4" "--cpu-threads auto" "--cpu-threads $b,$c,$d"; do
+    run "serving-4cpu-${flags##* }" 110 -m bench.serving --repeats 2 --cpus "$a,$b,$c,$d" --server-args="$flags"
+  done
+  run serving-all-auto 150 -m bench.serving --repeats 2
+  exit 0
+fi
 if [ "$what" = compile ]; then
   run compile-bf16 230 -m bench.compile_bench --device cuda --dtype bfloat16 "${large[@]}" --peft-subset 8 --repeats 1
   exit 0

@@ -247,7 +247,7 @@ def make_server(system: str, args, setup: Setup, dtype: str, vllm_cmd: list[str]
         cmd = [sys.executable, "-m", "server", "--model", str(setup.model_dir), "--adapter-dir", str(setup.adapter_dir),
                "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, "--device", "cpu",
                "--max-batch-size", str(max(64, args.requests)), "--max-waiting", str(max(256, 2 * args.requests)),
-               "--log-level", "warning"]
+               "--log-level", "warning", *shlex.split(args.server_args)]
         env = dict(os.environ)
     else:
         cmd = vllm_cmd + ["--model", str(setup.model_dir), "--dtype", dtype, "--max-model-len", str(args.max_model_len),
@@ -478,6 +478,7 @@ def parse_args(argv):
     p.add_argument("--vllm-cmd", help="command that starts vLLM's OpenAI server (instead of --vllm-python); "
                                        "--model DIR and the other flags are appended")
     p.add_argument("--skip-ours", action="store_true", help="measure only vLLM")
+    p.add_argument("--server-args", default="", help="more flags for our server, e.g. '--cpu-threads 1-3'")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--adapters", type=int, default=16, help="adapters, cycling through the five variants")

@@ -18,7 +18,6 @@ between rounds, and a round's two runs are close in time.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import sys
@@ -30,6 +29,7 @@ import torch
 
 from bench.peer import Run, build_setup, make_server, measure, warm_up
 from bench.peer import parse_args as peer_args
+from server.config import parse_cpu_threads
 
 
 def in_process(setup, args, dtype: str, workload: str) -> float:
@@ -66,18 +66,26 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="torch threads in-process (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads in-process (0: one per CPU with --cpus, else torch's default)")
+    p.add_argument("--cpus", help="run everything (client, in-process engine, server) on these CPUs: '0-3', '0,2,4,6'")
+    p.add_argument("--server-args", default="", help="more flags for the server, e.g. '--cpu-threads 4'")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    pargs = peer_args(["--requests", str(args.requests), "--new-tokens", str(args.new_tokens), "--single", "0"])
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    pargs = peer_args(["--requests", str(args.requests), "--new-tokens", str(args.new_tokens), "--single", "0",
+                       f"--server-args={args.server_args}"])
+    if args.cpus:  # before any parallel op, and inherited by the servers started
+        cpus = parse_cpu_threads(args.cpus)
+        os.sched_setaffinity(0, [cpus] if isinstance(cpus, int) else cpus)
+    if args.threads or args.cpus:
+        torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     best = {"in-process": {}, "http": {}}
     paired: dict[str, list[float]] = {"base": [], "mixed": []}  # each round's http / in-process
     cpu: dict[str, float] = {}  # CPU seconds during the HTTP rounds, summed over them
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         setup = build_setup(pargs, Path(tmp))
         print(f"serving path: {args.requests} requests x {args.new_tokens} new tokens, {args.dtype}, "
-              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+              f"{len(os.sched_getaffinity(0))} CPUs, {torch.get_num_threads()} torch threads in-process, "
+              f"server flags {args.server_args or '(none)'}, load average {os.getloadavg()[0]:.2f}")
         for rep in range(args.repeats):
             local = {}
             for workload in ("base", "mixed"):

@@ -19,7 +19,8 @@ from adapters.loading import Limits
 from adapters.prefix_file import model_key
 from server.api.app import create_app
 from server.api.service import Service
-from server.config import Config, load_config, parse_memory
+from server.config import Config, load_config, parse_cpu_threads, parse_memory
+from server.engine.cpu_threads import plan_threads
 from server.engine.engine import AsyncEngine, Engine
 from server.engine.kv_cache import budget_bytes
 from server.engine.request import Overloaded
@@ -36,7 +37,7 @@ def build_service(config: Config) -> Service:
     # thread: once this (the main) thread has run parallel torch ops, its pool competes with the
     # engine's, and every CPU forward on the engine thread took about twice as long (measured:
     # 97-token prefill 60 ms -> 106-185 ms). So this thread works single-threaded from here on.
-    threads = torch.get_num_threads()
+    default_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # first, so that a store that cannot be reached stops start-up before the model loads
         store = open_store(config.adapter_store or config.adapter_dir or DEFAULT_ADAPTER_DIR,
@@ -44,6 +45,12 @@ def build_service(config: Config) -> Service:
     except SourceUnavailable as exc:
         raise SystemExit(f"refusing to start: {exc}") from exc
     base = load_base_model(config.model, config.device, config.dtype, config.revision, name=config.model_name)
+    try:
+        threads = plan_threads(parse_cpu_threads(config.cpu_threads), on_cpu=base.spec.device.type == "cpu",
+                               default=default_threads)
+    except ValueError as exc:
+        raise SystemExit(f"refusing to start: --cpu-threads {config.cpu_threads}: {exc}") from exc
+    log.info("engine: %s", threads.describe())
     kv_bytes = budget_bytes(parse_memory(config.kv_cache_memory), base.spec.device)
     engine = AsyncEngine(Engine(base.model, base.tokenizer, base.spec, max_batch_size=config.max_batch_size,
                                 max_waiting=config.max_waiting, max_prefill_tokens=config.max_prefill_tokens,

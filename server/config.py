@@ -30,6 +30,7 @@ class Config:
     max_batch_size: int = 64  # requests decoded together at most
     max_waiting: int = 256  # queued requests before new ones are refused (503)
     max_prefill_tokens: int = 512  # prompt tokens computed in one engine step (longer prompts: in chunks)
+    cpu_threads: str = "auto"  # auto | N | a CPU list ("1-7"): the engine's torch threads on CPU
     compile: str = "off"  # on | off: the packed forward under torch.compile (measured slower so far; --no-compile)
     kv_cache_memory: str = "auto"  # the KV pool: bytes ("4GiB") or a fraction of free device memory ("0.9")
     max_input_tokens: int = 2048  # longest prompt accepted (422 above)
@@ -71,6 +72,9 @@ _HELP = {
     "max_waiting": "most queued requests; more are refused with 503 and Retry-After",
     "max_prefill_tokens": "prompt tokens computed in one engine step; longer prompts are prefilled in chunks "
                           "of this size alongside the running requests' decoding",
+    "cpu_threads": "the engine's torch threads on CPU: auto (with 4 or more physical cores, one core is left to the "
+                   "HTTP side and one thread bound to each other core; else torch's default count), a count N "
+                   "(unbound), or a list of CPUs to bind one thread each to, like 1-7, 0,2,4,6 or 3-3",
     "compile": "on: run the model's packed forward under torch.compile (inductor), with CUDA graphs on a GPU; "
                "compiling takes a minute or more at start-up (the log and /info report it). Measured slower than "
                "eager so far on CPU and GPU (server/engine/compiled.py), so off by default (--no-compile: off)",
@@ -162,6 +166,10 @@ def _check(config: Config) -> None:
             raise SystemExit(f"{_flag(name)} must be positive, got {getattr(config, name)}")
     if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise SystemExit(f"--dtype must be auto, float32, bfloat16 or float16, got {config.dtype!r}")
+    try:
+        parse_cpu_threads(config.cpu_threads)
+    except ValueError as exc:
+        raise SystemExit(f"--cpu-threads: {exc}") from None
     if config.compile not in ("on", "off"):
         raise SystemExit(f"--compile must be on or off, got {config.compile!r}")
     for name in ("kv_cache_memory", "adapter_cache_memory"):
@@ -211,3 +219,27 @@ def parse_memory(text: str) -> int | float | None:
     if size <= 0:
         raise ValueError(f"must be positive, got {text!r}")
     return size
+
+
+def parse_cpu_threads(text: str) -> str | int | list[int]:
+    """'auto' -> 'auto'; '4' -> 4 (threads); '0-3,8' -> [0, 1, 2, 3, 8] (CPUs). ValueError if malformed,
+    zero, or naming a CPU twice."""
+    text = text.strip().lower()
+    if text == "auto":
+        return text
+    if text.isdigit():
+        if int(text) < 1:
+            raise ValueError("a thread count must be positive, got 0")
+        return int(text)
+    cpus: list[int] = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match:
+            raise ValueError(f"{text!r} is not 'auto', a thread count, or a CPU list like 1-7 or 0,2,4")
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        if last < first:
+            raise ValueError(f"{text!r}: the range {first}-{last} runs backwards")
+        cpus.extend(range(first, last + 1))
+    if len(set(cpus)) != len(cpus):
+        raise ValueError(f"{text!r} names a CPU twice")
+    return cpus

@@ -17,11 +17,11 @@ import time
 from collections import Counter, deque
 from typing import Callable, TypeVar
 
-import torch
-
 from adapters import Adapter, ModelSpec
 
+from . import cpu_threads
 from .compiled import CompiledForward, warm_up
+from .cpu_threads import ThreadPlan
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import DEFAULT_KV_CACHE_BYTES
 from .model_runner import ModelRunner, ScheduledStep, StepOutput
@@ -241,8 +241,9 @@ class AsyncEngine:
     base 765-824 against 674-751 tok/s, mixed adapters 717-764 against 647-754.
     """
 
-    def __init__(self, engine: Engine, threads: int | None = None):
-        """threads: torch's intra-op threads on the engine thread (default: as the process has)."""
+    def __init__(self, engine: Engine, threads: ThreadPlan | None = None):
+        """threads: torch's threads on the engine thread, and the CPUs they are bound to (default:
+        as many as the process has, unbound)."""
         self.engine = engine
         self.threads = threads
         self._wake = threading.Condition()
@@ -293,8 +294,8 @@ class AsyncEngine:
                 pass
 
     def _loop(self) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)  # per thread: OpenMP's thread count is the caller's
+        if self.threads:  # per thread: OpenMP's thread count and workers are the caller's
+            cpu_threads.apply(self.threads)
         while True:
             with self._wake:
                 while not self._stopping and not self.engine.has_work() and not self._between_steps:

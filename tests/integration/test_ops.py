@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
+
 from .conftest import PROMPT
 from .support import (
     CONFIG_FILE,
+    ServerProcess,
     WEIGHTS_FILE,
     adapter_files,
     generate,
@@ -47,6 +52,29 @@ def test_info(server, client):
     assert info["max_new_tokens"] == 1024 and info["max_input_tokens"] == 2048  # the defaults
     assert info["adapters"] == len(client.get("/adapters").json()["adapters"])
     assert info["compile"] == {"mode": "off"}  # the default: the packed forward runs eager
+    threads = info["cpu_threads"]  # --cpu-threads auto: confined to all cores but one on 4 or more
+    assert threads["threads"] >= 1 and not threads["bound"]
+    assert threads["cpus"] is None or len(threads["cpus"]) == threads["threads"]
+
+
+def test_cpu_threads_bound_to_a_listed_cpu(start_server):
+    cpu = max(os.sched_getaffinity(0))
+    server = start_server("--cpu-threads", f"{cpu}-{cpu}")  # a list of one CPU ("3" would be a count)
+    with server.client() as c:
+        assert c.get("/info").json()["cpu_threads"] == {"threads": 1, "cpus": [cpu], "bound": True}
+        generate(c, PROMPT, max_new_tokens=4)  # serves
+    pinned = [tid for tid in os.listdir(f"/proc/{server.proc.pid}/task")
+              if os.sched_getaffinity(int(tid)) == {cpu}]
+    assert pinned  # the engine thread; the event loop and the others are not confined
+    assert os.sched_getaffinity(server.proc.pid) == os.sched_getaffinity(0)
+
+
+def test_cpu_threads_naming_a_cpu_not_available_stops_start_up(model_dir, tmp_path):
+    server = ServerProcess(model_dir, tmp_path / "store", tmp_path, "--cpu-threads", "0-4095", name="cpus")
+    with pytest.raises(AssertionError, match="exited with 1"):
+        server.start()
+    assert "refusing to start: --cpu-threads 0-4095: CPUs" in server.log_tail()
+    assert "are not available to this process" in server.log_tail()
 
 
 def test_metrics_format_and_families(client, uploaded):
