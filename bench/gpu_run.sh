@@ -2,9 +2,8 @@
 # The GPU checks and benchmarks in one run (CI has no GPU): bash bench/gpu_run.sh [OUT_DIR] [all|compile|serving]
 #   all      gpu_check, the engine benchmark in fp32 and bf16, the KV budget benchmark in bf16
 #   compile  gpu_check, then the compiled forward against eager in bf16 on the larger model
-#   serving  gpu_check, then the serving path on the host's CPUs (a GPU host has more cores than CI):
-#            bench.serving on 4 CPUs of 4 physical cores with --cpu-threads 4, auto and a list of 3,
-#            then on every CPU with auto
+#   serving  gpu_check, then the serving path (HTTP against in-process) on the host's CPUs, which are
+#            more than CI's: bench.serving on CPUs 0-3, 0-7 and all of them
 # Wheels in .whl/ (the locked transformers, peft, and for `serving` the HTTP stack) are installed first.
 set -uo pipefail
 out=${1:-/tmp/gpu-out}
@@ -23,13 +22,9 @@ run check 150 -m bench.gpu_check
 if [ "$what" = serving ]; then
   lscpu | grep -E "^(Model name|CPU\(s\)|Thread|Core|Socket|NUMA node|Flags)" | cut -c1-600 | tee "$out/cpu.txt"
   run kernels 120 -c "from server.engine import cpu_kernels; print('CPU kernels', cpu_kernels.available())"
-  cores=$(python3 -c "import os; from server.engine.cpu_threads import physical_cores
-print(' '.join(str(c[0]) for c in physical_cores(sorted(os.sched_getaffinity(0)))[:4]))")
-  read -r a b c d <<<"$cores"
-  for flags in "--cpu-threads 4" "--cpu-threads auto" "--cpu-threads $b,$c,$d"; do
-    run "serving-4cpu-${flags##* }" 110 -m bench.serving --repeats 2 --cpus "$a,$b,$c,$d" --server-args="$flags"
+  for cpus in 0-3 0-7 "0-$(($(nproc) - 1))"; do
+    run "serving-cpus-$cpus" 150 -m bench.serving --repeats 2 --cpus "$cpus"
   done
-  run serving-all-auto 150 -m bench.serving --repeats 2
   exit 0
 fi
 if [ "$what" = compile ]; then

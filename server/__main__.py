@@ -46,8 +46,7 @@ def build_service(config: Config) -> Service:
         raise SystemExit(f"refusing to start: {exc}") from exc
     base = load_base_model(config.model, config.device, config.dtype, config.revision, name=config.model_name)
     try:
-        threads = plan_threads(parse_cpu_threads(config.cpu_threads), on_cpu=base.spec.device.type == "cpu",
-                               default=default_threads)
+        threads = plan_threads(parse_cpu_threads(config.cpu_threads), default=default_threads)
     except ValueError as exc:
         raise SystemExit(f"refusing to start: --cpu-threads {config.cpu_threads}: {exc}") from exc
     log.info("engine: %s", threads.describe())

@@ -30,7 +30,7 @@ class Config:
     max_batch_size: int = 64  # requests decoded together at most
     max_waiting: int = 256  # queued requests before new ones are refused (503)
     max_prefill_tokens: int = 512  # prompt tokens computed in one engine step (longer prompts: in chunks)
-    cpu_threads: str = "auto"  # auto | N | a CPU list ("1-7"): the engine's torch threads on CPU
+    cpu_threads: str = "auto"  # auto | N | a CPU list ("8-15"): the engine's torch threads on CPU
     compile: str = "off"  # on | off: the packed forward under torch.compile (measured slower so far; --no-compile)
     kv_cache_memory: str = "auto"  # the KV pool: bytes ("4GiB") or a fraction of free device memory ("0.9")
     max_input_tokens: int = 2048  # longest prompt accepted (422 above)
@@ -72,9 +72,9 @@ _HELP = {
     "max_waiting": "most queued requests; more are refused with 503 and Retry-After",
     "max_prefill_tokens": "prompt tokens computed in one engine step; longer prompts are prefilled in chunks "
                           "of this size alongside the running requests' decoding",
-    "cpu_threads": "the engine's torch threads on CPU: auto (with 4 or more physical cores, one core is left to the "
-                   "HTTP side and one thread bound to each other core; else torch's default count), a count N "
-                   "(unbound), or a list of CPUs to bind one thread each to, like 1-7, 0,2,4,6 or 3-3",
+    "cpu_threads": "the engine's torch threads on CPU: auto (torch's default, but no more than the CPUs the process "
+                   "may use nor its cgroup's CPU quota), a count N, or a list of CPUs to confine them to, one "
+                   "thread each, like 8-15, 0,2,4,6 or 3-3",
     "compile": "on: run the model's packed forward under torch.compile (inductor), with CUDA graphs on a GPU; "
                "compiling takes a minute or more at start-up (the log and /info report it). Measured slower than "
                "eager so far on CPU and GPU (server/engine/compiled.py), so off by default (--no-compile: off)",

@@ -69,7 +69,7 @@ def _threads(plan) -> dict | None:
     """The engine's torch threads and the CPUs they run on (None: as torch chose, in-process use)."""
     if plan is None:
         return None
-    return {"threads": plan.threads, "cpus": list(plan.cpus) if plan.cpus else None, "bound": plan.bind}
+    return {"threads": plan.threads, "cpus": list(plan.cpus) if plan.cpus else None}
 
 
 @router.get("/metrics")

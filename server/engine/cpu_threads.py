@@ -1,74 +1,101 @@
-"""Which CPUs the engine's torch threads run on (`--cpu-threads`).
-
-On CPU the engine's torch threads and the HTTP side (the event loop: routes, SSE chunks, sockets)
-share the machine. When they share every core, each step's tokens are written on a core a torch
-thread wanted, and the step waits for that thread. So on machines with cores to spare, `auto`
-leaves one physical core to the HTTP side and confines the engine's threads to the others, one
-thread per core, as vLLM's CPU backend keeps a core for its scheduler process.
+"""How many torch threads the engine runs, and on which CPUs (`--cpu-threads`).
 
 Settings:
-  auto   on CPU with 4 or more physical cores: one core left, one thread per other core, the
-         threads confined to those cores; otherwise (fewer cores, or a GPU engine) torch's default
-         thread count, unconfined
-  N      N threads, unconfined (the operating system places them)
-  LIST   one thread bound to each CPU listed, in order: "1-7", "0,2,4,6", "8-15,24-31", "3-3"; for
-         several servers on one machine, give each its own CPUs
+  auto   torch's default count, but no more than the CPUs this process may run on (its affinity:
+         taskset, a cpuset) nor than its cgroup's CPU quota (a container's `--cpus`, a Kubernetes
+         CPU limit), which torch does not read: a pod limited to 4 CPUs on a 64-core host would
+         otherwise run 32 threads in 4 CPUs' time, and every thread's share of a step waits for
+         the quota to refill
+  N      N threads
+  LIST   one thread per CPU listed ("8-15", "0,2,4,6", "3-3"), the engine's threads confined to
+         them (the HTTP side stays free to run anywhere): for several servers on one machine
 
-`auto` confines but does not bind each thread to one CPU: two servers started on one machine
-would otherwise bind their threads to the same CPUs, where they could not move apart.
+What was measured (bench/README.md, "Threads and cores"): leaving a core to the HTTP side made
+HTTP throughput worse, not better (on 4 cores, 3 engine threads gave 0.78-0.86 of in-process
+against 0.89-1.05 with 4), and binding each thread to one CPU worse still (0.61-0.71): a bound
+thread cannot step aside from the event loop or a neighbour. So no setting binds, and auto
+leaves no core idle.
 """
 
 from __future__ import annotations
 
-import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
-
-MIN_CORES_TO_LEAVE_ONE = 4  # on 2 cores, leaving one would halve the engine to save a few percent
+CGROUP = Path("/sys/fs/cgroup")
 
 
 @dataclass(frozen=True)
 class ThreadPlan:
     threads: int  # torch's intra-op threads on the engine thread
-    cpus: tuple[int, ...] | None  # the CPUs they are confined to; None: any the process may use
-    bind: bool = False  # thread i bound to cpus[i] alone
+    cpus: tuple[int, ...] | None = None  # the CPUs they are confined to; None: any the process may use
     why: str = ""  # for the log
 
     def describe(self) -> str:
-        where = "unconfined"
-        if self.cpus:
-            where = f"{'bound one each to' if self.bind else 'confined to'} CPUs {format_cpus(self.cpus)}"
+        where = f"confined to CPUs {format_cpus(self.cpus)}" if self.cpus else "on any CPU"
         return f"{self.threads} torch threads {where} ({self.why})"
 
 
-def plan_threads(setting: str | int | list[int], on_cpu: bool, cpus: list[int] | None = None,
-                 cores: list[list[int]] | None = None, default: int | None = None) -> ThreadPlan:
+def plan_threads(setting: str | int | list[int], cpus: list[int] | None = None, quota: float | None = None,
+                 default: int | None = None) -> ThreadPlan:
     """The plan for a parsed `--cpu-threads` (config.parse_cpu_threads). cpus: the CPUs this process
-    may use (default: its affinity); cores: those CPUs grouped by physical core (default: from sysfs);
-    default: torch's thread count. ValueError for a CPU list naming a CPU the process may not use."""
+    may use (default: its affinity); quota: its cgroup's CPU quota in CPUs (default: read; None when
+    unlimited); default: torch's thread count. ValueError for a CPU list naming a CPU the process
+    may not use."""
     cpus = sorted(os.sched_getaffinity(0)) if cpus is None else cpus
-    default = torch.get_num_threads() if default is None else default
     if setting == "auto":
-        cores = physical_cores(cpus) if cores is None else cores
-        if not on_cpu or len(cores) < MIN_CORES_TO_LEAVE_ONE:
-            return ThreadPlan(default, None, why=f"auto: torch's default on {len(cores)} "
-                              f"{'physical cores' if on_cpu else 'cores, GPU engine'}")
-        # The first core is left: the lowest CPUs are where the kernel's own work tends to land.
-        bound = tuple(core[0] for core in cores[1:])
-        return ThreadPlan(len(bound), bound, why=f"auto: CPU {format_cpus(cores[0])} left to the HTTP side, "
-                          f"one thread per other physical core of {len(cores)}")
+        default = torch.get_num_threads() if default is None else default
+        quota = cgroup_cpu_quota() if quota is None else quota
+        limits = {"torch's default": default, "CPUs available": len(cpus)}
+        if quota is not None:
+            limits["the cgroup's CPU quota"] = max(1, math.floor(quota))
+        reason = min(limits, key=limits.get)
+        return ThreadPlan(limits[reason], why=f"auto: {reason}, of " + ", ".join(f"{k} {v}" for k, v in limits.items()))
     if isinstance(setting, int):
-        return ThreadPlan(setting, None, why="--cpu-threads")
+        return ThreadPlan(setting, why="--cpu-threads")
     foreign = sorted(set(setting) - set(cpus))
     if foreign:
         raise ValueError(f"CPUs {format_cpus(foreign)} are not available to this process "
                          f"(it may use {format_cpus(cpus)})")
-    return ThreadPlan(len(setting), tuple(setting), bind=True, why="--cpu-threads")
+    return ThreadPlan(len(setting), tuple(setting), why="--cpu-threads")
+
+
+def cgroup_cpu_quota(root: Path = CGROUP, membership: str | None = None) -> float | None:
+    """This process's CPU quota in CPUs (2.5: 250 ms per 100 ms), from cgroup v2's cpu.max or v1's
+    cpu.cfs_quota_us; None when unlimited or unreadable. membership: /proc/self/cgroup's text."""
+    if membership is None:
+        try:
+            membership = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            membership = ""
+    paths = {"v2": "/", "v1": "/"}
+    for line in membership.splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            paths["v2"] = path
+        elif "cpu" in controllers.split(","):
+            paths["v1"] = path
+    candidates = [(root / paths["v2"].lstrip("/") / "cpu.max", None), (root / "cpu.max", None)]
+    for v1 in ("cpu", "cpu,cpuacct"):
+        base = root / v1
+        candidates += [(base / paths["v1"].lstrip("/") / "cpu.cfs_quota_us", "cpu.cfs_period_us"),
+                       (base / "cpu.cfs_quota_us", "cpu.cfs_period_us")]
+    for path, period_file in candidates:
+        try:
+            if period_file is None:  # v2: "max 100000" or "400000 100000"
+                quota, period = path.read_text().split()[:2]
+            else:
+                quota, period = path.read_text().strip(), (path.parent / period_file).read_text().strip()
+            if quota in ("max", "-1"):
+                return None
+            return int(quota) / int(period) if int(period) > 0 and int(quota) > 0 else None
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def format_cpus(cpus) -> str:
@@ -82,31 +109,9 @@ def format_cpus(cpus) -> str:
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def physical_cores(cpus: list[int], sysfs: Path = Path("/sys/devices/system/cpu")) -> list[list[int]]:
-    """The CPUs grouped by physical core (hyperthread siblings together), cores ordered by their first
-    CPU. A CPU whose topology cannot be read counts as a core of its own."""
-    groups: dict[tuple, list[int]] = {}
-    for cpu in sorted(cpus):
-        try:
-            topo = sysfs / f"cpu{cpu}" / "topology"
-            key = (int((topo / "physical_package_id").read_text()), int((topo / "core_id").read_text()))
-        except (OSError, ValueError):
-            key = ("cpu", cpu)
-        groups.setdefault(key, []).append(cpu)
-    return sorted(groups.values(), key=lambda group: group[0])
-
-
 def apply(plan: ThreadPlan) -> None:
-    """On the engine thread, before its first parallel op: its torch thread count and CPUs. The
-    OpenMP workers it starts inherit its CPUs; a binding plan then binds each to its own."""
+    """On the engine thread, before its first parallel op: its torch thread count and, for a
+    confined plan, its CPUs, which the OpenMP workers it starts inherit."""
     if plan.cpus:
         os.sched_setaffinity(0, plan.cpus)  # 0: the calling thread
     torch.set_num_threads(plan.threads)
-    if plan.bind:
-        from server.engine import cpu_kernels
-
-        if cpu_kernels.available():
-            cpu_kernels.ops().bind_threads(list(plan.cpus))
-        else:
-            log.warning("the CPU kernels are unavailable to bind each torch thread to one CPU: the threads stay "
-                        "confined to CPUs %s", format_cpus(plan.cpus))

@@ -1,4 +1,4 @@
-"""--cpu-threads: the plan for each setting, the CPU topology it reads, and the binding it applies."""
+"""--cpu-threads: the plan for each setting, the cgroup quota it reads, and the confinement it applies."""
 
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ import pytest
 import torch
 
 from server.config import load_config, parse_cpu_threads
-from server.engine import cpu_kernels
-from server.engine.cpu_threads import ThreadPlan, apply, format_cpus, physical_cores, plan_threads
+from server.engine.cpu_threads import ThreadPlan, apply, cgroup_cpu_quota, format_cpus, plan_threads
 
-SMT16 = list(range(16))
-SMT16_CORES = [[i, i + 8] for i in range(8)]  # 8 cores, siblings numbered n and n + 8, as Linux does
+CPUS16 = list(range(16))
 
 
 @pytest.mark.parametrize("text,parsed", [("auto", "auto"), (" AUTO ", "auto"), ("3", 3), ("5-7", [5, 6, 7]),
@@ -36,60 +34,51 @@ def test_config_refuses_a_bad_setting_before_anything_loads():
     assert load_config([], environ={}).cpu_threads == "auto"
 
 
-def test_auto_leaves_one_physical_core_and_confines_the_rest():
-    plan = plan_threads("auto", on_cpu=True, cpus=SMT16, cores=SMT16_CORES, default=8)
-    assert plan.threads == 7 and plan.cpus == (1, 2, 3, 4, 5, 6, 7) and not plan.bind
-    assert "0,8 left" in plan.describe()
-    plan = plan_threads("auto", on_cpu=True, cpus=[4, 5, 6, 7], cores=[[4], [5], [6], [7]], default=4)
-    assert plan.threads == 3 and plan.cpus == (5, 6, 7)
-
-
-@pytest.mark.parametrize("cores", [[[0], [1]], [[0, 2], [1, 3]], [[0], [1], [2]]])
-def test_auto_on_few_cores_keeps_torch_default(cores):
-    cpus = sorted(c for core in cores for c in core)
-    plan = plan_threads("auto", on_cpu=True, cpus=cpus, cores=cores, default=len(cpus))
-    assert (plan.threads, plan.cpus) == (len(cpus), None)
-
-
-def test_auto_on_a_gpu_engine_keeps_torch_default():
-    plan = plan_threads("auto", on_cpu=False, cpus=SMT16, cores=SMT16_CORES, default=8)
-    assert (plan.threads, plan.cpus) == (8, None)
+def test_auto_is_torch_default_within_the_cpus_and_the_quota():
+    assert plan_threads("auto", cpus=CPUS16, quota=None, default=8).threads == 8
+    plan = plan_threads("auto", cpus=[4, 5, 6, 7], quota=None, default=8)  # taskset -c 4-7
+    assert (plan.threads, plan.cpus) == (4, None) and "auto: CPUs available" in plan.describe()
+    plan = plan_threads("auto", cpus=CPUS16, quota=2.5, default=8)  # docker --cpus 2.5
+    assert plan.threads == 2 and "the cgroup's CPU quota 2" in plan.describe()
+    assert plan_threads("auto", cpus=CPUS16, quota=0.5, default=8).threads == 1
 
 
 def test_a_count_and_a_list():
-    plan = plan_threads(3, on_cpu=True, cpus=SMT16, default=8)
-    assert (plan.threads, plan.cpus, plan.bind) == (3, None, False)
-    plan = plan_threads([9, 3, 4], on_cpu=True, cpus=SMT16, default=8)
-    assert (plan.threads, plan.cpus, plan.bind) == (3, (9, 3, 4), True)
-    assert "bound one each to CPUs 3-4,9" in plan.describe()
+    plan = plan_threads(3, cpus=CPUS16, default=8)
+    assert (plan.threads, plan.cpus) == (3, None)
+    plan = plan_threads([9, 3, 4], cpus=CPUS16, default=8)
+    assert (plan.threads, plan.cpus) == (3, (9, 3, 4))
+    assert "confined to CPUs 3-4,9" in plan.describe()
     with pytest.raises(ValueError, match="CPUs 16-17 are not available.*0-15"):
-        plan_threads([1, 16, 17], on_cpu=True, cpus=SMT16, default=8)
+        plan_threads([1, 16, 17], cpus=CPUS16, default=8)
+
+
+@pytest.mark.parametrize("files,membership,quota", [
+    ({"cpu.max": "400000 100000\n"}, "0::/\n", 4.0),  # cgroup v2, a container's own namespace
+    ({"cpu.max": "max 100000\n"}, "0::/\n", None),
+    ({"kubepods/pod1/cpu.max": "150000 100000\n", "cpu.max": "max 100000"}, "0::/kubepods/pod1\n", 1.5),
+    ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, "2:cpu,cpuacct:/\n", 2.0),  # v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, "2:cpu,cpuacct:/\n0::/\n", None),
+    ({"cpu/docker/c1/cpu.cfs_quota_us": "50000", "cpu/docker/c1/cpu.cfs_period_us": "100000"},
+     "4:cpu,cpuacct:/docker/c1\n", 0.5),
+    ({"cpu.max": "garbage"}, "0::/\n", None),
+    ({}, "", None),  # no cgroup files at all
+])
+def test_cgroup_cpu_quota(tmp_path, files, membership, quota):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_quota(tmp_path, membership) == quota
+
+
+def test_this_machines_quota_reads():
+    quota = cgroup_cpu_quota()
+    assert quota is None or quota > 0
 
 
 def test_format_cpus():
     assert format_cpus([5, 0, 1, 2, 9, 10]) == "0-2,5,9-10"
     assert format_cpus([3]) == "3"
-
-
-def test_physical_cores_from_sysfs(tmp_path):
-    def cpu(n, package, core):
-        topo = tmp_path / f"cpu{n}" / "topology"
-        topo.mkdir(parents=True)
-        (topo / "physical_package_id").write_text(f"{package}\n")
-        (topo / "core_id").write_text(f"{core}\n")
-
-    for n in range(4):  # two packages of two cores; siblings n and n + 4
-        cpu(n, n // 2, n % 2)
-        cpu(n + 4, n // 2, n % 2)
-    (tmp_path / "cpu8").mkdir()  # no topology: a core of its own
-    assert physical_cores(list(range(9)), tmp_path) == [[0, 4], [1, 5], [2, 6], [3, 7], [8]]
-    assert physical_cores([5, 1, 2], tmp_path) == [[1, 5], [2]]
-
-
-def test_physical_cores_of_this_machine_cover_its_cpus():
-    cpus = sorted(os.sched_getaffinity(0))
-    cores = physical_cores(cpus)
-    assert sorted(c for core in cores for c in core) == cpus
 
 
 def _affinities() -> dict[int, set[int]]:
@@ -123,18 +112,7 @@ def _on_a_thread(plan) -> tuple[set[int], dict[int, set[int]]]:
 
 def test_a_confined_plan_confines_the_engine_thread_and_its_workers():
     cpus = sorted(os.sched_getaffinity(0))
-    own, new = _on_a_thread(ThreadPlan(2, (cpus[-1],), why="test"))  # two threads confined to one CPU
+    own, new = _on_a_thread(ThreadPlan(2, (cpus[-1],)))  # two threads confined to one CPU
     assert own == {cpus[-1]}
     assert new and all(c == {cpus[-1]} for c in new.values())
     assert os.sched_getaffinity(0) == set(cpus)  # this thread is untouched
-
-
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
-@pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels bind the threads")
-def test_a_cpu_list_binds_one_thread_to_each_cpu():
-    cpus = sorted(os.sched_getaffinity(0))
-    listed = [cpus[-1], cpus[0]]
-    own, new = _on_a_thread(plan_threads(listed, on_cpu=True))
-    assert own == {cpus[-1]}  # the engine thread is thread 0
-    workers = [c for c in new.values() if len(c) == 1]
-    assert {cpus[0]} in workers, new

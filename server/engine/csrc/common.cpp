@@ -1,6 +1,5 @@
 // What the kernels share: work sharing (tasks handed out from a shared counter instead of split up
-// front), the CPU feature check, and binding torch's threads to CPUs. Built by
-// server/engine/cpu_kernels.py.
+// front) and the CPU feature check. Built by server/engine/cpu_kernels.py.
 //
 // ATen's parallel_for splits its range into one fixed part per thread. When the OS takes a core from
 // one of those threads (the server's event loop writing a step's tokens, a client on the same
@@ -11,13 +10,10 @@
 // part of the interruption only. Runs stay long at first, so each thread still walks memory in order.
 
 #include <ATen/Parallel.h>
-#include <sched.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <functional>
-#include <vector>
 
 namespace softprompt {
 
@@ -46,31 +42,4 @@ bool cpu_has_avx2_fma() { return __builtin_cpu_supports("avx2") && __builtin_cpu
 bool cpu_has_avx2_fma() { return false; }
 #endif
 
-// Binds the calling thread's torch threads one to each CPU of `cpus` (as many as torch's thread count,
-// which the caller sets first): thread i of a parallel region to cpus[i]. OpenMP keeps one pool of
-// workers per calling thread and hands out thread numbers in the same order each time, so the binding
-// holds for the caller's later parallel regions of that size. Returns how many threads were bound.
-int64_t bind_threads(std::vector<int64_t> cpus) {
-  const int64_t threads = at::get_num_threads();
-  TORCH_CHECK(static_cast<int64_t>(cpus.size()) == threads, "one CPU per torch thread expected: ", threads,
-              " threads, ", cpus.size(), " CPUs");
-  std::atomic<int64_t> bound{0};
-  auto bind = [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      cpu_set_t set;
-      CPU_ZERO(&set);
-      CPU_SET(static_cast<int>(cpus[i]), &set);
-      if (sched_setaffinity(0, sizeof(set), &set) == 0) bound.fetch_add(1);
-    }
-  };
-  if (threads == 1) {
-    bind(0, 1);
-  } else {
-    at::parallel_for(0, threads, 1, bind);  // grain 1 over `threads` items: item i on thread i
-  }
-  return bound.load();
-}
-
 }  // namespace softprompt
-
-TORCH_LIBRARY_FRAGMENT(softprompt, m) { m.def("bind_threads(int[] cpus) -> int", &softprompt::bind_threads); }
