@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -438,7 +438,7 @@ def report(dtype: str, best: dict[str, dict[str, Run]], args, vllm_note: str) ->
     med = lambda r: statistics.median(o.ttft for o in r.outs)
     table["single ttft"] = row(f"TTFT s single request, median of {args.single}", get(ours, "single", med),
                                get(vllm, "single", med), True, fmt3)
-    table["single prompt ttft"] = row(f"TTFT s single prompt-tuning req., median", get(ours, "single prompt tuning", med),
+    table["single prompt ttft"] = row("TTFT s single prompt-tuning req., median", get(ours, "single prompt tuning", med),
                                       get(vllm, "single prompt tuning", med), True, fmt3)
 
     short = {f"{s}/{w}": r.short for s, runs in best.items() for w, r in runs.items() if r.short}

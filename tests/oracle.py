@@ -18,7 +18,6 @@ dozens of token mismatches. So:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from dataclasses import dataclass
