@@ -151,7 +151,7 @@ _ACCELERATOR_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
 
 
 def _kernel_and_sdpa(ragged: RaggedStep, q, kv, scaling, window) -> torch.Tensor:
-    step = _decoding(ragged)
+    step = decoding(ragged)
     decode = cpu_attention.decode if q.device.type == "cpu" else functools.partial(_padded_decode, step.max_kv)
     if not step.prefills:
         return decode(q, kv, step.starts, step.kv_lens, scaling, window)
@@ -229,7 +229,7 @@ class _Decoding:
     prefill_rows: torch.Tensor  # [prefill tokens] int64, their token rows, in packing order
 
 
-def _decoding(ragged: RaggedStep) -> _Decoding:
+def decoding(ragged: RaggedStep) -> _Decoding:
     """The step's split, built at its first layer and kept for the others."""
     if ragged._decoding is None:
         decoding = [i for i, n in enumerate(ragged.q_lens) if n == 1]

@@ -1,9 +1,10 @@
 """The engine's C++ kernels for CPU (`csrc/`), built into one extension on first use.
 
 `decode_attention.cpp`: every decoding request's attention over its pool segment (`cpu_attention`);
-`linear.cpp`: linear layers on weights packed for AVX2 (`cpu_linear`). Both register torch ops under
-`torch.ops.softprompt`, and share `common.cpp`: their tasks handed out to torch's threads from a
-counter, and the CPU's AVX2/FMA check.
+`linear.cpp`: linear layers on weights packed for AVX2 (`cpu_linear`); `forward.cpp`: a decoding step's
+layers in one call, calling the other two (`lean_forward`). They register torch ops under
+`torch.ops.softprompt`, and share `common.cpp`: tasks handed out to torch's threads from a counter,
+and the CPU's AVX2/FMA check.
 
 The extension is compiled with torch.utils.cpp_extension into torch's extension cache
 (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions; about 30 s once, then loaded from there), so it
@@ -25,7 +26,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("common.cpp", "decode_attention.cpp", "linear.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("common.cpp", "decode_attention.cpp", "linear.cpp", "forward.cpp")]
 # Plain -O3, no -march: the cache may be shared by machines with different CPUs (a mounted home, a
 # baked image), where a foreign instruction kills the process instead of falling back. Code that needs
 # AVX2 says so per function (`target("avx2,fma")`) and is called only where the CPU has it.

@@ -100,6 +100,12 @@ def unpack(model: nn.Module) -> None:
         delattr(layer, PACKED)
 
 
+def kernel_weight(layer: nn.Module) -> torch.Tensor | None:
+    """The packed weight of a layer that runs on the AVX2 kernel (`_kernel_forward`), else None."""
+    forward = getattr(layer, "__dict__", {}).get("forward")
+    return getattr(layer, PACKED) if getattr(forward, "__func__", None) is _kernel_forward else None
+
+
 def weight_numel(layer: nn.Module) -> int:
     """The elements of a layer's weights, packed ones included (packing frees the plain weight)."""
     plain = sum(p.numel() for p in layer.parameters(recurse=False))

@@ -12,6 +12,12 @@ keeps those): row-wise, so the same numbers.
 Taken for the classes in SUPPORTED whose layers have exactly the modules this code calls; any
 other model keeps transformers' forward with our attention registered in it. The start-up
 self-check (`self_check.py`) compares whichever forward the runner uses against transformers' own.
+
+On CPU, a step in which every request decodes runs its layers in one C++ call (`NativeDecode`,
+csrc/forward.cpp): the same operations in the same order, so the same numbers, but without the
+GIL. The server's event loop shares this interpreter; while it wrote a step's tokens, the engine
+thread stalled at its next operation for the GIL, and serving cost the engine as much time as the
+loop spent (bench/README.md, "Threads and cores").
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import attention
+from . import attention, cpu_attention, cpu_kernels, cpu_linear
 
 # the classes written out, each with where its attention finds its sliding window (as its own forward does)
 SUPPORTED = {
@@ -46,6 +52,11 @@ class LeanForward:
         self.head_dim = self.layers[0].self_attn.head_dim
         window = SUPPORTED[type(model).__name__]
         self.windows = [window(layer.self_attn, model.config) for layer in self.layers]
+        self.native: NativeDecode | None = None  # set by `find_native` once the linears are packed
+
+    def find_native(self) -> None:
+        """Take the one-call decoding step if the layers now allow it (after `cpu_linear.install`)."""
+        self.native = NativeDecode.build(self)
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -67,19 +78,74 @@ class LeanForward:
         tokens, head_dim = h.shape[0], self.head_dim
         cos, sin = self.inner.rotary_emb(h, position_ids)  # [1, tokens, head_dim]
         cos, sin = cos[0, :, None], sin[0, :, None]  # [tokens, 1, head_dim]: broadcast over heads
-        for layer, window in zip(self.layers, self.windows):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(tokens, -1, head_dim)
-            k = attn.k_proj(x).view(tokens, -1, head_dim)
-            v = attn.v_proj(x).view(tokens, -1, head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            o = attention.attend(ragged, attn.layer_idx, q, k, v, attn.scaling, window)
-            h = h + attn.o_proj(o.reshape(tokens, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if self.native is not None and self.native.takes(ragged, h):
+            h = self.native(h, cos, sin, ragged)
+        else:
+            for layer, window in zip(self.layers, self.windows):
+                attn = layer.self_attn
+                x = layer.input_layernorm(h)
+                q = attn.q_proj(x).view(tokens, -1, head_dim)
+                k = attn.k_proj(x).view(tokens, -1, head_dim)
+                v = attn.v_proj(x).view(tokens, -1, head_dim)
+                q = q * cos + _rotate_half(q) * sin
+                k = k * cos + _rotate_half(k) * sin
+                o = attention.attend(ragged, attn.layer_idx, q, k, v, attn.scaling, window)
+                h = h + attn.o_proj(o.reshape(tokens, -1))
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
         logits = self.model.lm_head(self.inner.norm(h[logits_to_keep]))
         return LeanOutput(logits[None])
+
+
+@dataclass
+class NativeDecode:
+    """A decoding step's layers in one call of `torch.ops.softprompt.lean_decode`. Taken when every
+    linear layer runs on the AVX2 kernel (`cpu_linear`) and the MLP's activation is SiLU."""
+
+    weights: list[torch.Tensor | None]  # per layer, in forward.cpp's `Slot` order
+    out_features: list[int]  # per layer, in forward.cpp's `Out` order
+    eps: list[float]  # per layer: the input norm's, the post-attention norm's
+    scales: list[float]
+    windows: list[int]  # 0: none
+    layer_ids: list[int]  # each layer's index in the KV pool
+    head_dim: int
+
+    @classmethod
+    def build(cls, lean: LeanForward) -> NativeDecode | None:
+        if not lean.layers or lean.layers[0].self_attn.q_proj.weight.device.type != "cpu":
+            return None
+        if not cpu_kernels.available():
+            return None
+        native = cls([], [], [], [], [w or 0 for w in lean.windows], [], lean.head_dim)
+        for layer in lean.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+            packed = [cpu_linear.kernel_weight(m) for m in linears]
+            if any(p is None for p in packed) or type(mlp.act_fn).__name__ not in SILU:
+                return None
+            pairs = [[p, m.bias] for p, m in zip(packed, linears)]
+            native.weights += [layer.input_layernorm.weight, *pairs[0], *pairs[1], *pairs[2], *pairs[3],
+                               layer.post_attention_layernorm.weight, *pairs[4], *pairs[5], *pairs[6]]
+            native.out_features += [m.out_features for m in linears]
+            native.eps += [layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon]
+            native.scales.append(attn.scaling if attn.scaling is not None else lean.head_dim ** -0.5)
+            native.layer_ids.append(attn.layer_idx)
+        return native
+
+    def takes(self, ragged: attention.RaggedStep, h: torch.Tensor) -> bool:
+        """Whether this step is one for the call: every request decoding, in a dtype the kernels take."""
+        kv = ragged.pool.kv[0]
+        return (all(n == 1 for n in ragged.q_lens) and ragged.tokens == h.shape[0]
+                and cpu_attention.supports(h, kv))
+
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 ragged: attention.RaggedStep) -> torch.Tensor:
+        step = attention.decoding(ragged)
+        return cpu_kernels.ops().lean_decode(
+            h, cos, sin, self.weights, self.out_features, [ragged.pool.kv[i] for i in self.layer_ids], ragged.slots,
+            step.starts, step.kv_lens, self.eps, self.scales, self.windows, self.head_dim)
+
+
+SILU = {"SiLUActivation", "SiLU"}  # transformers' "silu" and "swish"
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,8 @@ class ModelRunner:
                 cpu_linear.install(self.model)
             else:
                 cpu_linear.unpack(self.model)
+        if self.lean is not None:
+            self.lean.find_native()
 
     def reset(self) -> None:
         """Drop every request (after a failed step)."""

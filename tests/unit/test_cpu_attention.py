@@ -71,7 +71,7 @@ def test_padded_decode_matches_sdpa(monkeypatch, dtype, heads, kv_heads, window,
     if per_call:
         monkeypatch.setattr(attention, "PADDED_DECODE_ELEMENTS", per_call * max(DECODE_LENS) * kv_heads * 40)
     step, query = _step(heads, kv_heads, 40, dtype, [1] * len(DECODE_LENS), DECODE_LENS)
-    decoding = attention._decoding(step)
+    decoding = attention.decoding(step)
     out = attention._padded_decode(decoding.max_kv, query, step.pool.kv[0], decoding.starts, decoding.kv_lens, 0.3,
                                    window)
     tol = TOLERANCE[dtype]

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from adapters import Adapter, ModelSpec
 from adapters.adapter import virtual_tokens_to_kv
 from server.demo.tiny import seeded_init, tiny_config
+from server.engine import cpu_linear
 from server.engine.lean_forward import LeanForward
 from server.engine.model_runner import ModelRunner, ScheduledStep
 from server.engine.request import SamplingParams, Sequence
@@ -29,16 +30,9 @@ def _model(variant: str):
     return model.eval()
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_lean_forward_equals_transformers_on_packed_steps(variant):
-    """Two runners on one model, one lean and one through transformers, run the same prefill (a
-    prefix-carrying request and a plain one, prompts longer than the window) and three decodes:
-    the logits are equal to the last bit."""
-    model = _model(variant)
-    spec = ModelSpec.from_hf_config(model.config, torch.device("cpu"), torch.float32)
-    lean, plain = (ModelRunner(model, spec, kv_cache_bytes=1 << 20) for _ in range(2))
-    assert lean.lean is not None
-    plain.lean = None
+def _packed_steps(model, lean: ModelRunner, plain: ModelRunner) -> None:
+    """Both runners run the same prefill (a prefix-carrying request and a plain one, prompts longer
+    than the window) and three decodes: the logits are equal to the last bit."""
     g = torch.Generator().manual_seed(0)
     prefix = virtual_tokens_to_kv(model, model.get_input_embeddings()(torch.randint(3, 200, (4,), generator=g)))
     adapter = Adapter("p", "PROMPT_TUNING", 4, "p", 0.0, {}, prefix, None)
@@ -55,6 +49,56 @@ def test_lean_forward_equals_transformers_on_packed_steps(variant):
             for seq, row in zip(batch, logits[lean]):
                 seq.output_ids.append(int(row.argmax()))
     assert len({tuple(s.output_ids) for s in seqs[lean]}) == 2  # the requests did differ
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_lean_forward_equals_transformers_on_packed_steps(variant):
+    """One runner lean, one through transformers, on one model: the same logits to the last bit."""
+    model = _model(variant)
+    spec = ModelSpec.from_hf_config(model.config, torch.device("cpu"), torch.float32)
+    lean, plain = (ModelRunner(model, spec, kv_cache_bytes=1 << 20) for _ in range(2))
+    assert lean.lean is not None
+    plain.lean = None
+    _packed_steps(model, lean, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decoding_steps_in_one_call_equal_the_layers_in_python(variant, dtype):
+    """The decoding steps' layers in one C++ call (`NativeDecode`), taken wherever the linear layers
+    run on the AVX2 kernel, give the logits the Python layers give, to the last bit."""
+    model = _model(variant).to(dtype)
+    spec = ModelSpec.from_hf_config(model.config, torch.device("cpu"), dtype)
+    native, python = (ModelRunner(model, spec, kv_cache_bytes=1 << 20) for _ in range(2))
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert (native.lean.native is not None) == (cpu_linear.kernel_weight(q_proj) is not None)
+    if native.lean.native is None:
+        pytest.skip("the linear layers are not on the AVX2 kernel here")
+    python.lean.native = None
+    calls = []
+    native.lean.native = _Counted(native.lean.native, calls)
+    _packed_steps(model, native, python)
+    assert len(calls) == 3  # the three decoding steps; the prefill runs in Python
+
+
+class _Counted:
+    def __init__(self, inner, calls):
+        self.inner, self.calls = inner, calls
+
+    def takes(self, ragged, h):
+        return self.inner.takes(ragged, h)
+
+    def __call__(self, *args):
+        self.calls.append(1)
+        return self.inner(*args)
+
+
+def test_the_one_call_is_not_taken_for_other_activations():
+    model = _model("llama")
+    for layer in model.model.layers:
+        layer.mlp.act_fn = torch.nn.GELU()
+    spec = ModelSpec.from_hf_config(model.config, torch.device("cpu"), torch.float32)
+    assert ModelRunner(model, spec, kv_cache_bytes=1 << 20).lean.native is None
 
 
 def test_only_the_classes_written_out_are_taken():

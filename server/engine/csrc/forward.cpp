@@ -1,0 +1,125 @@
+// A decoding step's layers in one call (server/engine/lean_forward.py, `native_decode`): the same ATen
+// operations as the written-out Python forward, in the same order, so the same numbers, without
+// returning to Python between them. Why: the server's event loop and the engine share one
+// interpreter, and the engine thread needs the GIL between every two of its operations. While the
+// loop writes a step's tokens (holding the GIL), the engine stalled at its next operation, so
+// serving cost as much engine time as the loop spent. A whole step's layers without the GIL run
+// beside the loop instead. Built by server/engine/cpu_kernels.py.
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/InferenceMode.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+namespace {
+
+// Each layer's tensors in `weights`, in this order; a bias may be None.
+enum Slot : int64_t { kInNorm, kQ, kQBias, kK, kKBias, kV, kVBias, kO, kOBias, kPostNorm, kGate, kGateBias, kUp,
+                      kUpBias, kDown, kDownBias, kSlots };
+// Each layer's out_features in `out_features`, in this order.
+enum Out : int64_t { kQOut, kKOut, kVOut, kOOut, kGateOut, kUpOut, kDownOut, kOuts };
+
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                         int64_t out_features) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("softprompt::packed_linear", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         int64_t)>();
+  return op.call(x, packed, bias, out_features);
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& starts,
+                            const at::Tensor& kv_lens, double scale, int64_t window) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("softprompt::decode_attention", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         double, int64_t)>();
+  return op.call(q, kv, starts, kv_lens, scale, window);
+}
+
+// cpu_linear._kernel_forward: bfloat16 rows and bias computed in float32, the result rounded back.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                  int64_t out_features) {
+  at::Tensor rows = x.reshape({-1, x.size(-1)});
+  std::optional<at::Tensor> b = bias;
+  if (x.scalar_type() != at::kFloat) {
+    rows = rows.to(at::kFloat);
+    if (b) b = b->to(at::kFloat);
+  }
+  return packed_linear(rows.contiguous(), packed, b, out_features).to(x.scalar_type());
+}
+
+// transformers' LlamaRMSNorm (and Qwen2's, Mistral's).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const at::Tensor h = x.to(at::kFloat);
+  const at::Tensor variance = h.pow(2).mean(-1, /*keepdim=*/true);
+  return weight * (h * at::rsqrt(variance + eps)).to(x.scalar_type());
+}
+
+at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  const at::Tensor rotated = at::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
+  return x * cos + rotated * sin;
+}
+
+std::optional<at::Tensor> get(const c10::List<std::optional<at::Tensor>>& weights, int64_t i) { return weights[i]; }
+
+at::Tensor need(const c10::List<std::optional<at::Tensor>>& weights, int64_t i) {
+  const std::optional<at::Tensor> t = weights[i];
+  TORCH_CHECK(t.has_value(), "weight ", i, " is missing");
+  return *t;
+}
+
+// h: [requests, hidden], every row a decoding request's one new token; cos, sin: [requests, 1, head_dim];
+// kv: one [2, kv_heads, slots, head_dim] per layer; slots: each row's new slot; starts, kv_lens: each
+// request's pool segment (the new key included). Returns h after the last layer (before the final norm).
+at::Tensor lean_decode(at::Tensor h, const at::Tensor& cos, const at::Tensor& sin,
+                       const c10::List<std::optional<at::Tensor>>& weights, std::vector<int64_t> out_features,
+                       std::vector<at::Tensor> kv, const at::Tensor& slots, const at::Tensor& starts,
+                       const at::Tensor& kv_lens, std::vector<double> eps, std::vector<double> scales,
+                       std::vector<int64_t> windows, int64_t head_dim) {
+  const int64_t layers = static_cast<int64_t>(kv.size());
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * kSlots && static_cast<int64_t>(out_features.size()) ==
+                  layers * kOuts && static_cast<int64_t>(eps.size()) == 2 * layers &&
+                  static_cast<int64_t>(scales.size()) == layers && static_cast<int64_t>(windows.size()) == layers,
+              "per-layer arguments for ", layers, " layers expected");
+  const int64_t tokens = h.size(0);
+  c10::InferenceMode inference;
+  for (int64_t l = 0; l < layers; ++l) {
+    const int64_t w = l * kSlots, o = l * kOuts;
+    at::Tensor x = rms_norm(h, need(weights, w + kInNorm), eps[2 * l]);
+    at::Tensor q = linear(x, need(weights, w + kQ), get(weights, w + kQBias), out_features[o + kQOut])
+                       .view({tokens, -1, head_dim});
+    at::Tensor k = linear(x, need(weights, w + kK), get(weights, w + kKBias), out_features[o + kKOut])
+                       .view({tokens, -1, head_dim});
+    at::Tensor v = linear(x, need(weights, w + kV), get(weights, w + kVBias), out_features[o + kVOut])
+                       .view({tokens, -1, head_dim});
+    q = rotate(q, cos, sin);
+    k = rotate(k, cos, sin);
+    kv[l][0].index_copy_(1, slots, k.transpose(0, 1));
+    kv[l][1].index_copy_(1, slots, v.transpose(0, 1));
+    const at::Tensor attended = decode_attention(q.contiguous(), kv[l], starts, kv_lens, scales[l], windows[l]);
+    h = h + linear(attended.reshape({tokens, -1}), need(weights, w + kO), get(weights, w + kOBias),
+                   out_features[o + kOOut]);
+    x = rms_norm(h, need(weights, w + kPostNorm), eps[2 * l + 1]);
+    const at::Tensor gate = linear(x, need(weights, w + kGate), get(weights, w + kGateBias), out_features[o + kGateOut]);
+    const at::Tensor up = linear(x, need(weights, w + kUp), get(weights, w + kUpBias), out_features[o + kUpOut]);
+    h = h + linear(at::silu(gate) * up, need(weights, w + kDown), get(weights, w + kDownBias),
+                   out_features[o + kDownOut]);
+  }
+  return h;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(softprompt, m) {
+  m.def(
+      "lean_decode(Tensor h, Tensor cos, Tensor sin, Tensor?[] weights, int[] out_features, Tensor[] kv, "
+      "Tensor slots, Tensor starts, Tensor kv_lens, float[] eps, float[] scales, int[] windows, int head_dim) "
+      "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(softprompt, CPU, m) { m.impl("lean_decode", lean_decode); }
