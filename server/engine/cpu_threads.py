@@ -50,11 +50,11 @@ def plan_threads(setting: str | int | list[int], cpus: list[int] | None = None, 
     if setting == "auto":
         default = torch.get_num_threads() if default is None else default
         quota = cgroup_cpu_quota() if quota is None else quota
-        limits = {"torch's default": default, "CPUs available": len(cpus)}
+        limits = {"torch's default": default, "the CPUs available": len(cpus)}
         if quota is not None:
             limits["the cgroup's CPU quota"] = max(1, math.floor(quota))
-        reason = min(limits, key=limits.get)
-        return ThreadPlan(limits[reason], why=f"auto: {reason}, of " + ", ".join(f"{k} {v}" for k, v in limits.items()))
+        return ThreadPlan(min(limits.values()),
+                          why="auto: the least of " + ", ".join(f"{k} {v}" for k, v in limits.items()))
     if isinstance(setting, int):
         return ThreadPlan(setting, why="--cpu-threads")
     foreign = sorted(set(setting) - set(cpus))

@@ -37,7 +37,8 @@ def test_config_refuses_a_bad_setting_before_anything_loads():
 def test_auto_is_torch_default_within_the_cpus_and_the_quota():
     assert plan_threads("auto", cpus=CPUS16, quota=None, default=8).threads == 8
     plan = plan_threads("auto", cpus=[4, 5, 6, 7], quota=None, default=8)  # taskset -c 4-7
-    assert (plan.threads, plan.cpus) == (4, None) and "auto: CPUs available" in plan.describe()
+    assert (plan.threads, plan.cpus) == (4, None)
+    assert "auto: the least of torch's default 8, the CPUs available 4" in plan.describe()
     plan = plan_threads("auto", cpus=CPUS16, quota=2.5, default=8)  # docker --cpus 2.5
     assert plan.threads == 2 and "the cgroup's CPU quota 2" in plan.describe()
     assert plan_threads("auto", cpus=CPUS16, quota=0.5, default=8).threads == 1
