@@ -74,6 +74,8 @@ def cgroup_cpu_quota(root: Path = CGROUP, membership: str | None = None) -> floa
             membership = ""
     paths = {"v2": "/", "v1": "/"}
     for line in membership.splitlines():
+        if line.count(":") < 2:
+            continue
         _, controllers, path = line.split(":", 2)
         if controllers == "":
             paths["v2"] = path

@@ -242,8 +242,8 @@ class AsyncEngine:
     """
 
     def __init__(self, engine: Engine, threads: ThreadPlan | None = None):
-        """threads: torch's threads on the engine thread, and the CPUs they are bound to (default:
-        as many as the process has, unbound)."""
+        """threads: torch's threads on the engine thread, and the CPUs they are confined to
+        (default: as many as the process has, on any CPU)."""
         self.engine = engine
         self.threads = threads
         self._wake = threading.Condition()

@@ -64,6 +64,7 @@ def test_a_count_and_a_list():
      "4:cpu,cpuacct:/docker/c1\n", 0.5),
     ({"cpu.max": "garbage"}, "0::/\n", None),
     ({}, "", None),  # no cgroup files at all
+    ({"cpu.max": "300000 100000"}, "not a cgroup line\n0::/\n", 3.0),
 ])
 def test_cgroup_cpu_quota(tmp_path, files, membership, quota):
     for name, text in files.items():
