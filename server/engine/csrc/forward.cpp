@@ -90,25 +90,21 @@ at::Tensor lean_decode(at::Tensor h, const at::Tensor& cos, const at::Tensor& si
   c10::InferenceMode inference;
   for (int64_t l = 0; l < layers; ++l) {
     const int64_t w = l * kSlots, o = l * kOuts;
+    auto proj = [&](const at::Tensor& in, int64_t slot, int64_t out) {  // a weight's bias is the slot after it
+      return linear(in, need(weights, w + slot), get(weights, w + slot + 1), out_features[o + out]);
+    };
     at::Tensor x = rms_norm(h, need(weights, w + kInNorm), eps[2 * l]);
-    at::Tensor q = linear(x, need(weights, w + kQ), get(weights, w + kQBias), out_features[o + kQOut])
-                       .view({tokens, -1, head_dim});
-    at::Tensor k = linear(x, need(weights, w + kK), get(weights, w + kKBias), out_features[o + kKOut])
-                       .view({tokens, -1, head_dim});
-    at::Tensor v = linear(x, need(weights, w + kV), get(weights, w + kVBias), out_features[o + kVOut])
-                       .view({tokens, -1, head_dim});
+    at::Tensor q = proj(x, kQ, kQOut).view({tokens, -1, head_dim});
+    at::Tensor k = proj(x, kK, kKOut).view({tokens, -1, head_dim});
+    const at::Tensor v = proj(x, kV, kVOut).view({tokens, -1, head_dim});
     q = rotate(q, cos, sin);
     k = rotate(k, cos, sin);
     kv[l][0].index_copy_(1, slots, k.transpose(0, 1));
     kv[l][1].index_copy_(1, slots, v.transpose(0, 1));
     const at::Tensor attended = decode_attention(q.contiguous(), kv[l], starts, kv_lens, scales[l], windows[l]);
-    h = h + linear(attended.reshape({tokens, -1}), need(weights, w + kO), get(weights, w + kOBias),
-                   out_features[o + kOOut]);
+    h = h + proj(attended.reshape({tokens, -1}), kO, kOOut);
     x = rms_norm(h, need(weights, w + kPostNorm), eps[2 * l + 1]);
-    const at::Tensor gate = linear(x, need(weights, w + kGate), get(weights, w + kGateBias), out_features[o + kGateOut]);
-    const at::Tensor up = linear(x, need(weights, w + kUp), get(weights, w + kUpBias), out_features[o + kUpOut]);
-    h = h + linear(at::silu(gate) * up, need(weights, w + kDown), get(weights, w + kDownBias),
-                   out_features[o + kDownOut]);
+    h = h + proj(at::silu(proj(x, kGate, kGateOut)) * proj(x, kUp, kUpOut), kDown, kDownOut);
   }
   return h;
 }
