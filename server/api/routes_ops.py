@@ -54,7 +54,7 @@ async def info(request: Request):
         "max_prefill_tokens": c.max_prefill_tokens,
         "kv_cache_bytes": service.engine.engine.runner.pool.nbytes(),
         "kv_cache_tokens": service.engine.engine.runner.pool.slots,
-        "cpu_threads": _threads(service.engine.threads),
+        "cpu_threads": threads.info() if (threads := service.engine.threads) else None,
         "compile": compiled.describe() if (compiled := service.engine.engine.runner.compiled) else {"mode": "off"},
         "max_upload_bytes": c.max_upload_bytes,
         "max_virtual_tokens": c.max_virtual_tokens,
@@ -63,13 +63,6 @@ async def info(request: Request):
         "max_adapters": c.max_adapters,
         "auth": {"api_key": bool(c.api_key), "admin_key": bool(c.admin_key)},
     }
-
-
-def _threads(plan) -> dict | None:
-    """The engine's torch threads and the CPUs they run on (None: as torch chose, in-process use)."""
-    if plan is None:
-        return None
-    return {"threads": plan.threads, "cpus": list(plan.cpus) if plan.cpus else None}
 
 
 @router.get("/metrics")

@@ -102,7 +102,7 @@ def unpack(model: nn.Module) -> None:
 
 def kernel_weight(layer: nn.Module) -> torch.Tensor | None:
     """The packed weight of a layer that runs on the AVX2 kernel (`_kernel_forward`), else None."""
-    forward = getattr(layer, "__dict__", {}).get("forward")
+    forward = layer.__dict__.get("forward")  # set on the instance by `install`
     return getattr(layer, PACKED) if getattr(forward, "__func__", None) is _kernel_forward else None
 
 

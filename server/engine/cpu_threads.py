@@ -39,6 +39,10 @@ class ThreadPlan:
         where = f"confined to CPUs {format_cpus(self.cpus)}" if self.cpus else "on any CPU"
         return f"{self.threads} torch threads {where} ({self.why})"
 
+    def info(self) -> dict:
+        """For /info."""
+        return {"threads": self.threads, "cpus": list(self.cpus) if self.cpus else None}
+
 
 def plan_threads(setting: str | int | list[int], cpus: list[int] | None = None, quota: float | None = None,
                  default: int | None = None) -> ThreadPlan:

@@ -21,7 +21,6 @@ from adapters import Adapter, ModelSpec
 
 from . import cpu_threads
 from .compiled import CompiledForward, warm_up
-from .cpu_threads import ThreadPlan
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import DEFAULT_KV_CACHE_BYTES
 from .model_runner import ModelRunner, ScheduledStep, StepOutput
@@ -241,7 +240,7 @@ class AsyncEngine:
     base 765-824 against 674-751 tok/s, mixed adapters 717-764 against 647-754.
     """
 
-    def __init__(self, engine: Engine, threads: ThreadPlan | None = None):
+    def __init__(self, engine: Engine, threads: cpu_threads.ThreadPlan | None = None):
         """threads: torch's threads on the engine thread, and the CPUs they are confined to
         (default: as many as the process has, on any CPU)."""
         self.engine = engine
