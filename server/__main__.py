@@ -6,6 +6,7 @@ On SIGTERM (or Ctrl-C) the server drains: new requests get 503, running ones fin
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import sys
@@ -119,12 +120,27 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def freeze_startup_heap() -> int:
+    """Put every object alive after start-up out of the garbage collector's reach; returns how many.
+
+    Start-up leaves about 420,000 objects that live as long as the process (transformers' and
+    torch's modules, the tokenizer, the app's routes and schemas). Python's full collections walk
+    them all: 200-280 ms each on the bench model, holding the GIL, so every stream stalled for that
+    long, and a third of the event loop's CPU went to collecting. Frozen, a full collection walks
+    only what was made since (about 19,000 objects while serving). vLLM's API server does the same.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 def main(argv: list[str] | None = None) -> None:
     config = load_config(argv)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = build_service(config)
     uv_config = uvicorn.Config(create_app(service), host=config.host, port=config.port, log_level=config.log_level,
                                timeout_graceful_shutdown=5, access_log=False)
+    log.info("start-up heap: %d objects frozen out of the garbage collector's reach", freeze_startup_heap())
     DrainingServer(uv_config, service).run()
     log.info("stopped")
     sys.exit(0)

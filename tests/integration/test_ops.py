@@ -56,6 +56,12 @@ def test_info(server, client):
     assert 1 <= threads["threads"] <= len(os.sched_getaffinity(0)) and threads["cpus"] is None
 
 
+def test_start_up_heap_is_frozen(server):
+    """Full garbage collections skip what start-up made (server.__main__.freeze_startup_heap)."""
+    line = next(line for line in server.log_path.read_text().splitlines() if "start-up heap:" in line)
+    assert int(line.split("start-up heap: ")[1].split()[0]) > 10_000  # the model, tokenizer, app, modules
+
+
 def test_cpu_threads_confined_to_listed_cpus(start_server):
     cpu = max(os.sched_getaffinity(0))
     server = start_server("--cpu-threads", f"{cpu}-{cpu}")  # a list of one CPU ("3" would be a count)
