@@ -269,6 +269,7 @@ class Out:
     end: float  # seconds from the workload's start to the stream's end
     tokens: int
     finish: str | None
+    gaps: list[float]  # seconds between one token chunk and the next (inter-token latency)
 
 
 @dataclass
@@ -290,6 +291,11 @@ class Run:
     def mean_ttft(self) -> float:
         return statistics.mean(o.ttft for o in self.outs)
 
+    def itl(self, q: float) -> float:
+        """The q-quantile (0..1) of the inter-token gaps of all its streams, in seconds."""
+        gaps = sorted(g for o in self.outs for g in o.gaps)
+        return gaps[min(len(gaps) - 1, int(q * len(gaps)))] if gaps else float("nan")
+
     @property
     def short(self) -> int:
         """Requests that made fewer than max_tokens tokens."""
@@ -297,7 +303,7 @@ class Run:
 
 
 async def stream_one(url: str, body: dict, t0: float, counted_by_text: bool) -> Out:
-    pieces, ttft, finish, usage = [], None, None, None
+    pieces, ttft, finish, usage, gaps, last = [], None, None, None, [], None
     async for data in post_events(url, "/v1/completions", body):
         if data == "[DONE]":
             break
@@ -307,8 +313,13 @@ async def stream_one(url: str, body: dict, t0: float, counted_by_text: bool) -> 
         if obj.get("usage"):
             usage = obj["usage"]
         for choice in obj.get("choices") or ():
+            now = time.perf_counter()
             if ttft is None:
-                ttft = time.perf_counter() - t0
+                ttft = now - t0
+            elif choice.get("text"):
+                gaps.append(now - last)
+            if choice.get("text") or last is None:
+                last = now
             pieces.append(choice.get("text") or "")
             finish = choice.get("finish_reason") or finish
     end = time.perf_counter() - t0
@@ -319,7 +330,7 @@ async def stream_one(url: str, body: dict, t0: float, counted_by_text: bool) -> 
         tokens = len(text)
     else:  # no usage in ours' streams: "length" means exactly max_tokens
         tokens = body["max_tokens"] if finish == "length" else len(text.encode())
-    return Out(text, end if ttft is None else ttft, end, tokens, finish)
+    return Out(text, end if ttft is None else ttft, end, tokens, finish, gaps)
 
 
 async def run_bodies(url: str, bodies: list[dict], counted_by_text: bool, sequential: bool = False) -> tuple[list[Out], float]:
@@ -445,6 +456,9 @@ def report(dtype: str, best: dict[str, dict[str, Run]], args, vllm_note: str) ->
                                get(vllm, "single", med), True, fmt3)
     table["single prompt ttft"] = row("TTFT s single prompt-tuning req., median", get(ours, "single prompt tuning", med),
                                       get(vllm, "single prompt tuning", med), True, fmt3)
+    for label, q in (("median", 0.5), ("p99", 0.99), ("max", 1.0)):
+        table[f"base itl {label}"] = row(f"ITL ms base ({n} streams), {label}", get(ours, "base", lambda r: 1e3 * r.itl(q)),
+                                         get(vllm, "base", lambda r: 1e3 * r.itl(q)), True)
 
     short = {f"{s}/{w}": r.short for s, runs in best.items() for w, r in runs.items() if r.short}
     if short:
