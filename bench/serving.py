@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
                        f"--server-args={args.server_args}"])
     if args.cpus:  # before any parallel op, and inherited by the servers started
         cpus = parse_cpu_threads(args.cpus)
+        if cpus == "auto":
+            p.error("--cpus takes CPUs ('0-3', '0,2,4,6', '5'), not auto")
         os.sched_setaffinity(0, [cpus] if isinstance(cpus, int) else cpus)
     if args.threads or args.cpus:
         torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
