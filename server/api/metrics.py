@@ -127,6 +127,12 @@ class Metrics:
                   lambda: registry.stats["load_failures"], "counter"),
             Gauge(p + "batch_size", "Requests in the last engine step", lambda: engine.last_batch_size),
             Gauge(p + "engine_steps_total", "Engine steps run", lambda: engine.stats["steps"], "counter"),
+            Gauge(p + "engine_step_seconds_total", "Wall time of the engine steps that ran",
+                  lambda: engine.stats["step_seconds"], "counter"),
+            Gauge(p + "engine_forward_seconds_total", "Of it, in the model's forward; the rest went to "
+                  "scheduling, building inputs, sampling, detokenizing and waiting for the GIL (on CUDA the "
+                  "forward only launches its kernels: the GPU's time falls in sampling)",
+                  lambda: engine.runner.forward_seconds, "counter"),
             Gauge(p + "engine_failed_steps_total", "Engine steps that raised (those retried without their "
                   "newcomers included)", lambda: engine.stats["failed_steps"], "counter"),
             Gauge(p + "prefill_tokens_total", "Prompt tokens computed in prefill (again after a preemption)",

@@ -52,7 +52,7 @@ class Engine:
         self.special_ids = set(tokenizer.all_special_ids)
         self._lock = threading.Lock()  # guards the scheduler's queues between submitters and the stepper
         self.accepting = True
-        self.stats = Counter()  # steps, failed_steps, prefill_tokens, requests_finished
+        self.stats = Counter()  # steps, failed_steps, prefill_tokens, requests_finished, step_seconds (those that ran)
         self.last_batch_size = 0
         self.consecutive_failures = 0  # forwards failed since the last that served a request: /health's verdict
         self.last_failure = ""
@@ -96,6 +96,7 @@ class Engine:
         return len(self.scheduler.running)
 
     def step(self) -> list[StepOutput]:
+        started = time.perf_counter()
         with self._lock:
             step = self.scheduler.schedule()
         try:
@@ -120,6 +121,7 @@ class Engine:
             if delivery is not None:
                 deliveries.append(delivery)
         self.emit(deliveries)
+        self.stats["step_seconds"] += time.perf_counter() - started
         return outputs
 
     def _run(self, step: ScheduledStep) -> list[StepOutput]:

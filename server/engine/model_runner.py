@@ -10,6 +10,7 @@ when its chunk reaches the end of what it had to compute.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +57,7 @@ class ModelRunner:
         self.pool = KVPool(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.device, spec.dtype,
                            slots=kv_cache_bytes // slot_bytes)
         self.seqs: list[Sequence] = []  # the requests holding a KV segment
+        self.forward_seconds = 0.0  # wall time in the model's forward calls (on CUDA: launching them)
 
     def use_compiled(self, compiled: CompiledForward | None) -> None:
         """Run steps through `compiled`, or eager when None: on CPU, eager linears run on oneDNN's
@@ -150,6 +152,7 @@ class ModelRunner:
             keep += [0] * (self.compiled.pad(len(keep)) - len(keep))
         ragged = attention.RaggedStep.build(self.pool, [seg.start for seg in segments], q_lens, kv_lens)
         device = self.spec.device
+        started = time.perf_counter()
         out = forward(
             input_ids=torch.tensor([ids], device=device),  # [1, tokens]
             position_ids=torch.tensor([positions], device=device),  # [1, tokens]
@@ -158,6 +161,7 @@ class ModelRunner:
             use_cache=False,
             logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
         )
+        self.forward_seconds += time.perf_counter() - started
         for seg, n in zip(segments, kv_lens):
             seg.length = n
         return out.logits[0, :len(sampling)]  # [sampling rows, vocab]

@@ -121,6 +121,10 @@ def test_metrics_count_a_request(client, uploaded):
     assert delta("softprompt_requests_total", route="/generate", status="200") == 1
     assert delta("softprompt_time_to_first_token_seconds_count") == 1
     assert delta("softprompt_request_duration_seconds_count") == 1
+    # where the engine's time went: its steps' wall time, of which the model's forward is a part
+    steps, forward = delta("softprompt_engine_step_seconds_total"), delta("softprompt_engine_forward_seconds_total")
+    assert delta("softprompt_engine_steps_total") >= 5
+    assert 0 < forward < steps
 
 
 def test_metrics_count_adapter_loads_and_failures(client, adapter_srcs):
