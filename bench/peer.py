@@ -394,14 +394,16 @@ def warm_up(system: str, server: Server, args, setup: Setup, dtype: str) -> None
         asyncio.run(run_bodies(server.url, tiny, setup.masked))
 
 
-def measure(system: str, server: Server, args, setup: Setup, dtype: str) -> dict[str, Run]:
+def measure(system: str, server: Server, args, setup: Setup, dtype: str, around=None) -> dict[str, Run]:
+    """Every workload once; `around(name)`, when given, is a context manager wrapped around each run."""
     # The client shares the cores with the server: its full collections would walk the hundreds of
     # thousands of objects torch, transformers and PEFT left here (about 0.2 s of CPU each).
     gc.collect()
     gc.freeze()
     runs = {}
     for name, (bodies, sequential) in workloads(system, server, args, setup, dtype).items():
-        outs, wall = asyncio.run(run_bodies(server.url, bodies, setup.masked, sequential))
+        with around(name) if around else contextlib.nullcontext():
+            outs, wall = asyncio.run(run_bodies(server.url, bodies, setup.masked, sequential))
         runs[name] = Run(name, outs, wall, args.new_tokens)
     return runs
 

@@ -1,5 +1,7 @@
 """The benchmark runs end to end on a small config (its figures are read by people, not asserted)."""
 
+import pytest
+
 from bench.bench_engine import main
 
 
@@ -31,4 +33,15 @@ def test_serving_bench_quick_run(capsys):
         assert set(numbers[side]) == {"base", "mixed"} and all(rate > 0 for rate in numbers[side].values())
     assert all(len(ratios) == 1 and ratios[0] > 0 for ratios in numbers["paired"].values())
     assert 0 < numbers["cpu"]["event loop"] < numbers["cpu"]["server"] and numbers["cpu"]["client"] > 0
-    assert "CPU during the HTTP rounds" in capsys.readouterr().out
+    for spent in numbers["steps"].values():  # both sides' steps, timed: 2 workloads x 4 new tokens at least
+        assert spent.steps >= 8 and 0 < spent.forward < spent.seconds
+    out = capsys.readouterr().out
+    assert "CPU during the HTTP rounds" in out and "engine steps http:" in out
+
+
+def test_serving_bench_takes_cpu_lists():
+    from bench.serving import main as serving_main
+
+    for flag, value in (("--cpus", "auto"), ("--client-cpus", "3-1")):
+        with pytest.raises(SystemExit):
+            serving_main([flag, value])
