@@ -5,16 +5,25 @@ Settings:
          taskset, a cpuset) nor than its cgroup's CPU quota (a container's `--cpus`, a Kubernetes
          CPU limit), which torch does not read: a pod limited to 4 CPUs on a 64-core host would
          otherwise run 32 threads in 4 CPUs' time, and every thread's share of a step waits for
-         the quota to refill
+         the quota to refill. From RESERVE_FROM threads up, one fewer, so that a CPU is left to
+         the event loop (vLLM's CPU backend also keeps one back for its front end)
   N      N threads
   LIST   one thread per CPU listed ("8-15", "0,2,4,6", "3-3"), the engine's threads confined to
          them (the HTTP side stays free to run anywhere): for several servers on one machine
 
-What was measured (bench/README.md, "Threads and cores"): leaving a core to the HTTP side made
-HTTP throughput worse, not better (on 4 cores, 3 engine threads gave 0.78-0.86 of in-process
-against 0.89-1.05 with 4), and binding each thread to one CPU worse still (0.61-0.71): a bound
-thread cannot step aside from the event loop or a neighbour. So no setting binds, and auto
-leaves no core idle.
+Why a CPU for the event loop, and only on many cores (bench/README.md, "Threads and cores"): the
+loop's work on a step's tokens (about 50-100 us of Python per stream, some 3-6 ms a step at 64
+streams) needs the GIL. Handed over as a step ends, it runs while the engine thread waits to
+prepare the next step: every engine thread idles for it. Handed over as the next step's layers
+start (they run without the GIL), it runs beside them, but on a machine whose every CPU runs a
+kernel thread it preempts one, and the others wait for that one. So when the plan leaves CPU
+beyond its threads (`ThreadPlan.spare`), the engine hands tokens over as layers start
+(`engine.AsyncEngine`), else as steps end. The loop's cost per step is fixed while a step gets
+shorter with more threads, so a CPU given up to it pays on many cores only: on an H200 host's 16
+cores (bench model, 64 streams) HTTP ran at 0.88-0.99 of in-process with 15 threads and the
+hand-over at the layers, 0.78-0.97 with 16 and it at the step's end. On 4 cores a CPU left idle
+cost more than it saved (0.78-0.86 against 0.89-1.05), and binding each thread to one CPU more
+still (0.61-0.71), so no setting binds.
 """
 
 from __future__ import annotations
@@ -23,10 +32,12 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 CGROUP = Path("/sys/fs/cgroup")
+RESERVE_FROM = 16  # auto leaves a CPU to the event loop when it would run this many threads on every CPU
 
 
 @dataclass(frozen=True)
@@ -34,38 +45,46 @@ class ThreadPlan:
     threads: int  # torch's intra-op threads on the engine thread
     cpus: tuple[int, ...] | None = None  # the CPUs they are confined to; None: any the process may use
     why: str = ""  # for the log
+    spare: bool = False  # whether the process has CPU beyond these threads, for the event loop
 
     def describe(self) -> str:
         where = f"confined to CPUs {format_cpus(self.cpus)}" if self.cpus else "on any CPU"
-        return f"{self.threads} torch threads {where} ({self.why})"
+        loop = "; CPU left for the event loop" if self.spare else ""
+        return f"{self.threads} torch threads {where} ({self.why}){loop}"
 
     def info(self) -> dict:
         """For /info."""
-        return {"threads": self.threads, "cpus": list(self.cpus) if self.cpus else None}
+        return {"threads": self.threads, "cpus": list(self.cpus) if self.cpus else None, "spare": self.spare}
 
 
-def plan_threads(setting: str | int | list[int], cpus: list[int] | None = None, quota: float | None = None,
-                 default: int | None = None) -> ThreadPlan:
+def plan_threads(setting: str | int | list[int], cpus: list[int] | None = None,
+                 quota: float | None | Literal["read"] = "read", default: int | None = None) -> ThreadPlan:
     """The plan for a parsed `--cpu-threads` (config.parse_cpu_threads). cpus: the CPUs this process
-    may use (default: its affinity); quota: its cgroup's CPU quota in CPUs (default: read; None when
-    unlimited); default: torch's thread count. ValueError for a CPU list naming a CPU the process
-    may not use."""
+    may use (default: its affinity); quota: its cgroup's CPU quota in CPUs (None: unlimited; default:
+    read); default: torch's thread count. ValueError for a CPU list naming a CPU the process may
+    not use."""
     cpus = sorted(os.sched_getaffinity(0)) if cpus is None else cpus
+    quota = cgroup_cpu_quota() if quota == "read" else quota
+    capacity = min(len(cpus), quota if quota is not None else math.inf)  # CPUs' worth the process may run
     if setting == "auto":
         default = torch.get_num_threads() if default is None else default
-        quota = cgroup_cpu_quota() if quota is None else quota
         limits = {"torch's default": default, "the CPUs available": len(cpus)}
         if quota is not None:
             limits["the cgroup's CPU quota"] = max(1, math.floor(quota))
-        return ThreadPlan(min(limits.values()),
-                          why="auto: the least of " + ", ".join(f"{k} {v}" for k, v in limits.items()))
+        threads = min(limits.values())
+        why = "auto: the least of " + ", ".join(f"{k} {v}" for k, v in limits.items())
+        if threads >= RESERVE_FROM and capacity - threads < 1:
+            threads -= 1
+            why += f", less one CPU for the event loop (from {RESERVE_FROM} threads)"
+        return ThreadPlan(threads, why=why, spare=capacity - threads >= 1)
     if isinstance(setting, int):
-        return ThreadPlan(setting, why="--cpu-threads")
+        return ThreadPlan(setting, why="--cpu-threads", spare=capacity - setting >= 1)
     foreign = sorted(set(setting) - set(cpus))
     if foreign:
         raise ValueError(f"CPUs {format_cpus(foreign)} are not available to this process "
                          f"(it may use {format_cpus(cpus)})")
-    return ThreadPlan(len(setting), tuple(setting), why="--cpu-threads")
+    return ThreadPlan(len(setting), tuple(setting), why="--cpu-threads",
+                      spare=len(cpus) > len(setting) and capacity - len(setting) >= 1)
 
 
 def cgroup_cpu_quota(root: Path = CGROUP, membership: str | None = None) -> float | None:

@@ -56,7 +56,7 @@ class Engine:
         self.last_batch_size = 0
         self.consecutive_failures = 0  # forwards failed since the last that served a request: /health's verdict
         self.last_failure = ""
-        self.emit: Callable[[list[Delivery]], None] = _call_back  # AsyncEngine: one hand-over per step
+        self.emit: Callable[[list[Delivery]], None] = _call_back  # AsyncEngine: to the event loop
 
     def submit(self, seq: Sequence) -> Sequence:
         """Queue a request; raises Overloaded when the queue is full or the engine is stopping."""
@@ -240,6 +240,18 @@ class AsyncEngine:
     over the share of the one the loop preempts. Measured over HTTP on 2 cores, 64 streams, three
     rounds alternating with the engine waiting for the loop to deliver each step before the next:
     base 765-824 against 674-751 tok/s, mixed adapters 717-764 against 647-754.
+
+    When the thread plan leaves CPU for the event loop (`ThreadPlan.spare`), a step's tokens are
+    handed over as the next step's layers start (`ModelRunner.on_layers`, the GIL released for
+    them), not as the step ends: the loop's work on them (50-100 us of Python per stream) then runs
+    beside the layers on its own CPU, instead of while the next step's preparation waits for the
+    GIL. Measured on 2 cores, one engine thread, 64 streams, two runs each way (bench.serving's
+    step times): the Python of a step 2.7-3.5 ms in the server against 1.7-2.0 in-process when
+    tokens go as steps end, 1.6-1.8 against 1.6-1.8 when they go as layers start; steps 5.6-16%
+    longer than in-process against 0.7-11.6%. Where the engine's threads take every CPU the loop
+    would preempt one of them mid-layer instead, which measured worse (bench/README.md, "Threads
+    and cores"), so there tokens go as the step ends. Held tokens reach the loop a millisecond or
+    two later; when no step follows, or one runs no layers, at once.
     """
 
     def __init__(self, engine: Engine, threads: cpu_threads.ThreadPlan | None = None):
@@ -252,10 +264,15 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._between_steps: deque[tuple[Callable, concurrent.futures.Future]] = deque()
+        self._hold = bool(threads and threads.spare)  # hand tokens over as the next layers start
+        self._held: list[Delivery] = []  # the last step's tokens, until then
+        self._released = False  # whether this step's layers have started (and released them)
 
     def start(self) -> None:
         self._event_loop = asyncio.get_running_loop()
         self.engine.emit = self._hand_over
+        if self._hold:
+            self.engine.runner.on_layers = self._release
         self._thread.start()
 
     def stop(self) -> None:
@@ -287,7 +304,19 @@ class AsyncEngine:
             self._wake.notify()
         return future.result()
 
-    def _hand_over(self, deliveries: list[Delivery]) -> None:  # any thread, once per step
+    def _hand_over(self, deliveries: list[Delivery]) -> None:  # any thread
+        if self._hold and threading.current_thread() is self._thread:
+            self._held.extend(deliveries)
+        else:  # from another thread (aborting everything while draining): at once
+            self._send(deliveries)
+
+    def _release(self) -> None:  # engine thread
+        self._released = True
+        if self._held:
+            held, self._held = self._held, []
+            self._send(held)
+
+    def _send(self, deliveries: list[Delivery]) -> None:
         if deliveries:
             try:
                 self._event_loop.call_soon_threadsafe(_call_back, deliveries)
@@ -303,6 +332,8 @@ class AsyncEngine:
                     self._wake.wait()
                 stopping, tasks = self._stopping, list(self._between_steps)
                 self._between_steps.clear()
+            if tasks or stopping:  # an adapter's materialization must not hold up the last step's tokens
+                self._release()
             for fn, future in tasks:  # on stop too: their callers are waiting
                 try:
                     future.set_result(fn())
@@ -311,10 +342,13 @@ class AsyncEngine:
             if stopping:
                 return
             if self.engine.has_work():
+                self._released = False
                 try:
                     self.engine.step()
                 except Exception:  # a failed step must not kill the server; its requests were failed
                     log.exception("engine step failed; failed the requests in the batch")
+                if not self._released or not self.engine.has_work():  # no layers ran, or none follow
+                    self._release()
 
 
 class Stream:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -58,6 +59,9 @@ class ModelRunner:
                            slots=kv_cache_bytes // slot_bytes)
         self.seqs: list[Sequence] = []  # the requests holding a KV segment
         self.forward_seconds = 0.0  # wall time in the model's forward calls (on CUDA: launching them)
+        # Called once per forward, its inputs built and its layers about to run (with the native decode,
+        # as the GIL is released for them): where the AsyncEngine may hand the last step's tokens over.
+        self.on_layers: Callable[[], None] = _nothing
 
     def use_compiled(self, compiled: CompiledForward | None) -> None:
         """Run steps through `compiled`, or eager when None: on CPU, eager linears run on oneDNN's
@@ -153,6 +157,9 @@ class ModelRunner:
         ragged = attention.RaggedStep.build(self.pool, [seg.start for seg in segments], q_lens, kv_lens)
         device = self.spec.device
         started = time.perf_counter()
+        hook = {"on_layers": self.on_layers} if forward is self.lean else {}
+        if not hook:  # the lean forward calls it itself, at the last moment before its layers
+            self.on_layers()
         out = forward(
             input_ids=torch.tensor([ids], device=device),  # [1, tokens]
             position_ids=torch.tensor([positions], device=device),  # [1, tokens]
@@ -160,6 +167,7 @@ class ModelRunner:
             ragged=ragged,
             use_cache=False,
             logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
+            **hook,
         )
         self.forward_seconds += time.perf_counter() - started
         for seg, n in zip(segments, kv_lens):
@@ -172,3 +180,7 @@ class ModelRunner:
         history = [s.token_ids for s in batch] if needs_history else [[]] * len(batch)
         tokens, logprobs = sample(logits, [s.sampler for s in batch], history)
         return [StepOutput(s, t, lp) for s, t, lp in zip(batch, tokens, logprobs)]
+
+
+def _nothing() -> None:
+    pass

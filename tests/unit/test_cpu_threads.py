@@ -44,14 +44,39 @@ def test_auto_is_torch_default_within_the_cpus_and_the_quota():
     assert plan_threads("auto", cpus=CPUS16, quota=0.5, default=8).threads == 1
 
 
+def test_auto_leaves_a_cpu_to_the_event_loop_from_16_threads():
+    plan = plan_threads("auto", cpus=CPUS16, quota=None, default=16)
+    assert (plan.threads, plan.spare) == (15, True)
+    assert "less one CPU for the event loop" in plan.describe() and plan.info()["spare"] is True
+    assert plan_threads("auto", cpus=list(range(32)), quota=16, default=32).threads == 15  # the quota is the limit
+    assert plan_threads("auto", cpus=list(range(8)), quota=None, default=8).threads == 8  # too few to give one up
+    plan = plan_threads("auto", cpus=list(range(32)), quota=None, default=16)  # hyper-threads: torch counts cores
+    assert (plan.threads, plan.spare) == (16, True)
+
+
+@pytest.mark.parametrize("setting,cpus,quota,spare", [
+    ("auto", CPUS16, None, True),  # torch's default 8 of 16 CPUs
+    ("auto", list(range(4)), None, False),  # 4 threads on 4 CPUs
+    ("auto", CPUS16, 2.5, False),  # 2 threads in a quota of 2.5 CPUs: half a CPU is not one for the loop
+    ("auto", CPUS16, 9.5, True),  # 8 threads in 9.5 CPUs
+    (2, CPUS16, 2.0, False),
+    (2, [0, 1, 2], None, True),
+    ([0, 1], [0, 1], None, False),  # confined to every CPU there is
+    ([0, 1], [0, 1, 2], None, True),
+    ([0, 1], [0, 1, 2], 2.0, False),
+])
+def test_spare_when_the_plan_leaves_a_cpu(setting, cpus, quota, spare):
+    assert plan_threads(setting, cpus=cpus, quota=quota, default=8).spare is spare
+
+
 def test_a_count_and_a_list():
-    plan = plan_threads(3, cpus=CPUS16, default=8)
+    plan = plan_threads(3, cpus=CPUS16, quota=None, default=8)
     assert (plan.threads, plan.cpus) == (3, None)
-    plan = plan_threads([9, 3, 4], cpus=CPUS16, default=8)
+    plan = plan_threads([9, 3, 4], cpus=CPUS16, quota=None, default=8)
     assert (plan.threads, plan.cpus) == (3, (9, 3, 4))
     assert "confined to CPUs 3-4,9" in plan.describe()
     with pytest.raises(ValueError, match="CPUs 16-17 are not available.*0-15"):
-        plan_threads([1, 16, 17], cpus=CPUS16, default=8)
+        plan_threads([1, 16, 17], cpus=CPUS16, quota=None, default=8)
 
 
 @pytest.mark.parametrize("files,membership,quota", [
