@@ -3,7 +3,9 @@
 #   all      gpu_check, the engine benchmark in fp32 and bf16, the KV budget benchmark in bf16
 #   compile  gpu_check, then the compiled forward against eager in bf16 on the larger model
 #   serving  gpu_check, then the serving path (HTTP against in-process) on the host's CPUs, which are
-#            more than CI's: bench.serving on CPUs 0-3, 0-7 and all of them
+#            more than CI's: bench.serving on all of them with --cpu-threads auto (one CPU left to the
+#            event loop from 16 threads) and with a thread on every CPU, then with the client on a
+#            CPU of its own, then on CPUs 0-7; 128 requests of 96 tokens (64 x 64 is over in 2 s there)
 # Wheels in .whl/ (the locked transformers, peft, and for `serving` the HTTP stack) are installed first.
 set -uo pipefail
 out=${1:-/tmp/gpu-out}
@@ -22,9 +24,12 @@ run check 150 -m bench.gpu_check
 if [ "$what" = serving ]; then
   lscpu | grep -E "^(Model name|CPU\(s\)|Thread|Core|Socket|NUMA node|Flags)" | cut -c1-600 | tee "$out/cpu.txt"
   run kernels 120 -c "from server.engine import cpu_kernels; print('CPU kernels', cpu_kernels.available())"
-  for cpus in 0-3 0-7 "0-$(($(nproc) - 1))"; do
-    run "serving-cpus-$cpus" 150 -m bench.serving --repeats 2 --cpus "$cpus"
-  done
+  last=$(($(nproc) - 1))
+  long=(--repeats 2 --requests 128 --new-tokens 96)
+  run serving-all-auto 150 -m bench.serving "${long[@]}" --cpus "0-$last"
+  run serving-all-every-cpu 150 -m bench.serving "${long[@]}" --cpus "0-$last" --server-args "--cpu-threads $((last + 1))"
+  run serving-client-apart 150 -m bench.serving "${long[@]}" --cpus "0-$((last - 1))" --client-cpus "$last"
+  run serving-cpus-0-7 150 -m bench.serving "${long[@]}" --cpus 0-7
   exit 0
 fi
 if [ "$what" = compile ]; then
