@@ -36,6 +36,7 @@ SOURCES = [Path(__file__).parent / "csrc" / name
 CFLAGS = ["-O3", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 
+NAME = "softprompt_cpu_kernels"
 _lock = threading.Lock()
 _tried = False  # whether this process has tried to load the extension
 _ops = None  # torch.ops.softprompt once loaded
@@ -70,10 +71,34 @@ def _load():
         if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = os.pathsep.join(filter(None, [os.environ.get("PATH"), ninja.BIN_DIR]))
     began = time.perf_counter()
-    cpp_extension.load(name="softprompt_cpu_kernels", sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
-                       extra_ldflags=LDFLAGS, is_python_module=False)
+    build_dir = Path(cpp_extension._get_build_directory(NAME, verbose=False))  # torch's layout of the cache
+    with _only_builder(build_dir):
+        cpp_extension.load(name=NAME, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+                           build_directory=str(build_dir), is_python_module=False)
     log.info("CPU kernels built or loaded in %.1f s", time.perf_counter() - began)
     return torch.ops.softprompt
+
+
+@contextlib.contextmanager
+def _only_builder(build_dir: Path):
+    """While this process builds or loads the extension, no other server does, and torch's lock is
+    not left over from a build that died.
+
+    torch guards a build with a `lock` file that others poll until it goes, with no timeout: a build
+    killed midway (a container stopped during its first start, with the cache on a volume) leaves
+    it, and every later start waited on it for ever. Here each process first takes an flock on a
+    file beside it, which the OS drops when its holder dies; holding it, a `lock` file found is a
+    dead build's, and is removed. (A server of an older version, which takes no flock, building in
+    the same cache at the same moment would lose its lock: a rebuild, not a hang.)"""
+    import fcntl
+
+    with open(build_dir / "softprompt.flock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # waits while another server builds; never for a dead one
+        stale = build_dir / "lock"
+        if stale.exists():
+            log.warning("removing %s, left by a build of the CPU kernels that did not finish", stale)
+            stale.unlink(missing_ok=True)
+        yield
 
 
 def _last_lines(text: str, n: int = 3) -> str:
