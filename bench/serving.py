@@ -63,7 +63,7 @@ class Steps:
 
     @classmethod
     def of(cls, engine) -> "Steps":
-        return cls(engine.stats["steps"], engine.stats["step_seconds"], engine.runner.forward_seconds)
+        return cls(engine.stats["steps"], engine.stats["step_seconds"], engine.stats["forward_seconds"])
 
     @classmethod
     def scrape(cls, url: str) -> "Steps":

@@ -132,7 +132,7 @@ class Metrics:
             Gauge(p + "engine_forward_seconds_total", "Of it, in the model's forward; the rest went to "
                   "scheduling, building inputs, sampling, detokenizing and waiting for the GIL (on CUDA the "
                   "forward only launches its kernels: the GPU's time falls in sampling)",
-                  lambda: engine.runner.forward_seconds, "counter"),
+                  lambda: engine.stats["forward_seconds"], "counter"),
             Gauge(p + "engine_failed_steps_total", "Engine steps that raised (those retried without their "
                   "newcomers included)", lambda: engine.stats["failed_steps"], "counter"),
             Gauge(p + "prefill_tokens_total", "Prompt tokens computed in prefill (again after a preemption)",

@@ -52,7 +52,8 @@ class Engine:
         self.special_ids = set(tokenizer.all_special_ids)
         self._lock = threading.Lock()  # guards the scheduler's queues between submitters and the stepper
         self.accepting = True
-        self.stats = Counter()  # steps, failed_steps, prefill_tokens, requests_finished, step_seconds (those that ran)
+        self.stats = Counter()  # steps, failed_steps, prefill_tokens, requests_finished; of the steps that ran:
+        # step_seconds, and forward_seconds in the model's forward
         self.last_batch_size = 0
         self.consecutive_failures = 0  # forwards failed since the last that served a request: /health's verdict
         self.last_failure = ""
@@ -96,7 +97,7 @@ class Engine:
         return len(self.scheduler.running)
 
     def step(self) -> list[StepOutput]:
-        started = time.perf_counter()
+        started, forwards = time.perf_counter(), self.runner.forward_seconds
         with self._lock:
             step = self.scheduler.schedule()
         try:
@@ -122,6 +123,7 @@ class Engine:
                 deliveries.append(delivery)
         self.emit(deliveries)
         self.stats["step_seconds"] += time.perf_counter() - started
+        self.stats["forward_seconds"] += self.runner.forward_seconds - forwards  # the self-check's are not steps'
         return outputs
 
     def _run(self, step: ScheduledStep) -> list[StepOutput]:

@@ -100,6 +100,9 @@ def test_metrics_format_and_families(client, uploaded):
     assert metric(samples, "softprompt_requests_total", route="/generate", status="200") >= 1
     assert metric(samples, "softprompt_queue_depth") >= 0
     assert metric(samples, "softprompt_batch_size") >= 0
+    # the steps' forward time is part of their time (the start-up self-check's forwards are not steps)
+    assert 0 < metric(samples, "softprompt_engine_forward_seconds_total") < \
+        metric(samples, "softprompt_engine_step_seconds_total")
     # a histogram's buckets are cumulative and end in +Inf == _count
     name = "softprompt_time_to_first_token_seconds"
     buckets = sorted(((float(dict(k[1])["le"]), v) for k, v in samples.items() if k[0] == name + "_bucket"))
