@@ -12,18 +12,13 @@ Settings:
          them (the HTTP side stays free to run anywhere): for several servers on one machine
 
 Why a CPU for the event loop, and only on many cores (bench/README.md, "Threads and cores"): the
-loop's work on a step's tokens (about 50-100 us of Python per stream, some 3-6 ms a step at 64
-streams) needs the GIL. Handed over as a step ends, it runs while the engine thread waits to
-prepare the next step: every engine thread idles for it. Handed over as the next step's layers
-start (they run without the GIL), it runs beside them, but on a machine whose every CPU runs a
-kernel thread it preempts one, and the others wait for that one. So when the plan leaves CPU
-beyond its threads (`ThreadPlan.spare`), the engine hands tokens over as layers start
-(`engine.AsyncEngine`), else as steps end. The loop's cost per step is fixed while a step gets
-shorter with more threads, so a CPU given up to it pays on many cores only: on an H200 host's 16
-cores (bench model, 64 streams) HTTP ran at 0.88-0.99 of in-process with 15 threads and the
-hand-over at the layers, 0.78-0.97 with 16 and it at the step's end. On 4 cores a CPU left idle
-cost more than it saved (0.78-0.86 against 0.89-1.05), and binding each thread to one CPU more
-still (0.61-0.71), so no setting binds.
+loop's Python for a step's tokens (some 3-6 ms a step at 64 streams) runs best beside the layers,
+which needs a CPU no kernel thread fills; `ThreadPlan.spare` tells `engine.AsyncEngine` whether
+there is one (it says why). That cost is fixed while a step shortens with more threads, so giving
+up a CPU pays on many cores only: on an H200 host's 16 cores (bench model, 64 streams) HTTP ran at
+0.88-0.99 of in-process with 15 threads, 0.78-0.97 with 16. On 4 cores a CPU left idle cost more
+than it saved (0.78-0.86 against 0.89-1.05), and binding each thread to one CPU more still
+(0.61-0.71), so no setting binds.
 """
 
 from __future__ import annotations

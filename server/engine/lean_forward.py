@@ -73,7 +73,7 @@ class LeanForward:
         return True
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, ragged: attention.RaggedStep,
-                 logits_to_keep: torch.Tensor, on_layers: Callable[[], None] | None = None, **_) -> LeanOutput:
+                 logits_to_keep: torch.Tensor, on_layers: Callable[[], None] = lambda: None, **_) -> LeanOutput:
         """input_ids, position_ids: [1, tokens]; logits_to_keep: the rows whose logits are returned;
         on_layers: called once everything before the layers is done (`ModelRunner.on_layers`)."""
         h = self.inner.embed_tokens(input_ids[0])  # [tokens, hidden]
@@ -82,12 +82,10 @@ class LeanForward:
         cos, sin = cos[0, :, None], sin[0, :, None]  # [tokens, 1, head_dim]: broadcast over heads
         if self.native is not None and self.native.takes(ragged, h):
             attention.decoding(ragged)  # its index tensors, built now rather than after on_layers
-            if on_layers is not None:
-                on_layers()
+            on_layers()
             h = self.native(h, cos, sin, ragged)
         else:
-            if on_layers is not None:
-                on_layers()
+            on_layers()
             for layer, window in zip(self.layers, self.windows):
                 attn = layer.self_attn
                 x = layer.input_layernorm(h)
