@@ -1,28 +1,33 @@
 """What the serving path costs: the same workload through the HTTP server and through the engine
-in-process, in one run, alternating, on the peer benchmark's model, adapters and prompts.
+in-process, in one run, on the peer benchmark's model, adapters and prompts.
 
-    python -m bench.serving                       # 64 requests, 64 new tokens, fp32, 3 rounds
-    python -m bench.serving --dtype bfloat16 --repeats 2
+    python -m bench.serving                       # 64 requests, 64 new tokens, fp32, 5 rounds
+    python -m bench.serving --dtype bfloat16 --repeats 3
     python -m bench.serving --cpus 0-14 --client-cpus 15     # the client off the server's cores
 
 Over HTTP: `/v1/completions` with `stream=true` (`bench.peer`'s client, all requests at once).
 By default the client runs on the same cores as the server, so it is also told where the CPU went
-during the HTTP rounds: the server's event loop (its main thread: routes, SSE chunks, sockets), the
+during the HTTP runs: the server's event loop (its main thread: routes, SSE chunks, sockets), the
 server's other threads (the engine and torch's), and the client itself. `--client-cpus` puts the
 client on CPUs of its own, as a production client on another machine would be: then only the
 server's own cost stands between the two figures.
 
 In-process: the same prompts (tokenized as the server does), `SamplingParams` and adapters
-submitted to an `Engine` at once and stepped to the end on this thread. Both runs generate
-exactly `--new-tokens` per request (`ignore_eos`). The best of the rounds is kept for each, and
-each round's own HTTP / in-process ratio is printed with their median: the machine's speed drifts
-between rounds, and a round's two runs are close in time.
+submitted to an `Engine` at once and stepped to the end on this thread. Both generate exactly
+`--new-tokens` per request (`ignore_eos`).
+
+The server and the in-process engine are each loaded once, and each round runs every workload
+both ways back to back, the order alternating between rounds (one idles while the other runs).
+This machine's speed drifts by 10-30% over tens of seconds, so the figure to read is the median
+of the pairs' HTTP / in-process ratios; the best of each side and the pooled ratio (total time
+in-process over total time over HTTP) are printed too.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import re
 import statistics
@@ -34,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from bench.peer import Run, build_setup, make_server, measure, warm_up
+from bench.peer import build_setup, make_server, run_bodies, run_client, warm_up, workloads
 from bench.peer import parse_args as peer_args
 from server.config import parse_cpu_threads
 
@@ -76,34 +81,57 @@ class Steps:
                    value("engine_forward_seconds_total"))
 
 
-def in_process(setup, args, dtype: str, workload: str) -> tuple[float, Steps]:
-    """tokens/s of the engine alone on a workload ('base' or 'mixed'), every request submitted at once,
-    and its steps."""
-    from adapters import AdapterRegistry, AdapterStore
-    from server.engine.engine import Engine
-    from server.engine.request import SamplingParams, Sequence
-    from server.model import load_base_model
+class InProcess:
+    """The engine alone, loaded once: a workload's requests ('base' or 'mixed') submitted at once,
+    the same prompts (tokenized as the server does), `SamplingParams` and adapters as over HTTP,
+    stepped to the end on this thread."""
 
-    base = load_base_model(str(setup.model_dir), device="cpu", dtype=dtype)
-    registry = AdapterRegistry(base.spec, base.model, AdapterStore(setup.adapter_dir))
-    registry.load_store()
-    engine = Engine(base.model, base.tokenizer, base.spec, max_batch_size=max(64, args.requests),
-                    max_waiting=max(256, 2 * args.requests))
-    params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
-    prompts = [base.tokenizer(p, add_special_tokens=True).input_ids for p in setup.prompts]
+    def __init__(self, setup, args, dtype: str):
+        from adapters import AdapterRegistry, AdapterStore
+        from server.engine.engine import Engine
+        from server.engine.request import SamplingParams
+        from server.model import load_base_model
 
-    def adapter(i):
-        return registry.get(setup.adapters[i % len(setup.adapters)]) if workload == "mixed" else None
+        base = load_base_model(str(setup.model_dir), device="cpu", dtype=dtype)
+        self.registry = AdapterRegistry(base.spec, base.model, AdapterStore(setup.adapter_dir))
+        self.registry.load_store()
+        self.engine = Engine(base.model, base.tokenizer, base.spec, max_batch_size=max(64, args.requests),
+                             max_waiting=max(256, 2 * args.requests))
+        self.setup = setup
+        self.params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+        self.prompts = [base.tokenizer(p, add_special_tokens=True).input_ids for p in setup.prompts]
+        for workload in ("base", "mixed"):  # warm-up, as the HTTP side gets
+            for i in range(4):
+                self.engine.generate(self.prompts[i], SamplingParams(max_new_tokens=2), self.adapter(workload, i))
 
-    for i in range(4):  # warm-up, as the HTTP side gets
-        engine.generate(prompts[i], SamplingParams(max_new_tokens=2), adapter(i))
-    before = Steps.of(engine)
-    t = time.perf_counter()
-    seqs = [engine.submit(Sequence(ids, params, adapter(i))) for i, ids in enumerate(prompts)]
-    while engine.has_work():
-        engine.step()
-    wall = time.perf_counter() - t
-    return sum(len(s.output_ids) for s in seqs) / wall, replace(Steps.of(engine) - before, wall=wall)
+    def adapter(self, workload: str, i: int):
+        adapters = self.setup.adapters
+        return self.registry.get(adapters[i % len(adapters)]) if workload == "mixed" else None
+
+    def run(self, workload: str) -> tuple[float, Steps]:
+        """tokens/s, and the steps that made them."""
+        from server.engine.request import Sequence
+
+        before = Steps.of(self.engine)
+        t = time.perf_counter()
+        seqs = [self.engine.submit(Sequence(ids, self.params, self.adapter(workload, i)))
+                for i, ids in enumerate(self.prompts)]
+        while self.engine.has_work():
+            self.engine.step()
+        wall = time.perf_counter() - t
+        return sum(len(s.output_ids) for s in seqs) / wall, replace(Steps.of(self.engine) - before, wall=wall)
+
+
+def over_http(server, bodies: list[dict], setup, client_cpus: list[int] | None) -> tuple[float, Steps, dict, int]:
+    """tokens/s of one workload's requests streamed from `server` at once, the server's steps meanwhile,
+    the CPU seconds spent (`cpu_seconds`' keys) and the tokens streamed."""
+    before, start, t = cpu_seconds(server.proc.pid), Steps.scrape(server.url), time.perf_counter()
+    with on_cpus(client_cpus):
+        outs, wall = run_client(run_bodies(server.url, bodies, setup.masked))
+    steps = replace(Steps.scrape(server.url) - start, wall=time.perf_counter() - t)
+    spent = {key: value - before[key] for key, value in cpu_seconds(server.proc.pid).items()}
+    tokens = sum(o.tokens for o in outs)
+    return tokens / wall, steps, spent, tokens
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -111,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="rounds; each runs every workload both ways")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads in-process (0: one per CPU with --cpus, else torch's default)")
     p.add_argument("--cpus", help="run everything (client, in-process engine, server) on these CPUs: '0-3', '0,2,4,6'")
@@ -125,15 +153,15 @@ def main(argv: list[str] | None = None) -> dict:
                        "--hidden", str(args.hidden), "--layers", str(args.layers), f"--server-args={args.server_args}"])
     cpus = cpu_list(p, "--cpus", args.cpus)
     client_cpus = cpu_list(p, "--client-cpus", args.client_cpus)
-    if cpus:  # before any parallel op, and inherited by the servers started
+    if cpus:  # before any parallel op, and inherited by the server started
         os.sched_setaffinity(0, cpus)
     if args.threads or args.cpus:
         torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
-    best = {"in-process": {}, "http": {}}
-    paired: dict[str, list[float]] = {"base": [], "mixed": []}  # each round's http / in-process
-    cpu: dict[str, float] = {}  # CPU seconds during the HTTP rounds, summed over them
-    chunks = 0  # tokens streamed in them (every workload bench.peer runs: prompt tuning too)
-    steps = {"in-process": Steps(), "http": Steps()}  # over every round's timed runs
+    sides = ("in-process", "http")
+    rates: dict[str, dict[str, list[float]]] = {side: {"base": [], "mixed": []} for side in sides}
+    cpu: dict[str, float] = {}  # CPU seconds during the HTTP runs, summed over them
+    chunks = 0  # tokens streamed in them
+    steps = {side: Steps() for side in sides}  # over every timed run
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         setup = build_setup(pargs, Path(tmp))
         print(f"serving path: {args.requests} requests x {args.new_tokens} new tokens, {args.dtype}, "
@@ -141,51 +169,51 @@ def main(argv: list[str] | None = None) -> dict:
               f"client on {'CPUs ' + args.client_cpus if client_cpus else 'the same CPUs'}, "
               f"model hidden {args.hidden} x {args.layers} layers, "
               f"server flags {args.server_args or '(none)'}, load average {os.getloadavg()[0]:.2f}")
-        for rep in range(args.repeats):
-            local = {}
-            for workload in ("base", "mixed"):
-                rate, spent = in_process(setup, args, args.dtype, workload)
-                local[workload] = rate
-                steps["in-process"] += spent
-                best["in-process"][workload] = max(rate, best["in-process"].get(workload, 0.0))
-            server = make_server("ours", pargs, setup, args.dtype, None, Path(tmp) / "logs", f"r{rep}")
-            try:
-                server.start()
-                warm_up("ours", server, pargs, setup, args.dtype)
-                before = cpu_seconds(server.proc.pid)
-
-                @contextlib.contextmanager
-                def timed_steps(workload: str):  # the steps of base and mixed, as in-process runs them
-                    start, t = Steps.scrape(server.url), time.perf_counter()
-                    yield
-                    if workload in ("base", "mixed"):
-                        steps["http"] += replace(Steps.scrape(server.url) - start, wall=time.perf_counter() - t)
-
-                with on_cpus(client_cpus):
-                    runs: dict[str, Run] = measure("ours", server, pargs, setup, args.dtype, timed_steps)
-                for key, value in cpu_seconds(server.proc.pid).items():
-                    cpu[key] = cpu.get(key, 0.0) + value - before[key]
-                chunks += sum(run.tokens for run in runs.values())
-            finally:
-                server.stop()
-            for workload in ("base", "mixed"):
-                best["http"][workload] = max(runs[workload].tokens_per_s, best["http"].get(workload, 0.0))
-                paired[workload].append(runs[workload].tokens_per_s / local[workload])
-            print(f"  round {rep + 1}: in-process " + ", ".join(f"{w} {local[w]:.1f}" for w in ("base", "mixed"))
-                  + f" | http base {runs['base'].tokens_per_s:.1f}, mixed {runs['mixed'].tokens_per_s:.1f} tok/s",
-                  flush=True)
-    print(f"\n{'workload':10s} {'in-process':>12s} {'http':>10s} {'best/best':>10s} {'median of rounds':>17s}")
+        local = InProcess(setup, args, args.dtype)
+        server = make_server("ours", pargs, setup, args.dtype, None, Path(tmp) / "logs", "serving")
+        try:
+            server.start()
+            warm_up("ours", server, pargs, setup, args.dtype)
+            gc.collect()  # what set-up left, out of the client's collections
+            gc.freeze()
+            bodies = workloads("ours", server, pargs, setup, args.dtype)
+            for rep in range(args.repeats):
+                for workload in ("base", "mixed"):
+                    for side in (sides if rep % 2 == 0 else sides[::-1]):  # who goes first alternates
+                        if side == "in-process":
+                            rate, spent = local.run(workload)
+                        else:
+                            rate, spent, used, tokens = over_http(server, bodies[workload][0], setup, client_cpus)
+                            for key, value in used.items():
+                                cpu[key] = cpu.get(key, 0.0) + value
+                            chunks += tokens
+                        rates[side][workload].append(rate)
+                        steps[side] += spent
+                print(f"  round {rep + 1}: " + " | ".join(
+                    f"{side} " + ", ".join(f"{w} {rates[side][w][-1]:.1f}" for w in ("base", "mixed")) for side in sides)
+                    + " tok/s", flush=True)
+        finally:
+            server.stop()
+    paired = {w: [h / i for h, i in zip(rates["http"][w], rates["in-process"][w])] for w in ("base", "mixed")}
+    print(f"\n{'workload':10s} {'in-process':>12s} {'http':>10s} {'best/best':>10s} {'median of pairs':>16s} "
+          f"{'pooled':>7s}")
     for w in ("base", "mixed"):
-        a, b = best["in-process"][w], best["http"][w]
-        print(f"{w:10s} {a:12.1f} {b:10.1f} {b / a:10.2f} {statistics.median(paired[w]):17.2f}   (goal >= 0.95)")
+        a, b = max(rates["in-process"][w]), max(rates["http"][w])
+        pooled = sum(1 / r for r in rates["in-process"][w]) / sum(1 / r for r in rates["http"][w])
+        print(f"{w:10s} {a:12.1f} {b:10.1f} {b / a:10.2f} {statistics.median(paired[w]):16.2f} {pooled:7.2f}"
+              "   (goal >= 0.95)")
+    print("  pairs: each round runs a workload in-process and over HTTP back to back, the order alternating; "
+          "pooled: the in-process runs' total time over the HTTP runs' (the same tokens)")
     loop, engine, client = cpu["event loop"], cpu["server"] - cpu["event loop"], cpu["client"]
-    print(f"CPU during the HTTP rounds: server event loop {loop:.1f} s ({loop / engine:.1%} of the engine and torch "
+    print(f"CPU during the HTTP runs: server event loop {loop:.1f} s ({loop / engine:.1%} of the engine and torch "
           f"threads' {engine:.1f} s); the client, {'on its own CPUs' if client_cpus else 'on the same cores'}, "
           f"{client:.1f} s ({client / engine:.1%})")
     for where, spent in steps.items():
         print(f"engine steps {where + ':':12s} {spent.describe()}")
-    print(f"the event loop's CPU per streamed token: {1e6 * loop / chunks:.0f} us (request handling included)")
+    print(f"the event loop's CPU per streamed token: {1e6 * loop / chunks:.0f} us (request handling included); "
+          f"the client's: {1e6 * client / chunks:.0f} us")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
+    best = {side: {w: max(r) for w, r in rates[side].items()} for side in sides}
     return best | {"cpu": cpu, "paired": paired, "steps": steps}
 
 

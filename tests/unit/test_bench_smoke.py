@@ -36,7 +36,7 @@ def test_serving_bench_quick_run(capsys):
     for spent in numbers["steps"].values():  # both sides' steps, timed: 2 workloads x 4 new tokens at least
         assert spent.steps >= 8 and 0 < spent.forward < spent.seconds
     out = capsys.readouterr().out
-    assert "CPU during the HTTP rounds" in out and "engine steps http:" in out
+    assert "CPU during the HTTP runs" in out and "engine steps http:" in out
 
 
 def test_serving_bench_takes_cpu_lists():
