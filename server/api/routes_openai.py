@@ -13,12 +13,12 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from server.engine.request import FinishReason, InvalidRequest, SamplingParams
 
 from .errors import NoChatTemplate, to_response
 from .schemas import ChatCompletionRequest, CompletionRequest
+from .sse import Encoder, EventStream
 from .service import Job, Service
 
 router = APIRouter(prefix="/v1")
@@ -67,8 +67,9 @@ async def _respond(request: Request, jobs: list[Job], model: str, chat: bool, st
         raise
 
     if stream:
-        return StreamingResponse(_stream(service, jobs, streams, rid, created, model, chat, usage),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        fixed = {"id": rid, "object": obj + ".chunk" if chat else obj, "created": created, "model": model,
+                 "adapter_version": jobs[0].adapter_version}
+        return EventStream(streams, _Chunks(service, jobs, streams, fixed, chat, usage))
 
     try:
         results = await asyncio.gather(*(service.collect(s, request) for s in streams))
@@ -90,82 +91,51 @@ async def _respond(request: Request, jobs: list[Job], model: str, chat: bool, st
             "choices": choices, "usage": _usage(jobs, generated)}
 
 
-async def _events(streams):
-    """(choice index, event or the error that ended it) as they come from the streams. One stream
-    (most requests) is read directly; several are merged through a queue, one reading task each."""
-    if len(streams) == 1:
-        try:
-            async for event in streams[0]:
-                yield 0, event
-        except Exception as exc:
-            yield 0, exc
-        return
-    queue: asyncio.Queue = asyncio.Queue()
+class _Chunks(Encoder):
+    """A completion's stream chunks, OpenAI's: text as it comes, held back while it could still turn
+    out to be the start of a stop sequence, each choice's last chunk with its finish_reason, then
+    (stream_options.include_usage) a chunk of usage alone, then `[DONE]`."""
 
-    async def pump(i, stream):
-        try:
-            async for event in stream:
-                await queue.put((i, event))
-        except Exception as exc:
-            await queue.put((i, exc))
+    def __init__(self, service: Service, jobs: list[Job], streams, fixed: dict, chat: bool, usage: bool):
+        self.service, self.jobs, self.streams, self.chat, self.usage = service, jobs, streams, chat, usage
+        self.fixed = fixed
+        self.head = json.dumps(fixed)[:-1] + ', "choices": ['  # what every chunk repeats, serialized once
+        self.emitted = [""] * len(jobs)  # text sent so far, per choice
+        self.remaining = len(jobs)
 
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        while True:
-            yield await queue.get()
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-async def _stream(service: Service, jobs: list[Job], streams, rid, created, model, chat, usage):
-    obj = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(i, text, finish, role=False):
-        if chat:
+    def _chunk(self, i: int, text: str, finish: str | None, role: bool = False) -> str:
+        if self.chat:
             delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
             choice = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
         else:
             choice = {"index": i, "text": text, "finish_reason": finish, "logprobs": None}
-        return _sse({"id": rid, "object": obj, "created": created, "model": model, "adapter_version": version,
-                     "choices": [choice]})
+        return f"data: {self.head}{json.dumps(choice)}]}}\n\n"
 
-    version = jobs[0].adapter_version  # one adapter for all of a request's prompts
-    emitted = [""] * len(jobs)  # text sent so far, per choice, with stop sequences held back
-    remaining = len(jobs)
-    events = _events(streams)
-    try:
-        if chat:
-            for i in range(len(jobs)):
-                yield chunk(i, "", None, role=True)
-        async for i, event in events:
-            if isinstance(event, Exception):
-                yield _sse(json.loads(to_response(event).body))
-                break
-            seq, params = streams[i].seq, jobs[i].params
-            # send only text that can no longer turn out to be the start of a stop sequence
-            safe = _cut_at_stop(seq.text, params)
-            if event.finish_reason is None and params.stop:
-                hold = max(len(s) for s in params.stop) - 1
-                safe = safe[: max(len(emitted[i]), len(safe) - hold)]
-            delta, emitted[i] = safe[len(emitted[i]):], safe
-            finish = _finish(event.finish_reason)
-            if delta or finish:
-                yield chunk(i, delta, finish)
-            if finish:
-                remaining -= 1
-                service.record(jobs[i], seq)
-                if not remaining:
-                    break
-        if usage and not remaining:  # OpenAI's stream_options.include_usage: one last chunk, no choices
-            generated = sum(len(s.seq.output_ids) for s in streams)
-            yield _sse({"id": rid, "object": obj, "created": created, "model": model, "adapter_version": version,
-                        "choices": [], "usage": _usage(jobs, generated)})
-        yield "data: [DONE]\n\n"
-    finally:
-        await events.aclose()
-        for s in streams:
-            s.abort()
+    def opening(self) -> str:
+        return "".join(self._chunk(i, "", None, role=True) for i in range(len(self.jobs))) if self.chat else ""
+
+    def event(self, i: int, event) -> str:
+        if isinstance(event, Exception):
+            self.done = True
+            return _sse(json.loads(to_response(event).body)) + "data: [DONE]\n\n"
+        seq, params = self.streams[i].seq, self.jobs[i].params
+        safe = _cut_at_stop(seq.text, params)
+        if event.finish_reason is None and params.stop:
+            hold = max(len(s) for s in params.stop) - 1
+            safe = safe[: max(len(self.emitted[i]), len(safe) - hold)]
+        delta, self.emitted[i] = safe[len(self.emitted[i]):], safe
+        finish = _finish(event.finish_reason)
+        out = self._chunk(i, delta, finish) if delta or finish else ""
+        if finish:
+            self.remaining -= 1
+            self.service.record(self.jobs[i], seq)
+            if not self.remaining:
+                self.done = True
+                if self.usage:  # OpenAI's stream_options.include_usage: one last chunk, no choices
+                    generated = sum(len(s.seq.output_ids) for s in self.streams)
+                    out += _sse({**self.fixed, "choices": [], "usage": _usage(self.jobs, generated)})
+                out += "data: [DONE]\n\n"
+        return out
 
 
 @router.post("/completions")

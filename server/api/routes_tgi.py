@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from server.engine.request import TokenEvent
 
 from .errors import to_response
 from .schemas import Details, GenerateRequest, GenerateResponse, StreamDetails, StreamResponse, Token
 from .service import Job, Service
+from .sse import Encoder, EventStream
 
 router = APIRouter()
 
@@ -81,27 +82,36 @@ async def generate_stream(request: Request, body: GenerateRequest):
     job = await _job(service, body, "generate_stream")
     stream = service.start(job)  # Overloaded is raised here, before the response starts
 
-    async def events():
-        index = 0
-        try:
-            async for event in stream:
-                index += 1
-                message = StreamResponse(index=index, token=_token(event))
-                if event.finish_reason is not None:
-                    seq = stream.seq
-                    message.generated_text = _full_text(body, seq.text)
-                    message.details = StreamDetails(
-                        finish_reason=event.finish_reason.value,
-                        generated_tokens=len(seq.output_ids),
-                        prompt_tokens=len(job.prompt_ids),
-                        seed=seq.seed if job.params.sampling else None,
-                        adapter_version=job.adapter_version,
-                    )
-                yield f"data: {message.model_dump_json()}\n\n"
-        except Exception as exc:  # the status line is sent already: report in the stream, as TGI does
-            yield f"data: {json.dumps(json.loads(to_response(exc).body))}\n\n"
-        finally:
-            if stream.seq.finished:
-                service.record(job, stream.seq)
+    return EventStream([stream], _StreamMessages(service, job, body, stream))
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+class _StreamMessages(Encoder):
+    """TGI's stream: a message per token, the last with the generated text and details; an error
+    ends it as a message of its own (the status line is sent already), as TGI does."""
+
+    def __init__(self, service: Service, job: Job, body: GenerateRequest, stream):
+        self.service, self.job, self.body, self.stream = service, job, body, stream
+        self.index = 0
+
+    def event(self, _i: int, event) -> str:
+        if isinstance(event, Exception):
+            self.done = True
+            return f"data: {json.dumps(json.loads(to_response(event).body))}\n\n"
+        self.index += 1
+        message = StreamResponse(index=self.index, token=_token(event))
+        if event.finish_reason is not None:
+            self.done = True
+            seq = self.stream.seq
+            message.generated_text = _full_text(self.body, seq.text)
+            message.details = StreamDetails(
+                finish_reason=event.finish_reason.value,
+                generated_tokens=len(seq.output_ids),
+                prompt_tokens=len(self.job.prompt_ids),
+                seed=seq.seed if self.job.params.sampling else None,
+                adapter_version=self.job.adapter_version,
+            )
+        return f"data: {message.model_dump_json()}\n\n"
+
+    def close(self) -> None:
+        if self.stream.seq.finished:
+            self.service.record(self.job, self.stream.seq)

@@ -354,19 +354,19 @@ class AsyncEngine:
 
 
 class Stream:
-    """A request's tokens, on the event loop: `async for` them as they come (streaming), or
+    """A request's tokens, on the event loop: `listen` to them as they come (streaming), or
     `await result()` for all of them at the end; the last event has `finish_reason` set.
 
-    Leaving either early (a client that disconnects) aborts the request, which leaves the batch
-    and frees its KV segment at the next step.
+    Leaving before the end (a client that disconnects) aborts the request, which leaves the
+    batch and frees its KV segment at the next step.
     """
 
     def __init__(self, engine: AsyncEngine):
         self._engine = engine
         self.events: list[TokenEvent] = []
         self._error: Exception | None = None
-        self._arrived = asyncio.Event()  # set on every delivery: wakes only a reader waiting on it
         self._ended = asyncio.Event()  # set by the last event or an error
+        self._listener: Callable[[TokenEvent | Exception], None] | None = None
         self.seq: Sequence | None = None
 
     def _push(self, _seq, event) -> None:  # event loop thread
@@ -376,27 +376,17 @@ class Stream:
             self.events.append(event)
         if self._error is not None or event.finish_reason is not None:
             self._ended.set()
-        self._arrived.set()
+        if self._listener is not None:
+            self._listener(event)
 
-    def __aiter__(self):
-        return self._iterate()
-
-    async def _iterate(self):
-        read = 0
-        try:
-            while True:
-                while read < len(self.events):
-                    event = self.events[read]
-                    read += 1
-                    yield event
-                    if event.finish_reason is not None:
-                        return
-                if self._error is not None:
-                    raise self._error
-                self._arrived.clear()
-                await self._arrived.wait()
-        finally:
-            self.abort()
+    def listen(self, listener: Callable[[TokenEvent | Exception], None]) -> None:
+        """Call `listener` with each event, those already here first, then each as its step delivers
+        it (on the event loop, in the step's callback: it must not block); an error comes last."""
+        self._listener = listener
+        for event in self.events:
+            listener(event)
+        if self._error is not None:
+            listener(self._error)
 
     async def result(self) -> list[TokenEvent]:
         """Every event, once the request has ended (raises the error that ended it)."""

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from .conftest import PROMPT
-from .support import generate, generate_body, metric, scrape
+from .support import generate, generate_body, metric, scrape, sse_events
 
 LONG = 1024  # the server's default --max-new-tokens
 LONG_PROMPT = "a"  # the base model runs 614 tokens on it before EOS (PROMPT reaches it sooner)
@@ -106,3 +106,57 @@ def test_generate_disconnect_aborts_the_request(start_server):
         after = scrape(client)
         assert tokens(after) == tokens(before), server.log_tail()  # aborted: a finished one adds its tokens
         assert generate(client, PROMPT, max_new_tokens=3)["details"]["generated_tokens"] == 3
+
+def _read_chunked_events(sock: socket.socket) -> tuple[list[str], int]:
+    """Every SSE data field of a chunked HTTP response, read to its end, and the bytes read."""
+    raw = b""
+    while not raw.endswith(b"0\r\n\r\n"):
+        data = sock.recv(65536)
+        assert data, "the server closed the stream before its end"
+        raw += data
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    payload = b""
+    while True:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        payload, body = payload + body[:size], body[size + 2:]
+    return [line[6:] for line in payload.decode().split("\n") if line.startswith("data: ")], len(raw)
+
+
+def test_a_client_that_stops_reading_holds_up_no_other_stream(idle_server, client):
+    """A streaming client that stops reading fills its socket, so the server's writes to it wait
+    (flow control) and its later chunks queue behind them: streams written in the same steps go
+    on meanwhile, and once it reads again it gets every chunk, in order."""
+    choices = 40  # of 1024 tokens each: about 6.7 MB, more than the socket buffers (4 MiB at most here) and uvicorn
+    body = {"prompt": [LONG_PROMPT] * choices, "max_tokens": LONG, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    payload = json.dumps(body).encode()
+    url = urllib.parse.urlsplit(idle_server.url)
+    with socket.socket() as slow:
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's buffers fill
+        slow.connect((url.hostname, url.port))
+        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        deadline = time.monotonic() + 10
+        while metric(scrape(client), "softprompt_running_requests") != choices:
+            assert time.monotonic() < deadline, f"the request never ran\n{idle_server.log_tail()}"
+            time.sleep(0.01)
+        # another stream, beside it in every step, while nobody reads the first
+        other = dict(body, prompt=LONG_PROMPT, max_tokens=64)
+        with client.stream("POST", "/v1/completions", json=other, timeout=30) as r:
+            events = sse_events(r.iter_lines())
+        assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+        assert metric(scrape(client), "softprompt_running_requests") == choices  # the slow ones still run
+        wait_idle(client, within=120)  # they generated everything, into their response's queue
+        events, size = _read_chunked_events(slow)
+    assert events[-1] == "[DONE]" and size > 6_000_000
+    texts, finished = [""] * choices, [None] * choices
+    for event in events[:-1]:
+        choice = json.loads(event)["choices"][0]
+        texts[choice["index"]] += choice["text"]
+        finished[choice["index"]] = choice["finish_reason"]
+    expected = client.post("/v1/completions", json=dict(body, stream=False), timeout=120).json()["choices"]
+    assert texts == [c["text"] for c in expected] and finished == ["length"] * choices
