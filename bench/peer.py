@@ -387,7 +387,7 @@ def workloads(system: str, server: Server, args, setup: Setup, dtype: str) -> di
 
 def run_client(coro):
     """Run the client's coroutine on uvloop (as the servers do; asyncio's own loop cost the client about
-    twice the CPU per event), or asyncio's loop where uvloop is missing. Both systems get the same client."""
+    1.5 times the CPU per event), or asyncio's loop where uvloop is missing. Both systems get the same client."""
     try:
         import uvloop
     except ImportError:
