@@ -125,11 +125,12 @@ class InProcess:
 def over_http(server, bodies: list[dict], setup, client_cpus: list[int] | None) -> tuple[float, Steps, dict, int]:
     """tokens/s of one workload's requests streamed from `server` at once, the server's steps meanwhile,
     the CPU seconds spent (`cpu_seconds`' keys) and the tokens streamed."""
-    before, start, t = cpu_seconds(server.proc.pid), Steps.scrape(server.url), time.perf_counter()
+    start = Steps.scrape(server.url)
+    before, t = cpu_seconds(server.proc.pid), time.perf_counter()  # the scrapes' CPU left out
     with on_cpus(client_cpus):
         outs, wall = run_client(run_bodies(server.url, bodies, setup.masked))
-    steps = replace(Steps.scrape(server.url) - start, wall=time.perf_counter() - t)
     spent = {key: value - before[key] for key, value in cpu_seconds(server.proc.pid).items()}
+    steps = replace(Steps.scrape(server.url) - start, wall=time.perf_counter() - t)
     tokens = sum(o.tokens for o in outs)
     return tokens / wall, steps, spent, tokens
 

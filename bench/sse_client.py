@@ -4,7 +4,8 @@ streams, reading server-sent events out of the chunked body.
 The benchmarks run their client on the same cores as the server they measure, so what the client
 spends per token is taken from the server. httpx's streaming (anyio, h11, line iteration) cost
 about 220 us of CPU per event here, 9.5% of the server's engine CPU at 64 streams; this costs a
-fraction of that, for both systems alike.
+fraction of that, for both systems alike (45-50 us per event on uvloop, mostly the kernel's and
+the loop's: an asyncio protocol parsing the bytes where they arrive saved 10% of it, not kept).
 """
 
 from __future__ import annotations

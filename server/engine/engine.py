@@ -2,8 +2,9 @@
 
 `Engine` is synchronous and single-threaded in its stepping; `AsyncEngine` runs it on a
 background thread and hands each step's tokens to asyncio in one message: one wakeup of the
-event loop per step, not one per token, and a request's consumer is woken only when it reads
-every token (streaming) or when the request ends (everything else).
+event loop per step, not one per token. A streaming response takes its tokens in that callback
+(`Stream.listen`; server/api/sse.py writes them to the socket there); any other consumer is
+woken once, when its request ends.
 """
 
 from __future__ import annotations
