@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
               "   (goal >= 0.95)")
     print("  pairs: each round runs a workload in-process and over HTTP back to back, the order alternating; "
           "pooled: the in-process runs' total time over the HTTP runs' (the same tokens)")
-    loop, engine, client = cpu["event loop"], cpu["server"] - cpu["event loop"], cpu["client"]
+    loop, client = cpu["event loop"], cpu["client"]
+    engine = max(cpu["server"] - loop, 1e-9)  # CPU times come in clock ticks: a short run may read 0
     print(f"CPU during the HTTP runs: server event loop {loop:.1f} s ({loop / engine:.1%} of the engine and torch "
           f"threads' {engine:.1f} s); the client, {'on its own CPUs' if client_cpus else 'on the same cores'}, "
           f"{client:.1f} s ({client / engine:.1%})")

@@ -32,7 +32,8 @@ def test_serving_bench_quick_run(capsys):
     for side in ("in-process", "http"):
         assert set(numbers[side]) == {"base", "mixed"} and all(rate > 0 for rate in numbers[side].values())
     assert all(len(ratios) == 1 and ratios[0] > 0 for ratios in numbers["paired"].values())
-    assert 0 < numbers["cpu"]["event loop"] < numbers["cpu"]["server"] and numbers["cpu"]["client"] > 0
+    cpu = numbers["cpu"]  # in clock ticks (10 ms): runs this short may read 0
+    assert 0 <= cpu["event loop"] <= cpu["server"] and cpu["client"] >= 0
     for spent in numbers["steps"].values():  # both sides' steps, timed: 2 workloads x 4 new tokens at least
         assert spent.steps >= 8 and 0 < spent.forward < spent.seconds
     out = capsys.readouterr().out
