@@ -151,12 +151,8 @@ class Service:
     async def collect(self, stream: Stream, request: Request | None = None) -> Result:
         """All of a request's tokens; aborts it if the client disconnects meanwhile."""
 
-        async def disconnected():
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-
         task = asyncio.ensure_future(stream.result())
-        watcher = asyncio.ensure_future(disconnected()) if request is not None else None
+        watcher = asyncio.ensure_future(disconnected(request.receive)) if request is not None else None
         try:
             await asyncio.wait({t for t in (task, watcher) if t}, return_when=asyncio.FIRST_COMPLETED)
             if not task.done():  # the client went away first
@@ -188,3 +184,9 @@ class Service:
 
     def idle(self) -> bool:
         return self.in_flight == 0 and not self.engine.engine.has_work()
+
+
+async def disconnected(receive) -> None:
+    """Return once the client has gone (ASGI's `http.disconnect`)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass

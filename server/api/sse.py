@@ -26,6 +26,8 @@ from starlette.responses import Response
 from server.engine.engine import Stream
 from server.engine.request import TokenEvent
 
+from .service import disconnected
+
 log = logging.getLogger(__name__)
 
 
@@ -63,7 +65,7 @@ class EventStream(Response):
     async def __call__(self, scope, receive, send) -> None:
         self._send, self._over = send, asyncio.get_running_loop().create_future()
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        gone = asyncio.ensure_future(_disconnected(receive))
+        gone = asyncio.ensure_future(disconnected(receive))
         try:
             self._write(self.encoder.opening())
             for i, stream in enumerate(self.streams):
@@ -120,11 +122,6 @@ class EventStream(Response):
                 self._over.set_exception(exc)
         finally:
             self._flushing = None
-
-
-async def _disconnected(receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 def _start_now(coro):
