@@ -4,6 +4,7 @@ in-process, in one run, on the peer benchmark's model, adapters and prompts.
     python -m bench.serving                       # 64 requests, 64 new tokens, fp32, 5 rounds
     python -m bench.serving --dtype bfloat16 --repeats 3
     python -m bench.serving --cpus 0-14 --client-cpus 15     # the client off the server's cores
+    python -m bench.serving --vllm-python /tmp/vllm-venv/bin/python   # vLLM's serving path too, as a reference
 
 Over HTTP: `/v1/completions` with `stream=true` (`bench.peer`'s client, all requests at once).
 By default the client runs on the same cores as the server, so it is also told where the CPU went
@@ -18,6 +19,9 @@ submitted to an `Engine` at once and stepped to the end on this thread. Both gen
 
 The server and the in-process engine are each loaded once, and each round runs every workload
 both ways back to back, the order alternating between rounds (one idles while the other runs).
+With `--vllm-python`, vLLM's OpenAI server and its `LLM` engine in-process (`bench/vllm_offline.py`)
+are then measured the same way on the base workload, after ours' rounds, ours' server stopped: what
+the serving path costs vLLM on the same machine.
 This machine's speed drifts by 10-30% over tens of seconds, so the figure to read is the median
 of the pairs' HTTP / in-process ratios; the best of each side and the pooled ratio (total time
 in-process over total time over HTTP) are printed too.
@@ -30,6 +34,7 @@ import contextlib
 import gc
 import os
 import re
+import signal
 import statistics
 import sys
 import tempfile
@@ -39,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from bench.peer import build_setup, make_server, run_bodies, run_client, warm_up, workloads
+from bench.peer import build_setup, make_server, run_bodies, run_client, vllm_command, vllm_env, warm_up, workloads
 from bench.peer import parse_args as peer_args
 from server.config import parse_cpu_threads
 
@@ -122,15 +127,51 @@ class InProcess:
         return sum(len(s.output_ids) for s in seqs) / wall, replace(Steps.of(self.engine) - before, wall=wall)
 
 
+class VllmOffline:
+    """vLLM's engine alone (`bench/vllm_offline.py` under vLLM's python, loaded once): the base
+    workload's prompts generated at once, greedy, `ignore_eos`, as its server gets them over HTTP.
+    Idle, that process took 4.4% of a core here (vLLM's threads polling), so it is stopped
+    (SIGSTOP) between its runs."""
+
+    def __init__(self, setup, pargs, dtype: str):
+        import json
+        import subprocess
+
+        self.json, self.setup, self.new_tokens = json, setup, pargs.new_tokens
+        self.proc = subprocess.Popen(
+            [pargs.vllm_python, str(Path(__file__).with_name("vllm_offline.py")), str(setup.model_dir), dtype,
+             str(pargs.max_model_len)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, env=vllm_env(pargs), text=True)
+        if not self.proc.stdout.readline():
+            raise RuntimeError("vLLM's offline engine did not start (bench/vllm_offline.py)")
+        self._ask(self.setup.prompts[:4], 2)  # warm-up, as its server gets
+
+    def _ask(self, prompts: list[str], max_tokens: int) -> float:
+        os.kill(self.proc.pid, signal.SIGCONT)
+        self.proc.stdin.write(self.json.dumps({"prompts": prompts, "max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.flush()
+        answer = self.json.loads(self.proc.stdout.readline())
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        return answer["tokens_per_s"]
+
+    def run(self, workload: str) -> tuple[float, Steps]:
+        return self._ask(self.setup.prompts, self.new_tokens), Steps()
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
 def over_http(server, bodies: list[dict], setup, client_cpus: list[int] | None) -> tuple[float, Steps, dict, int]:
     """tokens/s of one workload's requests streamed from `server` at once, the server's steps meanwhile,
-    the CPU seconds spent (`cpu_seconds`' keys) and the tokens streamed."""
-    start = Steps.scrape(server.url)
+    the CPU seconds spent (`cpu_seconds`' keys) and the tokens streamed (vLLM's server: the rate alone)."""
+    ours = server.system == "ours"
+    start = Steps.scrape(server.url) if ours else Steps()
     before, t = cpu_seconds(server.proc.pid), time.perf_counter()  # the scrapes' CPU left out
     with on_cpus(client_cpus):
         outs, wall = run_client(run_bodies(server.url, bodies, setup.masked))
     spent = {key: value - before[key] for key, value in cpu_seconds(server.proc.pid).items()}
-    steps = replace(Steps.scrape(server.url) - start, wall=time.perf_counter() - t)
+    steps = replace((Steps.scrape(server.url) if ours else Steps()) - start, wall=time.perf_counter() - t)
     tokens = sum(o.tokens for o in outs)
     return tokens / wall, steps, spent, tokens
 
@@ -149,9 +190,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--server-args", default="", help="more flags for the server, e.g. '--cpu-threads 4'")
     p.add_argument("--hidden", type=int, default=512, help="the bench model's hidden size (bench.peer's model)")
     p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--vllm-python", help="measure vLLM's serving path too, the same way: its server against its "
+                   "`LLM` engine in-process (base workload); the python of the virtualenv vLLM's CPU build is in")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     pargs = peer_args(["--requests", str(args.requests), "--new-tokens", str(args.new_tokens), "--single", "0",
-                       "--hidden", str(args.hidden), "--layers", str(args.layers), f"--server-args={args.server_args}"])
+                       "--hidden", str(args.hidden), "--layers", str(args.layers), f"--server-args={args.server_args}"]
+                      + (["--vllm-python", args.vllm_python] if args.vllm_python else []))
+    vllm_cmd = vllm_command(pargs)
+    if args.vllm_python and not vllm_cmd:
+        p.error(f"--vllm-python: no vLLM found with {args.vllm_python}")
     cpus = cpu_list(p, "--cpus", args.cpus)
     client_cpus = cpu_list(p, "--client-cpus", args.client_cpus)
     if cpus:  # before any parallel op, and inherited by the server started
@@ -159,7 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads or args.cpus:
         torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     sides = ("in-process", "http")
-    rates: dict[str, dict[str, list[float]]] = {side: {"base": [], "mixed": []} for side in sides}
+    names = ("base", "mixed") + (("vllm base",) if vllm_cmd else ())
+    rates: dict[str, dict[str, list[float]]] = {side: {w: [] for w in names} for side in sides}
     cpu: dict[str, float] = {}  # CPU seconds during the HTTP runs, summed over them
     chunks = 0  # tokens streamed in them
     steps = {side: Steps() for side in sides}  # over every timed run
@@ -171,38 +219,48 @@ def main(argv: list[str] | None = None) -> dict:
               f"model hidden {args.hidden} x {args.layers} layers, "
               f"server flags {args.server_args or '(none)'}, load average {os.getloadavg()[0]:.2f}")
         local = InProcess(setup, args, args.dtype)
-        server = make_server("ours", pargs, setup, args.dtype, None, Path(tmp) / "logs", "serving")
-        try:
-            server.start()
-            warm_up("ours", server, pargs, setup, args.dtype)
-            gc.collect()  # what set-up left, out of the client's collections
-            gc.freeze()
-            bodies = workloads("ours", server, pargs, setup, args.dtype)
-            for rep in range(args.repeats):
-                for workload in ("base", "mixed"):
-                    for side in (sides if rep % 2 == 0 else sides[::-1]):  # who goes first alternates
-                        if side == "in-process":
-                            rate, spent = local.run(workload)
-                        else:
-                            rate, spent, used, tokens = over_http(server, bodies[workload][0], setup, client_cpus)
-                            for key, value in used.items():
-                                cpu[key] = cpu.get(key, 0.0) + value
-                            chunks += tokens
-                        rates[side][workload].append(rate)
-                        steps[side] += spent
-                print(f"  round {rep + 1}: " + " | ".join(
-                    f"{side} " + ", ".join(f"{w} {rates[side][w][-1]:.1f}" for w in ("base", "mixed")) for side in sides)
-                    + " tok/s", flush=True)
-        finally:
-            server.stop()
-    paired = {w: [h / i for h, i in zip(rates["http"][w], rates["in-process"][w])] for w in ("base", "mixed")}
+        for system in ("ours", "vllm") if vllm_cmd else ("ours",):  # one system's processes up at a time
+            server = make_server(system, pargs, setup, args.dtype, vllm_cmd, Path(tmp) / "logs", "serving")
+            engine = local if system == "ours" else None
+            try:
+                if engine is None:
+                    engine = VllmOffline(setup, pargs, args.dtype)
+                server.start()
+                warm_up(system, server, pargs, setup, args.dtype)
+                bodies = workloads(system, server, pargs, setup, args.dtype)
+                gc.collect()  # what set-up left, out of the client's collections
+                gc.freeze()
+                for rep in range(args.repeats):
+                    for workload in ("base", "mixed") if system == "ours" else ("base",):
+                        name = workload if system == "ours" else f"vllm {workload}"
+                        for side in (sides if rep % 2 == 0 else sides[::-1]):  # who goes first alternates
+                            if side == "in-process":
+                                rate, spent = engine.run(workload)
+                            else:
+                                rate, spent, used, tokens = over_http(server, bodies[workload][0], setup, client_cpus)
+                                if system == "ours":
+                                    for key, value in used.items():
+                                        cpu[key] = cpu.get(key, 0.0) + value
+                                    chunks += tokens
+                            rates[side][name].append(rate)
+                            if system == "ours":  # vLLM's steps are not counted
+                                steps[side] += spent
+                    done = [w for w in names if (w.startswith("vllm")) == (system == "vllm")]
+                    print(f"  {system} round {rep + 1}: " + " | ".join(
+                        f"{side} " + ", ".join(f"{w} {rates[side][w][-1]:.1f}" for w in done) for side in sides)
+                        + " tok/s", flush=True)
+            finally:
+                server.stop()
+                if engine is not local and engine is not None:
+                    engine.close()
+    paired = {w: [h / i for h, i in zip(rates["http"][w], rates["in-process"][w])] for w in names}
     print(f"\n{'workload':10s} {'in-process':>12s} {'http':>10s} {'best/best':>10s} {'median of pairs':>16s} "
           f"{'pooled':>7s}")
-    for w in ("base", "mixed"):
+    for w in names:
         a, b = max(rates["in-process"][w]), max(rates["http"][w])
         pooled = sum(1 / r for r in rates["in-process"][w]) / sum(1 / r for r in rates["http"][w])
         print(f"{w:10s} {a:12.1f} {b:10.1f} {b / a:10.2f} {statistics.median(paired[w]):16.2f} {pooled:7.2f}"
-              "   (goal >= 0.95)")
+              + ("   (vLLM's server against its LLM engine)" if w.startswith("vllm") else "   (goal >= 0.95)"))
     print("  pairs: each round runs a workload in-process and over HTTP back to back, the order alternating; "
           "pooled: the in-process runs' total time over the HTTP runs' (the same tokens)")
     loop, client = cpu["event loop"], cpu["client"]
