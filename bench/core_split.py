@@ -173,7 +173,8 @@ class Split:
         self.api.wait()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, list[float]]:
+    """Prints the table; returns each side's tokens/s per round, and the split's client's ("client")."""
     from bench.peer import build_setup, make_server, warm_up, workloads
     from bench.peer import parse_args as peer_args
     from bench.serving import InProcess, Steps, over_http
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  split, as its client saw it: {statistics.median(seen):.3f}")
     for side, spent in steps.items():
         print(f"engine steps {side + ':':12s} {spent.describe()}")
+    return rates | {"client": client_rates}
 
 
 if __name__ == "__main__":

@@ -46,3 +46,14 @@ def test_serving_bench_takes_cpu_lists():
     for flag, value in (("--cpus", "auto"), ("--client-cpus", "3-1")):
         with pytest.raises(SystemExit):
             serving_main([flag, value])
+
+
+def test_core_split_quick_run(capsys):
+    """bench.core_split end to end: the engine alone, the engine feeding an API process, and the server."""
+    from bench.core_split import main as split_main
+
+    rates = split_main(["--requests", "4", "--new-tokens", "4", "--repeats", "1"])
+    assert set(rates) == {"in-process", "split", "http", "client"}
+    assert all(len(r) == 1 and r[0] > 0 for r in rates.values())
+    out = capsys.readouterr().out
+    assert "split" in out and "engine steps split:" in out
