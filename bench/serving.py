@@ -32,10 +32,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import json
 import os
 import re
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -134,10 +136,7 @@ class VllmOffline:
     (SIGSTOP) between its runs."""
 
     def __init__(self, setup, pargs, dtype: str):
-        import json
-        import subprocess
-
-        self.json, self.setup, self.new_tokens = json, setup, pargs.new_tokens
+        self.setup, self.new_tokens = setup, pargs.new_tokens
         self.proc = subprocess.Popen(
             [pargs.vllm_python, str(Path(__file__).with_name("vllm_offline.py")), str(setup.model_dir), dtype,
              str(pargs.max_model_len)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -148,9 +147,9 @@ class VllmOffline:
 
     def _ask(self, prompts: list[str], max_tokens: int) -> float:
         os.kill(self.proc.pid, signal.SIGCONT)
-        self.proc.stdin.write(self.json.dumps({"prompts": prompts, "max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens}) + "\n")
         self.proc.stdin.flush()
-        answer = self.json.loads(self.proc.stdout.readline())
+        answer = json.loads(self.proc.stdout.readline())
         os.kill(self.proc.pid, signal.SIGSTOP)
         return answer["tokens_per_s"]
 
@@ -206,7 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads or args.cpus:
         torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     sides = ("in-process", "http")
-    names = ("base", "mixed") + (("vllm base",) if vllm_cmd else ())
+    rows = {"ours": ["base", "mixed"], "vllm": ["vllm base"] if vllm_cmd else []}  # row: "[system] workload"
+    names = rows["ours"] + rows["vllm"]
     rates: dict[str, dict[str, list[float]]] = {side: {w: [] for w in names} for side in sides}
     cpu: dict[str, float] = {}  # CPU seconds during the HTTP runs, summed over them
     chunks = 0  # tokens streamed in them
@@ -219,20 +219,18 @@ def main(argv: list[str] | None = None) -> dict:
               f"model hidden {args.hidden} x {args.layers} layers, "
               f"server flags {args.server_args or '(none)'}, load average {os.getloadavg()[0]:.2f}")
         local = InProcess(setup, args, args.dtype)
-        for system in ("ours", "vllm") if vllm_cmd else ("ours",):  # one system's processes up at a time
+        for system in (s for s in rows if rows[s]):  # one system's processes up at a time
             server = make_server(system, pargs, setup, args.dtype, vllm_cmd, Path(tmp) / "logs", "serving")
-            engine = local if system == "ours" else None
+            engine = local if system == "ours" else VllmOffline(setup, pargs, args.dtype)
             try:
-                if engine is None:
-                    engine = VllmOffline(setup, pargs, args.dtype)
                 server.start()
                 warm_up(system, server, pargs, setup, args.dtype)
                 bodies = workloads(system, server, pargs, setup, args.dtype)
                 gc.collect()  # what set-up left, out of the client's collections
                 gc.freeze()
                 for rep in range(args.repeats):
-                    for workload in ("base", "mixed") if system == "ours" else ("base",):
-                        name = workload if system == "ours" else f"vllm {workload}"
+                    for name in rows[system]:
+                        workload = name.split()[-1]
                         for side in (sides if rep % 2 == 0 else sides[::-1]):  # who goes first alternates
                             if side == "in-process":
                                 rate, spent = engine.run(workload)
@@ -245,13 +243,12 @@ def main(argv: list[str] | None = None) -> dict:
                             rates[side][name].append(rate)
                             if system == "ours":  # vLLM's steps are not counted
                                 steps[side] += spent
-                    done = [w for w in names if (w.startswith("vllm")) == (system == "vllm")]
                     print(f"  {system} round {rep + 1}: " + " | ".join(
-                        f"{side} " + ", ".join(f"{w} {rates[side][w][-1]:.1f}" for w in done) for side in sides)
+                        f"{side} " + ", ".join(f"{w} {rates[side][w][-1]:.1f}" for w in rows[system]) for side in sides)
                         + " tok/s", flush=True)
             finally:
                 server.stop()
-                if engine is not local and engine is not None:
+                if engine is not local:
                     engine.close()
     paired = {w: [h / i for h, i in zip(rates["http"][w], rates["in-process"][w])] for w in names}
     print(f"\n{'workload':10s} {'in-process':>12s} {'http':>10s} {'best/best':>10s} {'median of pairs':>16s} "
