@@ -38,7 +38,9 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
+ROOT = Path(__file__).parent.parent  # the repository: the API process and the client run from it
 _FRAME = struct.Struct("<I")
 _HEAD = ('{"id": "cmpl-0123456789abcdef0123456789abcdef", "object": "text_completion", '
          '"created": 1764380000, "model": "base", "choices": [')  # the size of ours' fixed fields
@@ -120,10 +122,10 @@ class Split:
     def __init__(self, local, setup, pargs, tmp: Path):
         from bench.peer import free_port, workloads
 
-        self.local, self.setup = local, setup
+        self.local = local
         port, sock_path = free_port(), str(tmp / "core.sock")
         self.api = subprocess.Popen([sys.executable, "-m", "bench.core_split", "--api", str(port), sock_path,
-                                     str(len(local.prompts)), str(setup.model_dir)], cwd=Path(__file__).parent.parent)
+                                     str(len(local.prompts)), str(setup.model_dir)], cwd=ROOT)
         deadline = time.monotonic() + 120
         while not os.path.exists(sock_path):
             if self.api.poll() is not None or time.monotonic() > deadline:
@@ -132,11 +134,9 @@ class Split:
         self.conn = socket.socket(socket.AF_UNIX)
         self.conn.connect(sock_path)
 
-        class Target:
-            url, model = f"http://127.0.0.1:{port}", "base"
-
-        bodies = workloads("ours", Target, pargs, setup, "float32")["base"][0]
-        (tmp / "client.json").write_text(json.dumps({"url": Target.url, "bodies": bodies, "masked": setup.masked}))
+        target = SimpleNamespace(url=f"http://127.0.0.1:{port}", model="base")  # what workloads() reads of a server
+        bodies = workloads("ours", target, pargs, setup, "float32")["base"][0]
+        (tmp / "client.json").write_text(json.dumps({"url": target.url, "bodies": bodies, "masked": setup.masked}))
         self.client = [sys.executable, "-c", "import json, sys; from bench.peer import run_client, run_bodies; "
                        f"c = json.load(open({str(tmp / 'client.json')!r})); "
                        "outs, wall = run_client(run_bodies(c['url'], c['bodies'], c['masked'])); "
@@ -148,7 +148,7 @@ class Split:
         from server.engine.request import Sequence
 
         engine = self.local.engine
-        client = subprocess.Popen(self.client, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+        client = subprocess.Popen(self.client, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         if self.conn.recv(2) != b"go":
             raise RuntimeError("the API process went away")
         before, t = Steps.of(engine), time.perf_counter()
