@@ -43,7 +43,7 @@ class ArchWorld:
         self.arch = arch
         self.root = root
         self.model_dir = make_model(root, arch)
-        self.base = load_base_model(str(self.model_dir))
+        self.base = load_base_model(str(self.model_dir), dtype="float32")  # PEFT compares in float32
         self.spec = self.base.spec
         self.model = self.base.model
         self.tokenizer = self.base.tokenizer

@@ -70,8 +70,11 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTPROMPT_")}
         env["PYTHONUNBUFFERED"] = "1"
         env.update(self.env)
+        # float32 unless a test asks otherwise: the token checks compare with PEFT in float32, and
+        # `--dtype auto` picks bfloat16 on CPUs with AVX512-BF16 or AMX
+        dtype = [] if "--dtype" in self.extra else ["--dtype", "float32"]
         cmd = [sys.executable, "-m", "server", "--model", str(self.model_dir), "--adapter-dir", str(self.adapter_dir),
-               "--port", str(self.port), "--host", "127.0.0.1", "--log-level", "info", *self.extra]
+               "--port", str(self.port), "--host", "127.0.0.1", "--log-level", "info", *dtype, *self.extra]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)

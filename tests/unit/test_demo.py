@@ -17,7 +17,7 @@ STYLES = {  # adapter -> (its kind, what its answer must show)
 
 @pytest.fixture(scope="module")
 def demo():
-    base = load_base_model(None)
+    base = load_base_model(None, dtype="float32")
     registry = AdapterRegistry(base.spec, base.model)
     for name in STYLES:
         registry.add_dir(name, DEMO_ADAPTERS / name, source="demo")

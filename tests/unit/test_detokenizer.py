@@ -38,7 +38,7 @@ def metaspace_world(tmp_path_factory):
     seeded_init(model, seed=1)
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
-    base = load_base_model(str(root / "model"))
+    base = load_base_model(str(root / "model"), dtype="float32")
     registry = AdapterRegistry(base.spec, base.model)
     for variant in ("prompt", "prefix"):
         trained_peft(root / "model", variant, seed=3).save_pretrained(root / variant)

@@ -212,7 +212,7 @@ def test_sliding_window_model_matches_transformers(tmp_path):
 
     path = save_tiny_model(tmp_path / "qwen2-sliding", "qwen2", use_sliding_window=True, sliding_window=6,
                            max_window_layers=0)
-    base = load_base_model(str(path))
+    base = load_base_model(str(path), dtype="float32")
     assert set(base.model.config.layer_types) == {"sliding_attention"}
     reference = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
     engine = Engine(base.model, base.tokenizer, base.spec)
