@@ -67,9 +67,10 @@ class RaggedStep:
     kv_lens: list[int]  # per request: its segment's written length after this forward
     pieces: list[int]  # per request: the index of its segment in `split_sizes`' pieces
     split_sizes: list[int]  # the pool's slots cut into segments and the gaps between them
+    kernels: bool = True  # whether attention may take a kernel (CPU decode, CUDA varlen); else SDPA per request
     _varlen: dict | None = None  # device tensors for the flash path, built on first use
     _decoding: _Decoding | None = None  # the decoding requests' view of the step, built on first use
-    _masks: dict[int, torch.Tensor] = field(default_factory=dict)  # per prefilling request: its causal mask
+    _masks: dict[tuple, torch.Tensor] = field(default_factory=dict)  # per (prefilling request, window): its mask
 
     @property
     def tokens(self) -> int:
@@ -77,8 +78,10 @@ class RaggedStep:
         return self.slots.shape[0]
 
     @classmethod
-    def build(cls, pool: KVPool, starts: list[int], q_lens: list[int], kv_lens: list[int]) -> RaggedStep:
-        """starts, q_lens, kv_lens: per request, in packing order; segments must not overlap."""
+    def build(cls, pool: KVPool, starts: list[int], q_lens: list[int], kv_lens: list[int],
+              kernels: bool = True) -> RaggedStep:
+        """starts, q_lens, kv_lens: per request, in packing order; segments must not overlap.
+        kernels: False keeps attention to one SDPA call per request (`fast_path`)."""
         slots = []
         for start, q, kv in zip(starts, q_lens, kv_lens):
             slots.extend(range(start + kv - q, start + kv))
@@ -90,7 +93,7 @@ class RaggedStep:
             sizes.append(kv_lens[i])
             at = starts[i] + kv_lens[i]
         sizes.append(pool.slots - at)
-        return cls(pool, torch.tensor(slots, device=pool.device), starts, q_lens, kv_lens, pieces, sizes)
+        return cls(pool, torch.tensor(slots, device=pool.device), starts, q_lens, kv_lens, pieces, sizes, kernels)
 
 
 def ragged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, ragged=None,
@@ -120,7 +123,7 @@ def attend(ragged: RaggedStep, layer: int, q, k, v, scaling, window) -> torch.Te
     kv[1].index_copy_(1, ragged.slots, v.transpose(0, 1))
     q = q.contiguous()
     out = None
-    if _use_varlen(q, kv.shape[1], window):
+    if ragged.kernels and _use_varlen(q, kv.shape[1], window):
         try:
             out = _varlen(ragged, q, kv, scaling)
         except Exception as exc:  # a shape or length the kernel refuses: per request from now on
@@ -139,7 +142,7 @@ def _per_request(ragged: RaggedStep, q, kv, scaling, window) -> torch.Tensor:
     kernel on CPU when it handles the tensors, one padded SDPA call on an accelerator; prefilling
     requests one SDPA call each."""
     if q.device.type == "cpu":
-        if not cpu_attention.supports(q, kv):
+        if not ragged.kernels or not cpu_attention.supports(q, kv):
             return torch.cat(_sdpa_each(ragged, q, kv, scaling, window, range(len(ragged.q_lens))))
         return _kernel_and_sdpa(ragged, q, kv, scaling, window)
     # cuDNN's attention builds a plan for every new shape (seconds, per prompt length): not for ragged steps
@@ -208,9 +211,9 @@ def _sdpa_each(ragged: RaggedStep, step_q, kv, scaling, window, requests) -> lis
             o = F.scaled_dot_product_attention(q.view(1, kv_heads, heads // kv_heads, head_dim), k, v, scale=scaling)
             outs.append(o.reshape(1, heads, head_dim))  # CUDA's memory-efficient kernel returns it strided
         else:
-            if i not in ragged._masks:  # built at the first layer, kept for the others
-                ragged._masks[i] = _causal_mask(n, kv_len, window, q.device)
-            mask = ragged._masks[i]
+            mask = ragged._masks.get((i, window))  # built at the first layer with this window, kept for the others
+            if mask is None:
+                mask = ragged._masks[i, window] = _causal_mask(n, kv_len, window, q.device)
             o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask, scale=scaling,
                                                enable_gqa=heads != kv_heads)
             outs.append(o[0].transpose(0, 1))

@@ -199,10 +199,12 @@ def test_installed_attention_leaves_plain_forwards_alone(tmp_path, arch):
     torch.testing.assert_close(after[mask.bool()], before[mask.bool()], atol=1e-6, rtol=0)
 
 
-def test_sliding_window_model_matches_transformers(tmp_path):
+@pytest.mark.parametrize("layers", ["sliding", "mixed"])
+def test_sliding_window_model_matches_transformers(tmp_path, layers):
     """A Qwen2 with sliding-window attention, prompts longer than the window: the engine's greedy
     tokens and their log-probabilities equal transformers' own generate (ignoring the window
-    changes the log-probabilities by about 0.1 on this model)."""
+    changes the log-probabilities by about 0.1 on this model). "mixed": sliding and full layers
+    alternate (as Gemma 3's do), so each layer must get its own mask, not the first layer's."""
     from transformers import AutoModelForCausalLM
 
     from server.demo.tiny import save_tiny_model
@@ -210,13 +212,14 @@ def test_sliding_window_model_matches_transformers(tmp_path):
     from server.engine.request import SamplingParams, Sequence
     from server.model import load_base_model
 
-    path = save_tiny_model(tmp_path / "qwen2-sliding", "qwen2", use_sliding_window=True, sliding_window=6,
-                           max_window_layers=0)
+    types = {"sliding": ["sliding_attention"] * 2, "mixed": ["sliding_attention", "full_attention"]}[layers]
+    path = save_tiny_model(tmp_path / f"qwen2-{layers}", "qwen2", use_sliding_window=True, sliding_window=6,
+                           layer_types=types)
     base = load_base_model(str(path), dtype="float32")
-    assert set(base.model.config.layer_types) == {"sliding_attention"}
+    assert base.model.config.layer_types == types
     reference = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
     engine = Engine(base.model, base.tokenizer, base.spec)
-    prompts = ([5, 9, 12, 7, 30, 41, 8, 9, 10, 11, 12, 13], [20, 21, 22])
+    prompts = ([5, 9, 12, 7, 30, 41, 8, 9, 10, 11, 12, 13], [20, 21, 22], [40, 41, 42, 43, 44, 45, 46, 47, 48])
     seqs = [engine.submit(Sequence(p, SamplingParams(max_new_tokens=10))) for p in prompts]  # batched together
     while engine.has_work():
         engine.step()
