@@ -25,7 +25,6 @@ from server.engine import attention
 from server.engine.engine import Engine
 from server.engine.kv_cache import KVPool, budget_bytes
 from server.engine.request import SamplingParams
-from server.engine.self_check import check_packed_forward
 
 FLAGS = ["--hidden", "512", "--layers", "8", "--requests", "48", "--adapters", "12", "--new-tokens", "48"]
 
@@ -45,8 +44,8 @@ def main(argv: list[str]) -> int:
                   for dtype in ("float32", "bfloat16")}
         for dtype, world in worlds.items():
             base = world.base
-            error = check_packed_forward(Engine(base.model, base.tokenizer, base.spec, kv_cache_bytes=2**28).runner)
-            report(error < (1e-3 if dtype == "float32" else 5e-2), f"self-check {dtype}: relative error {error:.1e}")
+            result = Engine(base.model, base.tokenizer, base.spec, kv_cache_bytes=2**28, check=True).self_check
+            report(result["passed"], f"self-check {dtype}: {result}")
 
         world = worlds["float32"]
         mixed = run_ours(world, True)

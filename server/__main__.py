@@ -17,7 +17,7 @@ import uvicorn
 
 from adapters import AdapterRegistry, SourceUnavailable, open_store
 from adapters.loading import Limits
-from adapters.prefix_file import model_key
+from adapters.prefix_file import base_model_key
 from server.api.app import create_app
 from server.api.service import Service
 from server.config import Config, load_config, parse_cpu_threads, parse_memory
@@ -25,7 +25,7 @@ from server.engine.cpu_threads import plan_threads
 from server.engine.engine import AsyncEngine, Engine
 from server.engine.kv_cache import budget_bytes
 from server.engine.request import Overloaded
-from server.engine.self_check import SelfCheckFailed, check_packed_forward
+from server.engine.self_check import SelfCheckFailed
 from server.model import DEMO_ADAPTERS, load_base_model
 
 log = logging.getLogger("softprompt")
@@ -52,20 +52,21 @@ def build_service(config: Config) -> Service:
         raise SystemExit(f"refusing to start: --cpu-threads {config.cpu_threads}: {exc}") from exc
     log.info("engine: %s", threads.describe())
     kv_bytes = budget_bytes(parse_memory(config.kv_cache_memory), base.spec.device)
-    engine = AsyncEngine(Engine(base.model, base.tokenizer, base.spec, max_batch_size=config.max_batch_size,
-                                max_waiting=config.max_waiting, max_prefill_tokens=config.max_prefill_tokens,
-                                kv_cache_bytes=kv_bytes, compile=config.compile == "on"),
-                         threads=threads)
+    try:
+        engine = AsyncEngine(Engine(base.model, base.tokenizer, base.spec, max_batch_size=config.max_batch_size,
+                                    max_waiting=config.max_waiting, max_prefill_tokens=config.max_prefill_tokens,
+                                    kv_cache_bytes=kv_bytes, compile=config.compile == "on", paths=config.fast_paths,
+                                    check=True),
+                             threads=threads)
+    except (ValueError, SelfCheckFailed) as exc:  # a fast path forced on that cannot run; a wrong plain forward
+        raise SystemExit(f"refusing to start: {exc}") from exc
+    log.info("engine paths: %s", engine.engine.runner.describe())
     pool = engine.engine.runner.pool
     log.info("KV cache: %.2f GiB, %d tokens (--kv-cache-memory %s)", pool.nbytes() / 2**30, pool.slots,
              config.kv_cache_memory)
     if pool.slots < config.max_input_tokens + config.max_new_tokens:
         log.warning("the KV cache holds %d tokens, fewer than --max-input-tokens + --max-new-tokens (%d): longer "
                     "requests will be refused", pool.slots, config.max_input_tokens + config.max_new_tokens)
-    try:
-        check_packed_forward(engine.engine.runner)
-    except SelfCheckFailed as exc:
-        raise SystemExit(f"refusing to start: {exc}") from exc
     # Materializing an adapter is a model forward: on the engine thread, between steps, once serving.
     cache = parse_memory(config.adapter_cache_memory)
     cache_bytes = int(cache * pool.nbytes()) if isinstance(cache, float) else cache or pool.nbytes() // 4
@@ -73,8 +74,7 @@ def build_service(config: Config) -> Service:
     registry = AdapterRegistry(base.spec, base.model, store, run_model=engine.run_between_steps,
                                limits=Limits(max_virtual_tokens=config.max_virtual_tokens),
                                max_adapters=config.max_adapters, cache_bytes=cache_bytes, pinned=pinned,
-                               model_key=model_key(base.name, config.revision, base.model.config.to_dict(),
-                                                   base.spec.dtype))
+                               model_key=base_model_key(base.name, config.revision, base.model, base.spec.dtype))
     log.info("adapter cache: %.1f MiB of materialized prefixes%s", cache_bytes / 2**20,
              f", pinned: {', '.join(sorted(pinned))}" if pinned else "")
     if config.model is None and DEMO_ADAPTERS.is_dir():

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.engine.fast_path import ATTENTION, LINEAR, NATIVE_DECODE, FastPaths
+
 ENV_PREFIX = "SOFTPROMPT_"
 
 
@@ -32,6 +34,10 @@ class Config:
     max_prefill_tokens: int = 512  # prompt tokens computed in one engine step (longer prompts: in chunks)
     cpu_threads: str = "auto"  # auto | N | a CPU list ("8-15"): the engine's torch threads on CPU
     compile: str = "off"  # on | off: the packed forward under torch.compile (measured slower so far; --no-compile)
+    fast_path: str = "on"  # on | off: off serves through transformers' forward, plain linears and SDPA attention
+    cpu_linear: str = "auto"  # auto | avx2 | onednn | torch: the CPU linear layers' backend
+    native_decode: str = "auto"  # auto | on | off: a CPU decoding step's layers in one C++ call
+    attention_kernel: str = "auto"  # auto | kernel | sdpa: decoding attention in one kernel call, or SDPA per request
     kv_cache_memory: str = "auto"  # the KV pool: bytes ("4GiB") or a fraction of free device memory ("0.9")
     max_input_tokens: int = 2048  # longest prompt accepted (422 above)
     max_new_tokens: int = 1024  # largest max_new_tokens accepted (422 above)
@@ -47,6 +53,10 @@ class Config:
     admin_key: str | None = field(default=None, repr=False)  # required for adapter changes when set
     shutdown_timeout: float = 30.0  # seconds running requests get to finish on SIGTERM
     log_level: str = "info"
+
+    @property
+    def fast_paths(self) -> FastPaths:
+        return FastPaths(self.fast_path == "on", self.cpu_linear, self.native_decode, self.attention_kernel)
 
     @property
     def model_name(self) -> str:
@@ -66,7 +76,8 @@ _HELP = {
     "host": "address to listen on",
     "port": "port to listen on",
     "device": "auto (CUDA when present, else CPU), cpu, cuda or cuda:N",
-    "dtype": "auto (bf16 on a GPU that supports it, fp16 on other GPUs, fp32 on CPU), float32, bfloat16, float16",
+    "dtype": "auto (on a GPU: bf16 where supported, else fp16; on a CPU: bf16 where it computes it natively, "
+             "AVX512-BF16 or AMX, else fp32), float32, bfloat16, float16",
     "revision": "hub revision (branch, tag or commit) of --model",
     "max_batch_size": "most requests decoded together",
     "max_waiting": "most queued requests; more are refused with 503 and Retry-After",
@@ -78,6 +89,16 @@ _HELP = {
     "compile": "on: run the model's packed forward under torch.compile (inductor), with CUDA graphs on a GPU; "
                "compiling takes a minute or more at start-up (the log and /info report it). Measured slower than "
                "eager so far on CPU and GPU (server/engine/compiled.py), so off by default (--no-compile: off)",
+    "fast_path": "on: take the fast paths below where they run (each checked at start-up against transformers' plain "
+                 "forward, and dropped for the plain path if it disagrees); off: transformers' own forward, plain "
+                 "linears, one SDPA call per request's attention",
+    "cpu_linear": "the CPU linear layers: auto (our AVX2 kernel where AVX2 is the CPU's best vector unit, else oneDNN), "
+                  "avx2 (our kernel, on any CPU with AVX2 and FMA), onednn (oneDNN's packed weights), torch (plain "
+                  "F.linear); a backend that cannot run here stops the start",
+    "native_decode": "a CPU decoding step's layers in one C++ call without the GIL: auto (where the linears run on the "
+                     "AVX2 kernel and attention on the kernel), on (or stop the start), off",
+    "attention_kernel": "decoding requests' attention in one call: auto and kernel (our C++ kernel on CPU, variable-"
+                        "length flash attention on CUDA), sdpa (one SDPA call per request)",
     "kv_cache_memory": "the key/value cache, allocated once: bytes (e.g. 4GiB, 512MiB) or a fraction of the device "
                        "memory free after loading the model (e.g. 0.9); auto: 0.9 on a GPU, 2GiB on CPU",
     "max_input_tokens": "longest prompt in tokens (longer: 422)",
@@ -170,8 +191,14 @@ def _check(config: Config) -> None:
         parse_cpu_threads(config.cpu_threads)
     except ValueError as exc:
         raise SystemExit(f"--cpu-threads: {exc}") from None
-    if config.compile not in ("on", "off"):
-        raise SystemExit(f"--compile must be on or off, got {config.compile!r}")
+    for name, allowed in (("compile", ("on", "off")), ("fast_path", ("on", "off")), ("cpu_linear", LINEAR),
+                          ("native_decode", NATIVE_DECODE), ("attention_kernel", ATTENTION)):
+        if getattr(config, name) not in allowed:
+            raise SystemExit(f"{_flag(name)} must be {' or '.join(allowed)}, got {getattr(config, name)!r}")
+    try:
+        config.fast_paths
+    except ValueError as exc:
+        raise SystemExit(f"--native-decode: {exc}") from None
     for name in ("kv_cache_memory", "adapter_cache_memory"):
         try:
             parse_memory(getattr(config, name))

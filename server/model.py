@@ -26,6 +26,7 @@ class BaseModel:
     tokenizer: object  # a transformers tokenizer with a pad token
     spec: ModelSpec
     name: str  # what clients call it (OpenAI `model`)
+    dtype_reason: str = ""  # why this dtype (`pick_dtype`)
 
     @property
     def max_positions(self) -> int | None:
@@ -42,17 +43,18 @@ def pick_device(flag: str) -> torch.device:
     return device
 
 
-def pick_dtype(flag: str, device: torch.device) -> torch.dtype:
+def pick_dtype(flag: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """The dtype `--dtype flag` gives on `device`, and why (the log and /info say it)."""
     if flag != "auto":
-        return DTYPES[flag]
+        return DTYPES[flag], f"--dtype {flag}"
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "--dtype auto on a GPU that supports bfloat16"
+        return torch.float16, "--dtype auto on a GPU without bfloat16"
     if cpu_has_bf16():
-        log.info("--dtype auto: bfloat16, as this CPU computes it natively (AVX512-BF16 or AMX); "
-                 "--dtype float32 to override")
-        return torch.bfloat16
-    log.info("--dtype auto: float32, as this CPU has no native bfloat16 (AVX512-BF16 or AMX)")
-    return torch.float32
+        return torch.bfloat16, ("--dtype auto on a CPU that computes bfloat16 natively (AVX512-BF16 or AMX); "
+                                "--dtype float32 to override")
+    return torch.float32, "--dtype auto on a CPU without native bfloat16 (AVX512-BF16 or AMX)"
 
 
 def cpu_has_bf16() -> bool:
@@ -65,12 +67,12 @@ def load_base_model(model: str | None, device: str = "auto", dtype: str = "auto"
     """Load a hub id or local directory (the built-in demo model when `model` is None)."""
     source = str(model) if model else str(DEMO_MODEL)
     dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
-    log.info("loading base model %s on %s as %s", source, dev, dt)
+    dt, why = pick_dtype(dtype, dev)
+    log.info("loading base model %s on %s as %s (%s)", source, dev, dt, why)
     hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, revision=revision)
     hf_model.to(dev).eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     spec = ModelSpec.from_hf_config(hf_model.config, dev, dt)
-    return BaseModel(hf_model, tokenizer, spec, name or (model if model else "softprompt-demo"))
+    return BaseModel(hf_model, tokenizer, spec, name or (model if model else "softprompt-demo"), why)

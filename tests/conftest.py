@@ -178,6 +178,30 @@ def worlds(tmp_path_factory) -> Worlds:
     return Worlds(tmp_path_factory.mktemp("worlds"))
 
 
+# Every engine path the parity tests run under (`server.engine.fast_path.FastPaths`), each skipped, with its
+# reason, where this machine cannot run it: `auto` is what this machine picks; the others force a path.
+PATHS = {
+    "auto": {},
+    "avx2": {"linear": "avx2"},  # our AVX2 kernel (on AVX-512 CPUs too), with the native decode where it applies
+    "onednn": {"linear": "onednn", "native_decode": "off"},
+    "torch-sdpa": {"linear": "torch", "attention": "sdpa"},
+    "plain": {"enabled": False},  # --fast-path off: transformers' forward, plain linears, SDPA
+}
+
+
+@pytest.fixture(params=list(PATHS))
+def paths(request):
+    """The FastPaths of one entry of PATHS, or a skip saying why this machine cannot run it."""
+    from server.engine import cpu_linear
+    from server.engine.fast_path import FastPaths
+
+    choice = PATHS[request.param].get("linear")
+    problem = cpu_linear.unavailable(choice) if choice in ("avx2", "onednn") else ""
+    if problem:
+        pytest.skip(f"--cpu-linear {choice} cannot run here: {problem}")
+    return FastPaths(**PATHS[request.param])
+
+
 @pytest.fixture(scope="session")
 def llama(worlds) -> ArchWorld:
     return worlds.get("llama")
@@ -192,7 +216,7 @@ def store_registry(llama, tmp_path):
     return AdapterRegistry(llama.spec, llama.model, store), store
 
 
-__all__ = ["MAX_NEW", "PEFT_TYPES", "PROMPTS", "ArchWorld", "Worlds"]
+__all__ = ["MAX_NEW", "PATHS", "PEFT_TYPES", "PROMPTS", "ArchWorld", "Worlds"]
 
 
 @pytest.fixture(scope="session")

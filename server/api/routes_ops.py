@@ -42,6 +42,7 @@ async def info(request: Request):
     return {
         "model_id": service.base.name,
         "model_dtype": str(spec.dtype).removeprefix("torch."),
+        "model_dtype_reason": service.base.dtype_reason,
         "model_device_type": spec.device.type,
         "version": _version(),
         "adapter_kinds": sorted(KINDS),
@@ -56,6 +57,8 @@ async def info(request: Request):
         "kv_cache_tokens": service.engine.engine.runner.pool.slots,
         "cpu_threads": threads.info() if (threads := service.engine.threads) else None,
         "compile": compiled.describe() if (compiled := service.engine.engine.runner.compiled) else {"mode": "off"},
+        "engine_paths": service.engine.engine.runner.describe(),
+        "self_check": service.engine.engine.self_check,
         "max_upload_bytes": c.max_upload_bytes,
         "max_virtual_tokens": c.max_virtual_tokens,
         "max_request_bytes": c.max_request_bytes,

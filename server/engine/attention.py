@@ -68,6 +68,7 @@ class RaggedStep:
     pieces: list[int]  # per request: the index of its segment in `split_sizes`' pieces
     split_sizes: list[int]  # the pool's slots cut into segments and the gaps between them
     kernels: bool = True  # whether attention may take a kernel (CPU decode, CUDA varlen); else SDPA per request
+    rope_lens: list[int] | None = None  # per request: the length its length-dependent RoPE sees (`rope.py`); None: kv_lens
     _varlen: dict | None = None  # device tensors for the flash path, built on first use
     _decoding: _Decoding | None = None  # the decoding requests' view of the step, built on first use
     _masks: dict[tuple, torch.Tensor] = field(default_factory=dict)  # per (prefilling request, window): its mask

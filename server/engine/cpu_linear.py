@@ -67,37 +67,61 @@ class _Backend:
     compute: torch.dtype  # the packed weights' dtype
 
 
-def install(model: nn.Module) -> int:
-    """Pack the weight of every CPU `nn.Linear` of `model` (once; again is a no-op). Returns the
-    number of layers packed, 0 when neither packing can take this dtype here."""
-    layers = [m for m in model.modules() if type(m) is nn.Linear and not hasattr(m, PACKED)
-              and m.weight.device.type == "cpu" and m.weight.dtype in (torch.float32, torch.bfloat16)]
-    if not layers:
-        return 0
-    backend = _choose(layers[0].weight.dtype)
+CHOICES = ("auto", "avx2", "onednn", "torch")  # --cpu-linear
+
+
+def install(model: nn.Module, choice: str = "auto") -> int:
+    """Pack the weight of every CPU `nn.Linear` of `model` for `choice` (CHOICES): `auto` picks as the
+    module docstring says, `torch` leaves the plain weights to torch's own GEMM. A model packed for
+    another backend is unpacked first; packed for this one, it is left as it is. Returns the number of
+    layers packed now. Raises ValueError when a backend named explicitly cannot serve this dtype here."""
+    if choice not in CHOICES:
+        raise ValueError(f"unknown linear backend {choice!r}; choose from {', '.join(CHOICES)}")
+    layers = [m for m in model.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"]
+    dtype = layers[0].weight.dtype if layers else None  # a packed layer's empty stand-in keeps it
+    backend = None if dtype not in (torch.float32, torch.bfloat16) or choice == "torch" else _choose(dtype, choice)
+    if getattr(model, _CHOSEN, backend) != backend:
+        unpack(model)
     if backend is None:
         return 0
     tied = _shared_weights(model)
-    for layer in layers:
-        setattr(layer, PACKED, backend.pack(layer.weight.detach().to(backend.compute)))
+    packed = [layer for layer in layers if not hasattr(layer, PACKED)]
+    for layer in packed:
+        weight = layer.weight.detach()
+        blocked = backend.pack(weight.to(backend.compute))
+        if not torch.equal(_plain(blocked, layer.out_features).to(weight.dtype), weight):
+            raise RuntimeError(f"packing a {tuple(weight.shape)} weight for {backend.name} lost values")
+        setattr(layer, PACKED, blocked)
         if id(layer.weight) not in tied:  # the packed copy replaces it: no second copy of the model
             layer.weight = nn.Parameter(layer.weight.new_empty(0), requires_grad=False)
         layer.forward = types.MethodType(backend.forward, layer)
-    log.info("packed %d linear layers for %s (%s)", len(layers), backend.name, str(backend.compute).split(".")[-1])
-    return len(layers)
+    setattr(model, _CHOSEN, backend)
+    if packed:
+        log.info("packed %d linear layers for %s (%s)", len(packed), backend.name, str(backend.compute).split(".")[-1])
+    return len(packed)
+
+
+def describe(model: nn.Module) -> str:
+    """Where the model's CPU linear layers run, for the log and /info: e.g. 'oneDNN (bfloat16)'."""
+    backend = getattr(model, _CHOSEN, None)
+    if backend is None:
+        return "torch (plain F.linear)"
+    return f"{backend.name} ({str(backend.compute).split('.')[-1]})"
 
 
 def unpack(model: nn.Module) -> None:
-    """Undo `install`: every packed layer gets its plain weight back (exactly: the packing only reorders)."""
+    """Undo `install`: every packed layer gets its plain weight back (exactly: the packing only reorders,
+    and `install` checked that it did)."""
     for layer in model.modules():
         packed = getattr(layer, PACKED, None)
         if packed is None:
             continue
         if layer.weight.numel() == 0:  # the empty stand-in keeps the weight's dtype
-            plain = packed.to_dense() if packed.is_mkldnn else _unblock(packed, layer.out_features)
-            layer.weight = nn.Parameter(plain.to(layer.weight.dtype), requires_grad=False)
+            layer.weight = nn.Parameter(_plain(packed, layer.out_features).to(layer.weight.dtype), requires_grad=False)
         del layer.forward
         delattr(layer, PACKED)
+    if hasattr(model, _CHOSEN):
+        delattr(model, _CHOSEN)
 
 
 def kernel_weight(layer: nn.Module) -> torch.Tensor | None:
@@ -113,17 +137,20 @@ def weight_numel(layer: nn.Module) -> int:
     return plain + (layer.in_features * layer.out_features if packed else 0)
 
 
-def _choose(dtype: torch.dtype) -> _Backend | None:
-    """The AVX2 kernel where it is the CPU's best and works; else oneDNN in `dtype`, or widened to
-    float32 for bfloat16; else None (logged)."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability == "AVX2" and cpu_kernels.available():
-        kernel = _kernel(dtype)
-        problem = _probe(kernel, dtype)
+def _choose(dtype: torch.dtype, choice: str = "auto") -> _Backend | None:
+    """`auto`: the AVX2 kernel where AVX2 is the CPU's best vector unit and the kernel works; else oneDNN
+    in `dtype`, or widened to float32 for bfloat16; else None (logged). `avx2` or `onednn`: that one, or
+    ValueError saying why it cannot run here."""
+    if choice == "avx2" or (choice == "auto" and torch.backends.cpu.get_cpu_capability() == "AVX2"):
+        problem = unavailable("avx2", dtype)
         if not problem:
-            return kernel
+            return _kernel(dtype)
+        if choice == "avx2":
+            raise ValueError(f"the AVX2 linear kernel cannot run here: {problem}")
         log.warning("the AVX2 linear kernel is off (%s); linear layers go to oneDNN", problem)
     if not torch.backends.mkldnn.is_available():
+        if choice == "onednn":
+            raise ValueError("oneDNN linears cannot run here: this build of torch has no oneDNN")
         log.info("linear layers stay on torch's own CPU GEMM: no oneDNN in this build of torch")
         return None
     for variable in CACHE_VARIABLES:
@@ -133,8 +160,25 @@ def _choose(dtype: torch.dtype) -> _Backend | None:
         return _onednn(dtype)
     if dtype == torch.bfloat16 and not _probe(_ONEDNN, torch.float32):
         return _ONEDNN  # no native bfloat16 GEMM: widened, it runs at float32's speed, not emulated
+    if choice == "onednn":
+        raise ValueError(f"oneDNN cannot pack {dtype} weights here: {problem}")
     log.info("linear layers stay on torch's own CPU GEMM: oneDNN cannot pack %s weights here (%s)", dtype, problem)
     return None
+
+
+def unavailable(choice: str, dtype: torch.dtype = torch.float32) -> str:
+    """Why the backend `choice` ('avx2' or 'onednn') cannot serve linears of `dtype` on this machine
+    ('' when it can). The AVX2 kernel runs on any x86 CPU with AVX2 and FMA, AVX-512 ones included."""
+    if choice == "avx2":
+        if not torch.cpu._is_avx2_supported():
+            return "this CPU has no AVX2"
+        if not cpu_kernels.available():
+            return "the CPU kernels did not build (see the warning logged)"
+        return _probe(_kernel(dtype), dtype)
+    if not torch.backends.mkldnn.is_available():
+        return "this build of torch has no oneDNN"
+    native, widened = _probe(_ONEDNN, dtype), _probe(_ONEDNN, torch.float32)
+    return native and widened
 
 
 def _block(weight: torch.Tensor) -> torch.Tensor:
@@ -146,7 +190,10 @@ def _block(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(blocks, BLOCK, inp).transpose(1, 2).contiguous()
 
 
-def _unblock(packed: torch.Tensor, out: int) -> torch.Tensor:
+def _plain(packed: torch.Tensor, out: int) -> torch.Tensor:
+    """A packed weight (either backend's) back in its plain [out, in] layout."""
+    if packed.is_mkldnn:
+        return packed.to_dense()
     return packed.transpose(1, 2).reshape(-1, packed.shape[1])[:out].contiguous()
 
 
@@ -176,27 +223,33 @@ def _kernel(dtype: torch.dtype) -> _Backend:
 
 
 _ONEDNN = _onednn(torch.float32)
+_CHOSEN = "_softprompt_linears"  # on the model, while packed: the _Backend its layers run on
 
 
 def _probe(backend: _Backend, dtype: torch.dtype) -> str:
-    """Why `backend` cannot serve linears of `dtype` here ('' when it can): packing refused, or a result off.
-    The shapes take every tile size of the kernel and a partly filled block."""
+    """Why `backend` cannot serve linears of `dtype` here ('' when it can): packing refused, or a result off
+    from plain F.linear. The shapes take every tile size of the AVX2 kernel, a partly filled block, input
+    features past its slice depths (64 and 256: partial sums carried across slices), and row counts on both
+    sides of its memory-bound/compute-bound split."""
     generator = torch.Generator().manual_seed(0)
-    layer = nn.Linear(40, 37).to(dtype)
-    with torch.no_grad():
-        layer.weight.copy_(torch.randn(37, 40, generator=generator))
-        layer.bias.copy_(torch.randn(37, generator=generator))
-    x = torch.randn(3, 7, 40, generator=generator).to(dtype)  # 21 rows: tiles of 6 and one of 3
-    try:
-        with torch.no_grad():
-            want = layer(x)
-            setattr(layer, PACKED, backend.pack(layer.weight.detach().to(dtype)))
-            got = backend.forward(layer, x)
-    except RuntimeError as exc:
-        return str(exc).strip().splitlines()[0]
-    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
-    error = (got.float() - want.float()).abs().max().item()
-    return "" if error <= tolerance * want.float().abs().max().item() else f"off by {error:.2e} on a probe"
+    weight = torch.randn(37, 300, generator=generator).to(dtype)
+    bias = torch.randn(37, generator=generator).to(dtype)
+    layer = nn.Linear(300, 37).to(dtype)
+    for rows in (21, 50):  # 21: tiles of 6 and one of 3, sliced; 50: one pass per tile
+        x = torch.randn(rows, 300, generator=generator).to(dtype)
+        want = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
+        try:
+            with torch.no_grad():
+                layer.bias.copy_(bias)
+                setattr(layer, PACKED, backend.pack(weight.to(backend.compute)))
+                got = backend.forward(layer, x)
+        except RuntimeError as exc:
+            return str(exc).strip().splitlines()[0]
+        tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+        error = (got.float() - want).abs().max().item()
+        if not error <= tolerance * want.abs().max().item():
+            return f"off by {error:.2e} on a probe"
+    return ""
 
 
 def _shared_weights(model: nn.Module) -> set[int]:

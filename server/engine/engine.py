@@ -20,9 +20,10 @@ from typing import Callable, TypeVar
 
 from adapters import Adapter, ModelSpec
 
-from . import cpu_threads
+from . import cpu_threads, self_check
 from .compiled import CompiledForward, warm_up
 from .detokenizer import IncrementalDetokenizer
+from .fast_path import FastPaths
 from .kv_cache import DEFAULT_KV_CACHE_BYTES
 from .model_runner import ModelRunner, ScheduledStep, StepOutput
 from .request import (FinishReason, GenerationFailed, InvalidRequest, Overloaded, SamplingParams, Sequence,
@@ -35,12 +36,17 @@ T = TypeVar("T")
 
 class Engine:
     def __init__(self, model, tokenizer, spec: ModelSpec, max_batch_size: int = 64, max_waiting: int = 256,
-                 max_prefill_tokens: int = 512, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, compile: bool = False):
+                 max_prefill_tokens: int = 512, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, compile: bool = False,
+                 paths: FastPaths = FastPaths(), check: bool = False):
         """kv_cache_bytes: the KV pool, allocated once; requests are admitted and preempted to fit it.
-        compile: run the packed forward compiled (`compiled.py`), compiling it now."""
+        compile: run the packed forward compiled (`compiled.py`), compiling it now. paths: the fast paths
+        to take (ValueError when one forced on cannot run here). check: run the start-up self-check
+        (`self_check.py`), falling back to the plain path if the fast ones disagree with it (SelfCheckFailed
+        if the plain one does too); its result is `self.self_check`."""
         self.tokenizer = tokenizer
+        reference = self_check.Reference(model, spec) if check else None  # before any fast path is taken
         compiled = CompiledForward(model, spec.device, max_batch_size + max_prefill_tokens) if compile else None
-        self.runner = ModelRunner(model, spec, kv_cache_bytes, compiled)
+        self.runner = ModelRunner(model, spec, kv_cache_bytes, compiled, paths)
         if compiled is not None:
             try:
                 compiled.seconds = warm_up(self.runner)
@@ -48,6 +54,7 @@ class Engine:
                 log.warning("torch.compile of the packed forward failed (%s: %s); running it eager",
                             type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "")
                 self.runner.use_compiled(None)
+        self.self_check = self_check.verify(self.runner, reference) if reference is not None else None
         self.scheduler = Scheduler(max_batch_size, max_waiting, max_prefill_tokens, self.runner.pool)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.special_ids = set(tokenizer.all_special_ids)

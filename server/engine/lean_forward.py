@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import attention, cpu_attention, cpu_kernels, cpu_linear
+from . import attention, cpu_attention, cpu_kernels, cpu_linear, rope
 
 # the classes written out, each with where its attention finds its sliding window (as its own forward does)
 SUPPORTED = {
@@ -55,9 +55,18 @@ class LeanForward:
         self.windows = [window(layer.self_attn, model.config) for layer in self.layers]
         self.native: NativeDecode | None = None  # set by `find_native` once the linears are packed
 
-    def find_native(self) -> None:
-        """Take the one-call decoding step if the layers now allow it (after `cpu_linear.install`)."""
-        self.native = NativeDecode.build(self)
+    def find_native(self, mode: str = "auto", attention_kernel: bool = True) -> None:
+        """Take the one-call decoding step (`mode` on, or auto) if the layers now allow it (after
+        `cpu_linear.install`) and decode attention runs on the kernel. ValueError when `mode` is on and it
+        cannot be taken."""
+        self.native = None
+        if mode == "off":
+            return
+        why = NativeDecode.unavailable(self) or ("" if attention_kernel else "attention is not on the kernel")
+        if why and mode == "on":
+            raise ValueError(f"the native decode cannot run here: {why}")
+        if not why:
+            self.native = NativeDecode.build(self)
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -78,7 +87,7 @@ class LeanForward:
         on_layers: called once everything before the layers is done (`ModelRunner.on_layers`)."""
         h = self.inner.embed_tokens(input_ids[0])  # [tokens, hidden]
         tokens, head_dim = h.shape[0], self.head_dim
-        cos, sin = self.inner.rotary_emb(h, position_ids)  # [1, tokens, head_dim]
+        cos, sin = rope.cos_sin(self.inner.rotary_emb, h, position_ids, ragged)  # [1, tokens, head_dim]
         cos, sin = cos[0, :, None], sin[0, :, None]  # [tokens, 1, head_dim]: broadcast over heads
         if self.native is not None and self.native.takes(ragged, h):
             attention.decoding(ragged)  # its index tensors, built now rather than after on_layers
@@ -104,7 +113,8 @@ class LeanForward:
 @dataclass
 class NativeDecode:
     """A decoding step's layers in one call of `torch.ops.softprompt.lean_decode`. Taken when every
-    linear layer runs on the AVX2 kernel (`cpu_linear`) and the MLP's activation is SiLU."""
+    linear layer runs on the AVX2 kernel (`cpu_linear`), the MLP's activation is SiLU, and decode
+    attention runs on the kernel (`fast_path`)."""
 
     weights: list[torch.Tensor | None]  # per layer, in forward.cpp's `Slot` order
     out_features: list[int]  # per layer, in forward.cpp's `Out` order
@@ -114,20 +124,30 @@ class NativeDecode:
     layer_ids: list[int]  # each layer's index in the KV pool
     head_dim: int
 
-    @classmethod
-    def build(cls, lean: LeanForward) -> NativeDecode | None:
+    @staticmethod
+    def unavailable(lean: LeanForward) -> str:
+        """Why the call cannot take this model's layers ('' when it can)."""
         if not lean.layers or lean.layers[0].self_attn.q_proj.weight.device.type != "cpu":
-            return None
+            return "the model is not on the CPU"
         if not cpu_kernels.available():
-            return None
+            return "the CPU kernels did not build"
+        for layer in lean.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+            if any(cpu_linear.kernel_weight(m) is None for m in linears):
+                return "the linear layers are not on the AVX2 kernel"
+            if type(mlp.act_fn).__name__ not in SILU:
+                return f"the MLP's activation is {type(mlp.act_fn).__name__}, not SiLU"
+        return ""
+
+    @classmethod
+    def build(cls, lean: LeanForward) -> NativeDecode:
+        """The call's arguments for `lean`'s layers; only where `unavailable` says ''."""
         native = cls([], [], [], [], [w or 0 for w in lean.windows], [], lean.head_dim)
         for layer in lean.layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-            packed = [cpu_linear.kernel_weight(m) for m in linears]
-            if any(p is None for p in packed) or type(mlp.act_fn).__name__ not in SILU:
-                return None
-            pairs = [[p, m.bias] for p, m in zip(packed, linears)]
+            pairs = [[cpu_linear.kernel_weight(m), m.bias] for m in linears]
             native.weights += [layer.input_layernorm.weight, *pairs[0], *pairs[1], *pairs[2], *pairs[3],
                                layer.post_attention_layernorm.weight, *pairs[4], *pairs[5], *pairs[6]]
             native.out_features += [m.out_features for m in linears]

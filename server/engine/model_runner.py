@@ -9,6 +9,7 @@ when its chunk reaches the end of what it had to compute.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -18,8 +19,9 @@ import torch
 
 from adapters import ModelSpec
 
-from . import attention, cpu_kernels, cpu_linear
+from . import attention, cpu_kernels, cpu_linear, rope
 from .compiled import CompiledForward
+from .fast_path import FastPaths
 from .kv_cache import KVPool, first_capacity, growth
 from .lean_forward import LeanForward
 from .request import Sequence
@@ -44,16 +46,18 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, model, spec: ModelSpec, kv_cache_bytes: int, compiled: CompiledForward | None = None):
+    def __init__(self, model, spec: ModelSpec, kv_cache_bytes: int, compiled: CompiledForward | None = None,
+                 paths: FastPaths = FastPaths()):
         """kv_cache_bytes: the KV pool's size, allocated once; compiled: the packed steps' forward, when
-        compiled (`compiled.py`), else the model's own."""
+        compiled (`compiled.py`), else the model's own; paths: the fast paths to take (`fast_path.py`).
+        Raises ValueError when a path forced on cannot run here."""
         self.model = model
         self.spec = spec
         attention.install(model)
-        self.lean = LeanForward(model) if LeanForward.supports(model) else None  # else transformers' forward
+        self.rope = rope.install(model)  # whether its RoPE depends on the length: then computed per request
         if spec.device.type == "cpu":
             cpu_kernels.available()  # build or load the kernels now, not in the first request
-        self.use_compiled(compiled)
+        self.use(paths, compiled)
         slot_bytes = KVPool.slot_bytes(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype)
         self.pool = KVPool(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.device, spec.dtype,
                            slots=kv_cache_bytes // slot_bytes)
@@ -63,17 +67,52 @@ class ModelRunner:
         # as the GIL is released for them): where the AsyncEngine may hand the last step's tokens over.
         self.on_layers: Callable[[], None] = _nothing
 
+    def use(self, paths: FastPaths, compiled: CompiledForward | None = None) -> None:
+        """Take `paths`, and run steps through `compiled`, or eager when None. On CPU, eager linears run
+        on packed weights (`cpu_linear`), while torch.compile needs the plain ones back. ValueError
+        when a path forced on cannot run here (the runner is then on the plain path)."""
+        cpu = self.spec.device.type == "cpu"
+        self.paths, self.compiled = paths, compiled
+        self.lean = LeanForward(self.model) if paths.enabled and LeanForward.supports(self.model) else None
+        self.attention_kernels = paths.enabled and paths.attention != "sdpa"
+        try:
+            if cpu:
+                cpu_linear.install(self.model, paths.linear if paths.enabled and compiled is None else "torch")
+                if paths.attention == "kernel" and self.attention_kernels and not cpu_kernels.available():
+                    raise ValueError("the attention kernel cannot run here: the CPU kernels did not build")
+            if self.lean is not None:
+                self.lean.find_native(paths.native_decode if cpu else "off", self.attention_kernels)
+            elif paths.enabled and paths.native_decode == "on":
+                raise ValueError("the native decode needs the written-out forward, which does not take "
+                                 f"{type(self.model).__name__}")
+        except ValueError:
+            self.use(FastPaths(enabled=False), compiled)
+            raise
+
     def use_compiled(self, compiled: CompiledForward | None) -> None:
-        """Run steps through `compiled`, or eager when None: on CPU, eager linears run on oneDNN's
-        packed weights (`cpu_linear`), while torch.compile needs the plain ones back."""
-        self.compiled = compiled
-        if self.spec.device.type == "cpu":
-            if compiled is None:
-                cpu_linear.install(self.model)
-            else:
-                cpu_linear.unpack(self.model)
-        if self.lean is not None:
-            self.lean.find_native()
+        """The same paths, compiled or eager (a failed compile falls back to eager)."""
+        self.use(self.paths, compiled)
+
+    def describe(self) -> dict:
+        """The paths taken, for the start-up log and /info."""
+        cpu = self.spec.device.type == "cpu"
+        if self.compiled is not None:
+            forward = "torch.compile of transformers' forward"
+        else:
+            forward = "written out (lean_forward)" if self.lean is not None else "transformers' own"
+        if not self.attention_kernels:
+            attend = "SDPA per request"
+        elif cpu:
+            attend = "C++ decode kernel, SDPA per prefill" if cpu_kernels.available() else "SDPA per request"
+        else:
+            attend = "variable-length flash attention where it passes its check, else SDPA"
+        return {
+            "fast_path": "on" if self.paths.enabled else "off",
+            "forward": forward,
+            "linear": cpu_linear.describe(self.model) if cpu else "torch",
+            "native_decode": self.lean is not None and self.lean.native is not None,
+            "attention": attend,
+        }
 
     def reset(self) -> None:
         """Drop every request (after a failed step)."""
@@ -154,21 +193,25 @@ class ModelRunner:
             ids += [0] * (self.compiled.pad(len(ids)) - len(ids))
             positions += [0] * (len(ids) - len(positions))
             keep += [0] * (self.compiled.pad(len(keep)) - len(keep))
-        ragged = attention.RaggedStep.build(self.pool, [seg.start for seg in segments], q_lens, kv_lens)
+        ragged = attention.RaggedStep.build(self.pool, [seg.start for seg in segments], q_lens, kv_lens,
+                                            self.attention_kernels)
+        if self.rope:  # a prompt in chunks is rotated for its whole length, as transformers rotates it alone
+            ragged.rope_lens = [seg.length + seq.pending for seg, seq in zip(segments, batch)]
         device = self.spec.device
         started = time.perf_counter()
         hook = {"on_layers": self.on_layers} if forward is self.lean else {}
         if not hook:  # the lean forward calls it itself, at the last moment before its layers
             self.on_layers()
-        out = forward(
-            input_ids=torch.tensor([ids], device=device),  # [1, tokens]
-            position_ids=torch.tensor([positions], device=device),  # [1, tokens]
-            attention_mask=attention.NO_MASK,
-            ragged=ragged,
-            use_cache=False,
-            logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
-            **hook,
-        )
+        with rope.packed(ragged) if self.rope else contextlib.nullcontext():
+            out = forward(
+                input_ids=torch.tensor([ids], device=device),  # [1, tokens]
+                position_ids=torch.tensor([positions], device=device),  # [1, tokens]
+                attention_mask=attention.NO_MASK,
+                ragged=ragged,
+                use_cache=False,
+                logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
+                **hook,
+            )
         self.forward_seconds += time.perf_counter() - started
         for seg, n in zip(segments, kv_lens):
             seg.length = n

@@ -23,12 +23,12 @@ ENCODER_VARIANTS = list(VARIANTS)  # prompt (embedding), mlp, lstm, prefix (embe
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_greedy_tokens_equal_peft(worlds, arch, variant):
+def test_greedy_tokens_equal_peft(worlds, arch, variant, paths):
     w = worlds.get(arch)
     adapter = w.adapter(variant)
     assert adapter.peft_type == PEFT_TYPES[variant]
     assert adapter.prefix_length == adapter.num_virtual_tokens == w.config(variant)["num_virtual_tokens"]
-    engine = w.engine()
+    engine = w.engine(paths=paths)
     for text in PROMPTS:
         ids = w.ids(text)
         seq = engine.generate(ids, SamplingParams(max_new_tokens=MAX_NEW), adapter)
@@ -41,9 +41,9 @@ def test_greedy_tokens_equal_peft(worlds, arch, variant):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_no_adapter_equals_base_generate(worlds, arch):
+def test_no_adapter_equals_base_generate(worlds, arch, paths):
     w = worlds.get(arch)
-    engine = w.engine()
+    engine = w.engine(paths=paths)
     for text in PROMPTS:
         ids = w.ids(text)
         seq = engine.generate(ids, SamplingParams(max_new_tokens=MAX_NEW))

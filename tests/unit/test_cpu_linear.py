@@ -27,18 +27,21 @@ def _linears(model) -> dict[str, torch.nn.Linear]:
     return {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear}
 
 
-AVX2 = torch.backends.cpu.get_cpu_capability() == "AVX2"
+@pytest.fixture
+def avx2_kernel(cpu_kernels_built):
+    """The AVX2 kernel, on any CPU that runs it (AVX-512 ones included), whatever `auto` picks here."""
+    problem = cpu_linear.unavailable("avx2")
+    if problem:
+        pytest.skip(f"the AVX2 linear kernel cannot run here: {problem}")
 
 
-@pytest.fixture(params=["kernel", "onednn"])
-def backend(request, monkeypatch):
-    """Each packing: the AVX2 kernel where this CPU and compiler have it, oneDNN as on any other CPU."""
-    if request.param == "kernel":
-        if not AVX2:
-            pytest.skip("the AVX2 kernel is used only on CPUs whose best vector unit is AVX2")
-        request.getfixturevalue("cpu_kernels_built")
-    else:
-        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+@pytest.fixture(params=["avx2", "onednn"])
+def backend(request) -> str:
+    """Each packing, forced (`--cpu-linear`): the AVX2 kernel where this CPU and compiler can run it, oneDNN."""
+    if request.param == "avx2":
+        request.getfixturevalue("avx2_kernel")
+    elif cpu_linear.unavailable("onednn"):
+        pytest.skip(f"oneDNN cannot pack linears here: {cpu_linear.unavailable('onednn')}")
     return request.param
 
 
@@ -50,10 +53,10 @@ def test_packed_model_computes_the_same_and_unpacks_exactly(arch, backend):
     plain = {name: m.weight.detach().clone() for name, m in _linears(model).items()}
     tied = model.lm_head.weight is model.get_input_embeddings().weight
 
-    packed = cpu_linear.install(model)
+    packed = cpu_linear.install(model, backend)
     assert packed == len(plain)
     assert getattr(model.lm_head, cpu_linear.PACKED).is_mkldnn == (backend == "onednn")
-    assert cpu_linear.install(model) == 0  # once only
+    assert cpu_linear.install(model, backend) == 0  # once only
     torch.testing.assert_close(_logits(model, ids), want, atol=1e-5, rtol=1e-5)
     for name, layer in _linears(model).items():
         kept = name == "lm_head" and tied  # the embedding table still needs it
@@ -75,8 +78,8 @@ def test_bfloat16_is_packed_natively_or_widened_to_float32(backend):
     ids = torch.randint(3, 200, (2, 11), generator=torch.Generator().manual_seed(0))
     want = _logits(model, ids)
     plain = {name: m.weight.detach().clone() for name, m in _linears(model).items()}
-    assert cpu_linear.install(model) == len(plain)
-    native = backend == "kernel" or cpu_linear._probe(cpu_linear._onednn(torch.bfloat16), torch.bfloat16) == ""
+    assert cpu_linear.install(model, backend) == len(plain)
+    native = backend == "avx2" or cpu_linear._probe(cpu_linear._onednn(torch.bfloat16), torch.bfloat16) == ""
     for layer in _linears(model).values():
         assert getattr(layer, cpu_linear.PACKED).dtype == (torch.bfloat16 if native else torch.float32)
         assert layer.weight.dtype == torch.bfloat16
@@ -102,10 +105,9 @@ def test_probe_accepts_float32_and_answers_bfloat16_either_way():
     assert isinstance(cpu_linear._probe(bfloat16, torch.bfloat16), str)  # '' only with AVX512-BF16 / AVX-NE-CONVERT
 
 
-@pytest.mark.skipif(not AVX2, reason="the AVX2 kernel is used only on CPUs whose best vector unit is AVX2")
 @pytest.mark.parametrize("out_features", [1, 16, 17, 100])
 @pytest.mark.parametrize("bias", [False, True])
-def test_kernel_equals_linear_at_every_row_count(cpu_kernels_built, out_features, bias):
+def test_kernel_equals_linear_at_every_row_count(avx2_kernel, out_features, bias):
     """Every register tile (1-6 rows), several chunks of rows, a partly filled last block."""
     generator = torch.Generator().manual_seed(out_features)
     layer = torch.nn.Linear(67, out_features, bias=bias)
@@ -113,7 +115,7 @@ def test_kernel_equals_linear_at_every_row_count(cpu_kernels_built, out_features
         layer.weight.normal_(generator=generator)
     packed = cpu_linear._block(layer.weight.detach())
     assert packed.shape == (-(-out_features // cpu_linear.BLOCK), 67, cpu_linear.BLOCK)
-    assert torch.equal(cpu_linear._unblock(packed, out_features), layer.weight)
+    assert torch.equal(cpu_linear._plain(packed, out_features), layer.weight)
     for rows in [*range(0, 14), 47, 48, 49, 97, 300]:
         x = torch.randn(rows, 67, generator=generator)
         got = cpu_kernels.ops().packed_linear(x, packed, layer.bias, out_features)
@@ -125,8 +127,7 @@ def test_kernel_equals_linear_at_every_row_count(cpu_kernels_built, out_features
         torch.testing.assert_close(got, want.detach(), atol=2e-5, rtol=2e-5, msg=f"{rows} rows, bfloat16")
 
 
-@pytest.mark.skipif(not AVX2, reason="the AVX2 kernel is used only on CPUs whose best vector unit is AVX2")
-def test_kernel_output_does_not_depend_on_how_the_work_is_shared(cpu_kernels_built):
+def test_kernel_output_does_not_depend_on_how_the_work_is_shared(avx2_kernel):
     """Tasks go to whichever thread asks first (csrc/common.cpp): bit-identical outputs with 1 thread,
     2, and more threads than tasks or cores."""
     generator = torch.Generator().manual_seed(0)
@@ -145,8 +146,7 @@ def test_kernel_output_does_not_depend_on_how_the_work_is_shared(cpu_kernels_bui
         torch.set_num_threads(before)
 
 
-@pytest.mark.skipif(not AVX2, reason="the AVX2 kernel is used only on CPUs whose best vector unit is AVX2")
-def test_kernel_refuses_what_it_cannot_compute(cpu_kernels_built):
+def test_kernel_refuses_what_it_cannot_compute(avx2_kernel):
     packed = cpu_linear._block(torch.randn(20, 8))
     op = cpu_kernels.ops().packed_linear
     for args, message in [
@@ -185,3 +185,55 @@ def test_a_kernel_failing_its_probe_leaves_the_layers_to_onednn(monkeypatch, cap
         assert cpu_linear.install(model) == len(_linears(model))
     assert all(getattr(layer, cpu_linear.PACKED).is_mkldnn for layer in _linears(model).values())
     assert "AVX2 linear kernel is off (off on a probe)" in caplog.text
+
+
+def test_auto_takes_the_avx2_kernel_only_where_avx2_is_the_best_unit():
+    model = _model("llama")
+    cpu_linear.install(model)
+    on_kernel = cpu_linear.kernel_weight(model.lm_head) is not None
+    assert on_kernel == (torch.backends.cpu.get_cpu_capability() == "AVX2" and not cpu_linear.unavailable("avx2"))
+    assert cpu_linear.describe(model).startswith("the AVX2 kernel" if on_kernel else "oneDNN")
+
+
+def test_switching_backends_repacks_from_the_exact_weights(backend):
+    """Packed for one backend, then another, then none: the same logits each time, the plain weights back."""
+    model = _model("qwen2")
+    ids = torch.randint(3, 200, (2, 11), generator=torch.Generator().manual_seed(0))
+    want = _logits(model, ids)
+    plain = {name: m.weight.detach().clone() for name, m in _linears(model).items()}
+    other = "onednn" if backend == "avx2" else "avx2"
+    for choice in (other, backend):
+        if choice == "avx2" and cpu_linear.unavailable("avx2"):
+            continue
+        assert cpu_linear.install(model, choice) == len(plain)
+        assert cpu_linear.describe(model).startswith("oneDNN" if choice == "onednn" else "the AVX2 kernel")
+        torch.testing.assert_close(_logits(model, ids), want, atol=1e-5, rtol=1e-5)
+    assert cpu_linear.install(model, "torch") == 0
+    assert cpu_linear.describe(model) == "torch (plain F.linear)"
+    for name, layer in _linears(model).items():
+        assert torch.equal(layer.weight, plain[name]) and "forward" not in vars(layer), name
+
+
+def test_a_backend_forced_where_it_cannot_run_is_refused(monkeypatch):
+    model = _model("llama")
+    monkeypatch.setattr(torch.cpu, "_is_avx2_supported", lambda: False)
+    with pytest.raises(ValueError, match="AVX2 linear kernel cannot run here: this CPU has no AVX2"):
+        cpu_linear.install(model, "avx2")
+    with pytest.raises(ValueError, match="unknown linear backend"):
+        cpu_linear.install(model, "mkl")
+    assert all(not hasattr(layer, cpu_linear.PACKED) for layer in _linears(model).values())
+
+
+def test_a_packing_that_loses_values_is_refused(avx2_kernel, monkeypatch):
+    """Packing frees the plain weight, so `install` checks it can be given back exactly first."""
+    block = cpu_linear._block
+
+    def lossy(weight):
+        packed = block(weight)
+        packed[0, -1, 0] += 1.0  # one value of the first block wrong
+        return packed
+
+    monkeypatch.setattr(cpu_linear, "_block", lossy)
+    monkeypatch.setattr(cpu_linear, "_probe", lambda backend, dtype: "")
+    with pytest.raises(RuntimeError, match="lost values"):
+        cpu_linear.install(_model("llama"), "avx2")

@@ -39,9 +39,9 @@ def _seq(w, variant, prompt, max_new_tokens=MAX_NEW, **params) -> Sequence:
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_mixed_batch_equals_alone_and_peft(worlds, arch):
+def test_mixed_batch_equals_alone_and_peft(worlds, arch, paths):
     w = worlds.get(arch)
-    engine = w.engine(max_batch_size=16)
+    engine = w.engine(max_batch_size=16, paths=paths)
     submitted: list[tuple[Sequence, str | None, int]] = []
     max_rows = 0
     for i, wave in enumerate(WAVES):
@@ -59,7 +59,7 @@ def test_mixed_batch_equals_alone_and_peft(worlds, arch):
 
     _drain(engine, on_step=track)
     assert max_rows >= 6, "the requests did not share batches"
-    alone_engine = w.engine()
+    alone_engine = w.engine(paths=paths)
     for seq, variant, p in submitted:
         ids = w.ids(PROMPTS[p])
         alone = alone_engine.generate(ids, SamplingParams(max_new_tokens=seq.params.max_new_tokens),

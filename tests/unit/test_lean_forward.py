@@ -11,6 +11,7 @@ from adapters import Adapter, ModelSpec
 from adapters.adapter import virtual_tokens_to_kv
 from server.demo.tiny import seeded_init, tiny_config
 from server.engine import cpu_linear
+from server.engine.fast_path import FastPaths
 from server.engine.lean_forward import LeanForward
 from server.engine.model_runner import ModelRunner, ScheduledStep
 from server.engine.request import SamplingParams, Sequence
@@ -64,17 +65,19 @@ def test_lean_forward_equals_transformers_on_packed_steps(variant):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_decoding_steps_in_one_call_equal_the_layers_in_python(variant, dtype):
+def test_decoding_steps_in_one_call_equal_the_layers_in_python(variant, dtype, cpu_kernels_built):
     """The decoding steps' layers in one C++ call (`NativeDecode`), taken wherever the linear layers
-    run on the AVX2 kernel, give the logits the Python layers give, to the last bit."""
+    run on the AVX2 kernel (forced here, as any CPU with AVX2 can run it), give the logits the Python
+    layers give, to the last bit."""
+    problem = cpu_linear.unavailable("avx2", dtype)
+    if problem:
+        pytest.skip(f"the AVX2 linear kernel cannot run here: {problem}")
     model = _model(variant).to(dtype)
     spec = ModelSpec.from_hf_config(model.config, torch.device("cpu"), dtype)
-    native, python = (ModelRunner(model, spec, kv_cache_bytes=1 << 20) for _ in range(2))
-    q_proj = model.model.layers[0].self_attn.q_proj
-    assert (native.lean.native is not None) == (cpu_linear.kernel_weight(q_proj) is not None)
-    if native.lean.native is None:
-        pytest.skip("the linear layers are not on the AVX2 kernel here")
-    python.lean.native = None
+    native, python = (ModelRunner(model, spec, kv_cache_bytes=1 << 20, paths=FastPaths(linear="avx2",
+                                                                                      native_decode=mode))
+                      for mode in ("on", "off"))
+    assert python.lean.native is None
     calls = []
     native.lean.native = _Counted(native.lean.native, calls)
     _packed_steps(model, native, python)
@@ -99,6 +102,10 @@ def test_the_one_call_is_not_taken_for_other_activations():
         layer.mlp.act_fn = torch.nn.GELU()
     spec = ModelSpec.from_hf_config(model.config, torch.device("cpu"), torch.float32)
     assert ModelRunner(model, spec, kv_cache_bytes=1 << 20).lean.native is None
+    if not cpu_linear.unavailable("avx2"):
+        assert ModelRunner(model, spec, 1 << 20, paths=FastPaths(linear="avx2")).lean.native is None
+        with pytest.raises(ValueError, match="activation is GELU, not SiLU"):
+            ModelRunner(model, spec, 1 << 20, paths=FastPaths(linear="avx2", native_decode="on"))
 
 
 def test_only_the_classes_written_out_are_taken():

@@ -315,9 +315,24 @@ def test_dtype_auto_picks_bfloat16_only_on_cpus_that_compute_it(monkeypatch):
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(model, "cpu_has_bf16", lambda: False)
-    assert model.pick_dtype("auto", cpu) == torch.float32
+    assert model.pick_dtype("auto", cpu)[0] == torch.float32
     monkeypatch.setattr(model, "cpu_has_bf16", lambda: True)
-    assert model.pick_dtype("auto", cpu) == torch.bfloat16
-    assert model.pick_dtype("float32", cpu) == torch.float32  # tests of exact PEFT parity ask for it
-    monkeypatch.undo()
-    assert isinstance(model.cpu_has_bf16(), bool)  # the real probe runs on this CPU
+    dtype, why = model.pick_dtype("auto", cpu)
+    assert dtype == torch.bfloat16 and "AVX512-BF16 or AMX" in why
+    assert model.pick_dtype("float32", cpu) == (torch.float32, "--dtype float32")  # tests of exact PEFT parity ask for it
+
+
+def test_dtype_auto_follows_the_flags_this_cpu_reports():
+    """The choice on this machine, against the CPU's own flags in /proc/cpuinfo (not torch's probe)."""
+    import torch
+
+    from server import model
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith(("flags", "Features"))), []))
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert model.cpu_has_bf16() == native
+    assert model.pick_dtype("auto", torch.device("cpu"))[0] == (torch.bfloat16 if native else torch.float32)
