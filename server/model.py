@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters import ModelSpec
+from server.engine import rope
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,10 @@ class BaseModel:
 
     @property
     def max_positions(self) -> int | None:
+        """The longest sequence served: the model's positions, stretched by dynamic RoPE scaling (`rope.py`)."""
         config = self.model.config
-        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        return rope.served_positions(config, positions) if positions else None
 
 
 def pick_device(flag: str) -> torch.device:
