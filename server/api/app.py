@@ -44,7 +44,7 @@ class TrackRequests:
             return await self.app(scope, receive, send)
         service = self.service
         if service.draining and scope["path"] != "/metrics":
-            service.metrics.requests.inc(route=scope["path"], status="503")
+            service.metrics.requests.labels(route=scope["path"], status="503").inc()
             response = error_response(503, "the server is shutting down", "overloaded", {"Retry-After": "5"})
             return await response(scope, receive, send)
         status = "500"
@@ -77,7 +77,7 @@ class TrackRequests:
         finally:
             service.in_flight -= 1
             route = getattr(scope.get("route"), "path", "unmatched")  # the template, so labels stay few
-            service.metrics.requests.inc(route=route, status=status)
+            service.metrics.requests.labels(route=route, status=status).inc()
 
 
 def _capped(receive, scope, limit: int):

@@ -1,81 +1,39 @@
-"""Prometheus metrics in the text exposition format, with no dependency beyond the standard library."""
+"""Prometheus metrics, kept by prometheus_client: one registry per `Metrics` (tests build several
+apps in one process). What the HTTP side counts is in the library's thread-safe counters and
+histograms; what the engine and the adapter registry keep is read when scraped (`EngineValues`)."""
 
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
+from typing import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 OTHER = "__other__"  # the `adapter` label of adapters past the named ones (never an adapter's name)
 
-
-def _labels(labels: dict) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(f'{k}="{str(v)}"'.replace("\n", " ") for k, v in sorted(labels.items()))
-    return "{" + inner + "}"
+# Process-wide: no `{name}_created` series beside each counter and histogram. /metrics never had
+# them, and each labelled series would bring one more, with a timestamp nobody reads.
+disable_created_metrics()
 
 
-class Metric:
-    def __init__(self, name: str, help_: str, kind: str):
-        self.name, self.help, self.kind = name, help_, kind
-        self.lock = threading.Lock()
+class EngineValues:
+    """A collector of values kept elsewhere, read at each scrape: `(name, help, kind, read)` with
+    kind "gauge", or "counter" for a total that only grows."""
 
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+    def __init__(self, values: list[tuple[str, str, str, Callable[[], float]]]):
+        self.values = values
 
+    def collect(self) -> Iterator[Metric]:
+        for name, help_, kind, read in self.values:
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(name, help_, value=float(read()))
 
-class Counter(Metric):
-    def __init__(self, name, help_):
-        super().__init__(name, help_, "counter")
-        self.values = defaultdict(float)
-
-    def inc(self, amount: float = 1.0, **labels) -> None:
-        with self.lock:
-            self.values[tuple(sorted(labels.items()))] += amount
-
-    def render(self) -> list[str]:
-        values = sorted(self.values.items()) or [((), 0.0)]
-        return self.header() + [f"{self.name}{_labels(dict(k))} {v}" for k, v in values]
-
-
-class Gauge(Metric):
-    """A value read when scraped (kind "counter" for totals kept elsewhere)."""
-
-    def __init__(self, name, help_, read, kind="gauge"):
-        super().__init__(name, help_, kind)
-        self.read = read
-
-    def render(self) -> list[str]:
-        return self.header() + [f"{self.name} {float(self.read())}"]
-
-
-class Histogram(Metric):
-    def __init__(self, name, help_, buckets=LATENCY_BUCKETS):
-        super().__init__(name, help_, "histogram")
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        with self.lock:
-            self.sum += value
-            for i, bound in enumerate(self.buckets):
-                if value <= bound:
-                    self.counts[i] += 1
-                    break
-            else:
-                self.counts[-1] += 1
-
-    def render(self) -> list[str]:
-        lines, cumulative = self.header(), 0
-        for bound, count in zip(self.buckets, self.counts):
-            cumulative += count
-            lines.append(f'{self.name}_bucket{{le="{bound}"}} {cumulative}')
-        cumulative += self.counts[-1]
-        lines += [f'{self.name}_bucket{{le="+Inf"}} {cumulative}', f"{self.name}_sum {self.sum}",
-                  f"{self.name}_count {cumulative}"]
-        return lines
+    def describe(self) -> Iterator[Metric]:
+        """The families without reading them: the registry checks their names for clashes."""
+        for name, help_, kind, _ in self.values:
+            yield (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, help_)
 
 
 class AdapterLabels:
@@ -99,81 +57,87 @@ class AdapterLabels:
 
 
 class Metrics:
-    """Everything /metrics shows. Gauges read the engine and registry when scraped."""
+    """Everything /metrics shows, in its own registry. The engine's and the adapter registry's
+    values are read when scraped."""
 
     def __init__(self, engine, registry, max_adapter_labels: int = 100):
         p = "softprompt_"
+        self.registry = CollectorRegistry()
         self.adapter_label = AdapterLabels(max_adapter_labels)
-        self.requests = Counter(p + "requests_total", "HTTP requests by route and status")
+        own = {"registry": self.registry}
+        self.requests = Counter(p + "requests_total", "HTTP requests by route and status", ["route", "status"], **own)
         self.adapter_requests = Counter(
             p + "adapter_requests_total",
             f"Generation requests by adapter ('' = base model; past the first {max_adapter_labels} adapters "
-            f"seen: '{OTHER}')")
+            f"seen: '{OTHER}')", ["adapter"], **own)
         self.adapter_generated_tokens = Counter(
             p + "adapter_generated_tokens_total",
-            f"Tokens generated by adapter (labelled as {p}adapter_requests_total)")
-        self.prompt_tokens = Counter(p + "prompt_tokens_total", "Prompt tokens of finished generation requests")
-        self.generated_tokens = Counter(p + "generated_tokens_total", "Tokens generated")
-        self.latency = Histogram(p + "request_duration_seconds", "Generation request latency")
-        self.ttft = Histogram(p + "time_to_first_token_seconds", "Time from arrival to first token")
-        self.adapter_load = Histogram(p + "adapter_load_seconds", "Time to load an adapter that was not resident")
+            f"Tokens generated by adapter (labelled as {p}adapter_requests_total)", ["adapter"], **own)
+        self.prompt_tokens = Counter(p + "prompt_tokens_total", "Prompt tokens of finished generation requests",
+                                     **own)
+        self.generated_tokens = Counter(p + "generated_tokens_total", "Tokens generated", **own)
+        self.latency = Histogram(p + "request_duration_seconds", "Generation request latency",
+                                 buckets=LATENCY_BUCKETS, **own)
+        self.ttft = Histogram(p + "time_to_first_token_seconds", "Time from arrival to first token",
+                              buckets=LATENCY_BUCKETS, **own)
+        self.adapter_load = Histogram(p + "adapter_load_seconds", "Time to load an adapter that was not resident",
+                                      buckets=LATENCY_BUCKETS, **own)
         registry.cache.observe_load = self.adapter_load.observe
-        self._all = [
-            self.requests, self.adapter_requests, self.adapter_generated_tokens, self.prompt_tokens,
-            self.generated_tokens, self.latency, self.ttft,
-            Gauge(p + "adapter_loads_total", "Adapters materialized: at upload, or loaded when not resident",
-                  lambda: registry.stats["loads"], "counter"),
-            Gauge(p + "adapter_load_failures_total", "Adapters refused or failed to load",
-                  lambda: registry.stats["load_failures"], "counter"),
-            Gauge(p + "batch_size", "Requests in the last engine step", lambda: engine.last_batch_size),
-            Gauge(p + "engine_steps_total", "Engine steps run", lambda: engine.stats["steps"], "counter"),
-            Gauge(p + "engine_step_seconds_total", "Wall time of the engine steps that ran",
-                  lambda: engine.stats["step_seconds"], "counter"),
-            Gauge(p + "engine_forward_seconds_total", "Of it, in the model's forward; the rest went to "
-                  "scheduling, building inputs, sampling, detokenizing and waiting for the GIL (on CUDA the "
-                  "forward only launches its kernels: the GPU's time falls in sampling)",
-                  lambda: engine.stats["forward_seconds"], "counter"),
-            Gauge(p + "engine_failed_steps_total", "Engine steps that raised (those retried without their "
-                  "newcomers included)", lambda: engine.stats["failed_steps"], "counter"),
-            Gauge(p + "prefill_tokens_total", "Prompt tokens computed in prefill (again after a preemption)",
-                  lambda: engine.stats["prefill_tokens"], "counter"),
-            Gauge(p + "queue_depth", "Requests waiting to be scheduled", lambda: engine.num_waiting),
-            Gauge(p + "running_requests", "Requests in the running batch", lambda: engine.num_running),
-            Gauge(p + "adapters", "Adapters registered", lambda: len(registry)),
-            Gauge(p + "adapters_resident", "Adapters whose KV prefix is materialized on the device",
-                  lambda: len(registry.cache)),
-            Gauge(p + "adapter_cache_bytes", "Device bytes of materialized adapter prefixes kept "
-                  "(--adapter-cache-memory)", lambda: registry.cache.bytes),
-            Gauge(p + "adapter_cache_capacity_bytes", "The adapter cache's bound", lambda: registry.cache.capacity),
-            Gauge(p + "adapter_cache_hits_total", "Adapter lookups served from the cache",
-                  lambda: registry.cache.hits, "counter"),
-            Gauge(p + "adapter_cache_misses_total", "Adapter lookups that loaded (or waited for a load)",
-                  lambda: registry.cache.misses, "counter"),
-            Gauge(p + "adapter_cache_evictions_total", "Materialized prefixes evicted to stay within the bound",
-                  lambda: registry.cache.evictions, "counter"),
-            Gauge(p + "adapter_prefix_reads_total", "Cold loads served from a saved prefix, with no model forward",
-                  lambda: registry.stats["prefix_reads"], "counter"),
-            self.adapter_load,
-            Gauge(p + "kv_cache_bytes", "Bytes of the key/value pool, allocated once (--kv-cache-memory)",
-                  lambda: engine.runner.pool.nbytes()),
-            Gauge(p + "kv_cache_slots", "Token slots of the key/value pool", lambda: engine.runner.pool.slots),
-            Gauge(p + "kv_cache_slots_held", "Token slots held by running requests (written or reserved)",
-                  lambda: engine.runner.pool.held),
-            Gauge(p + "kv_cache_slots_used", "Token slots holding running requests' keys and values",
-                  lambda: engine.runner.pool.written),
-            Gauge(p + "kv_cache_usage", "Fraction of the key/value pool's slots held by running requests",
-                  lambda: engine.runner.pool.held / max(engine.runner.pool.slots, 1)),
-            Gauge(p + "preemptions_total", "Running requests preempted to make room in the key/value pool",
-                  lambda: engine.scheduler.preemptions, "counter"),
-            Gauge(p + "kv_cache_compactions_total", "Times the key/value pool's segments were compacted",
-                  lambda: engine.runner.pool.compactions, "counter"),
-        ]
+        pool = engine.runner.pool
+        self.registry.register(EngineValues([
+            (p + "adapter_loads_total", "Adapters materialized: at upload, or loaded when not resident", "counter",
+             lambda: registry.stats["loads"]),
+            (p + "adapter_load_failures_total", "Adapters refused or failed to load", "counter",
+             lambda: registry.stats["load_failures"]),
+            (p + "batch_size", "Requests in the last engine step", "gauge", lambda: engine.last_batch_size),
+            (p + "engine_steps_total", "Engine steps run", "counter", lambda: engine.stats["steps"]),
+            (p + "engine_step_seconds_total", "Wall time of the engine steps that ran", "counter",
+             lambda: engine.stats["step_seconds"]),
+            (p + "engine_forward_seconds_total", "Of it, in the model's forward; the rest went to "
+             "scheduling, building inputs, sampling, detokenizing and waiting for the GIL (on CUDA the "
+             "forward only launches its kernels: the GPU's time falls in sampling)", "counter",
+             lambda: engine.stats["forward_seconds"]),
+            (p + "engine_failed_steps_total", "Engine steps that raised (those retried without their "
+             "newcomers included)", "counter", lambda: engine.stats["failed_steps"]),
+            (p + "prefill_tokens_total", "Prompt tokens computed in prefill (again after a preemption)", "counter",
+             lambda: engine.stats["prefill_tokens"]),
+            (p + "queue_depth", "Requests waiting to be scheduled", "gauge", lambda: engine.num_waiting),
+            (p + "running_requests", "Requests in the running batch", "gauge", lambda: engine.num_running),
+            (p + "adapters", "Adapters registered", "gauge", lambda: len(registry)),
+            (p + "adapters_resident", "Adapters whose KV prefix is materialized on the device", "gauge",
+             lambda: len(registry.cache)),
+            (p + "adapter_cache_bytes", "Device bytes of materialized adapter prefixes kept "
+             "(--adapter-cache-memory)", "gauge", lambda: registry.cache.bytes),
+            (p + "adapter_cache_capacity_bytes", "The adapter cache's bound", "gauge", lambda: registry.cache.capacity),
+            (p + "adapter_cache_hits_total", "Adapter lookups served from the cache", "counter",
+             lambda: registry.cache.hits),
+            (p + "adapter_cache_misses_total", "Adapter lookups that loaded (or waited for a load)", "counter",
+             lambda: registry.cache.misses),
+            (p + "adapter_cache_evictions_total", "Materialized prefixes evicted to stay within the bound", "counter",
+             lambda: registry.cache.evictions),
+            (p + "adapter_prefix_reads_total", "Cold loads served from a saved prefix, with no model forward",
+             "counter", lambda: registry.stats["prefix_reads"]),
+            (p + "kv_cache_bytes", "Bytes of the key/value pool, allocated once (--kv-cache-memory)", "gauge",
+             pool.nbytes),
+            (p + "kv_cache_slots", "Token slots of the key/value pool", "gauge", lambda: pool.slots),
+            (p + "kv_cache_slots_held", "Token slots held by running requests (written or reserved)", "gauge",
+             lambda: pool.held),
+            (p + "kv_cache_slots_used", "Token slots holding running requests' keys and values", "gauge",
+             lambda: pool.written),
+            (p + "kv_cache_usage", "Fraction of the key/value pool's slots held by running requests", "gauge",
+             lambda: pool.held / max(pool.slots, 1)),
+            (p + "preemptions_total", "Running requests preempted to make room in the key/value pool", "counter",
+             lambda: engine.scheduler.preemptions),
+            (p + "kv_cache_compactions_total", "Times the key/value pool's segments were compacted", "counter",
+             lambda: pool.compactions),
+        ]))
 
     def count_adapter(self, name: str, generated_tokens: int) -> None:
         """One finished generation request of adapter `name` ('' = the base model)."""
         label = self.adapter_label(name)
-        self.adapter_requests.inc(adapter=label)
-        self.adapter_generated_tokens.inc(generated_tokens, adapter=label)
+        self.adapter_requests.labels(adapter=label).inc()
+        self.adapter_generated_tokens.labels(adapter=label).inc(generated_tokens)
 
     def render(self) -> str:
-        return "\n".join(line for metric in self._all for line in metric.render()) + "\n"
+        """The Prometheus text format, version 0.0.4."""
+        return generate_latest(self.registry).decode()

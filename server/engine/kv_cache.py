@@ -17,7 +17,6 @@ first written: an idle server with a large budget costs nothing.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
 
 import torch
 
@@ -25,17 +24,37 @@ GROWTH_SLOTS = 32  # a segment is extended by this many slots (at most) when it 
 DEFAULT_KV_CACHE_BYTES = 2 * 1024**3  # on CPU; on a GPU the server's default is a share of free memory
 
 
-@dataclass(eq=False)
 class Segment:
-    """One request's slots: `[start, start + capacity)`, of which the first `length` are written."""
+    """One request's slots: `[start, start + capacity)`, of which the first `length` are written.
 
-    start: int
-    capacity: int
-    length: int = 0
+    Setting `length` keeps its pool's count of written slots (`KVPool.written`) up to date, so that
+    another thread (a /metrics scrape) reads one number instead of walking the segments as the
+    engine thread changes them."""
+
+    __slots__ = ("_pool", "start", "capacity", "_length")
+
+    def __init__(self, pool: KVPool | None, start: int, capacity: int):
+        self._pool = pool  # None once released
+        self.start = start
+        self.capacity = capacity
+        self._length = 0
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @length.setter
+    def length(self, n: int) -> None:
+        if self._pool is not None:
+            self._pool.written += n - self._length
+        self._length = n
 
     @property
     def end(self) -> int:
         return self.start + self.length
+
+    def __repr__(self) -> str:
+        return f"Segment(start={self.start}, capacity={self.capacity}, length={self.length})"
 
 
 class KVPool:
@@ -48,6 +67,7 @@ class KVPool:
         self.segments: set[Segment] = set()  # every segment handed out and not released
         self.free: list[list[int]] = [[0, slots]] if slots else []  # sorted, coalesced [start, size] intervals
         self.held = 0  # slots held by segments
+        self.written = 0  # of them, slots holding keys and values (kept by `Segment.length`)
         self.compactions = 0
 
     @staticmethod
@@ -63,18 +83,13 @@ class KVPool:
     def free_slots(self) -> int:
         return self.slots - self.held
 
-    @property
-    def written(self) -> int:
-        """Slots holding keys and values (held slots not yet written excluded)."""
-        return sum(seg.length for seg in self.segments)
-
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
     def allocate(self, capacity: int) -> Segment:
         """A new segment; MemoryError when fewer than `capacity` slots are free."""
         start = self._take(capacity)
-        seg = Segment(start, capacity)
+        seg = Segment(self, start, capacity)
         self.segments.add(seg)
         return seg
 
@@ -83,6 +98,7 @@ class KVPool:
         self._give(seg.start, seg.capacity)
         self.held -= seg.capacity
         seg.capacity = seg.length = 0
+        seg._pool = None
 
     def clear(self) -> None:
         """Drop every segment (after a failed step); the memory stays allocated."""
