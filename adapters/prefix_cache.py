@@ -43,6 +43,15 @@ class PrefixCache(Generic[T]):
         """The resident value, without counting a use."""
         return self._values.get(name)
 
+    def lookup(self, name: str) -> T | None:
+        """The resident value (a hit, as `get` counts one), or None: never loads."""
+        with self._lock:
+            value = self._values.get(name)
+            if value is not None:
+                self._values.move_to_end(name)
+                self.hits += 1
+            return value
+
     def get(self, name: str, load: Callable[[], T]) -> T:
         """The value of `name`: resident (a hit), or loaded by this call or one already under way."""
         with self._lock:

@@ -7,6 +7,10 @@ used evicted. Materializing saves the prefix next to the PEFT files (`prefix_fil
 cold load reads it back with no model forward. Start-up reads the store's names only: 10,000
 stored adapters cost a directory listing.
 
+What a listing says of an adapter (its kind, virtual tokens, version) is kept in memory from its
+registration, its loads and its descriptions: `summaries()` (`/v1/models`) reads no file, and only
+`describe()` of an adapter registered at start-up and not used since reads its config (once).
+
 A request takes its `Adapter` object when it is submitted and keeps it; evicting, removing or
 replacing the adapter therefore never disturbs requests already running with it. Lookups take no
 lock: every change to the name -> entry dict is one assignment or deletion. Changes (and the store
@@ -83,6 +87,7 @@ class AdapterRegistry:
         self.cache: PrefixCache[Adapter] = PrefixCache(cache_bytes, size=lambda a: a.prefix_bytes)
         self.pinned = frozenset(pinned)
         self._entries: dict[str, _Entry] = {}
+        self._about: dict[str, dict] = {}  # entry key -> what a description says of it without loading it
         self._lock = threading.Lock()
         self.stats = Counter()  # "loads", "load_failures", "prefix_reads" (cold loads with no forward)
 
@@ -109,6 +114,11 @@ class AdapterRegistry:
         entry = self._entries.get(name)
         return entry is not None and entry.key in self.cache
 
+    def get_resident(self, name: str) -> Adapter | None:
+        """The materialized adapter if it is resident now, else None: never loads (so it may run on
+        an event loop; `get` then loads it elsewhere). AdapterNotFound if `name` is not registered."""
+        return self.cache.lookup(self._entry(name).key)
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 
@@ -121,13 +131,26 @@ class AdapterRegistry:
         return chosen, chosen[-1] if chosen and start + limit < len(names) else None
 
     def describe(self, name: str) -> dict:
-        """Its description, without materializing it: the full one while resident."""
+        """Its description, without materializing it: the full one while resident. May read its config
+        file (an adapter registered at start-up and never used since): not on an event loop."""
         entry = self._entry(name)
         adapter = self.cache.peek(entry.key)
         if adapter is not None:
             return {**adapter.describe(), "resident": True, "pinned": name in self.pinned}
-        return {**_peek_config(entry), "name": name, "source": entry.source, "resident": False,
-                "pinned": name in self.pinned}
+        about = self._about.get(entry.key)
+        if about is None:
+            about = _peek_config(entry)
+            if about and self._entries.get(name) is entry:  # not for a version replaced meanwhile
+                self._about[entry.key] = about
+        return {**about, "name": name, "source": entry.source, "resident": False, "pinned": name in self.pinned}
+
+    def summaries(self) -> list[dict]:
+        """Every registered adapter, sorted by name, from memory alone (no file read, so cheap for
+        10,000 on an event loop): its name and source, and what its registration, loads and
+        descriptions told (`peft_type`, `created_at`, ...; nothing more for one registered at
+        start-up and neither used nor described since)."""
+        entries = sorted(self._entries.items())
+        return [{**self._about.get(entry.key, {}), "name": name, "source": entry.source} for name, entry in entries]
 
     def add(self, name: str, config_raw: bytes, weights_raw: bytes, source: str = "upload", persist: bool = True) -> Adapter:
         """Validate, materialize, store (if `persist`) and register. Nothing changes on error.
@@ -213,6 +236,7 @@ class AdapterRegistry:
         adapter, computed = loaded
         entry = _Entry(adapter.name, source, directory, files, persist_prefix, key=_new_key(adapter.name))
         self._save_prefix(entry, adapter, computed)
+        self._about[entry.key] = _about(adapter)
         self._add_entry(entry)
         self.cache.put(entry.key, adapter)
         self.stats["loads"] += 1
@@ -220,6 +244,7 @@ class AdapterRegistry:
 
     def _forget(self, entry: _Entry) -> None:
         """Its materialized prefix leaves the cache (a version replaced or removed)."""
+        self._about.pop(entry.key, None)
         self.cache.drop(entry.key)
         self.cache.pin(entry.key, False)
 
@@ -231,6 +256,12 @@ class AdapterRegistry:
     def _materialize(self, entry: _Entry) -> Adapter:
         """A cold load: the entry's files read again (a remote store downloads them to its disk
         cache), validated, and its saved prefix used when it matches, else materialized and saved."""
+        adapter = self._cold_load(entry)
+        if self._entries.get(entry.name) is not None and self._entries[entry.name].key == entry.key:
+            self._about[entry.key] = _about(adapter)
+        return adapter
+
+    def _cold_load(self, entry: _Entry) -> Adapter:
         if entry.directory is None and entry.files is None:
             entry = _Entry(entry.name, entry.source, self.store.path(entry.name), None, entry.persist_prefix, entry.key)
         adapter = self._from_saved_prefix(entry)
@@ -309,6 +340,13 @@ def _store_version(directory: Path | None) -> str | None:
     except OSError:
         return None
     return resolved.name if resolved.parent.parent.name == VERSIONS_DIR else None
+
+
+def _about(adapter: Adapter) -> dict:
+    """What a description of a registered adapter says while it is not resident."""
+    about = adapter.describe()
+    return {key: about[key] for key in ("peft_type", "num_virtual_tokens", "task_type", "base_model_name_or_path",
+                                        "version", "created_at")}
 
 
 def _peek_config(entry: _Entry) -> dict:

@@ -99,15 +99,25 @@ async def list_adapters(request: Request, limit: int = Query(PAGE_SIZE, ge=1, le
     service = _service(request)
     service.authorize(request)
     names, next_after = service.registry.page(limit, after)
-    return {"adapters": [service.registry.describe(n) for n in names if n in service.registry],
-            "next_after": next_after}
+    return {"adapters": await run_in_threadpool(_describe_all, service, names), "next_after": next_after}
+
+
+def _describe_all(service: Service, names: list[str]) -> list[dict]:
+    """On a worker thread: a description may read the adapter's config file."""
+    described = []
+    for name in names:
+        try:
+            described.append(service.registry.describe(name))
+        except AdapterNotFound:  # removed since the page was listed
+            pass
+    return described
 
 
 @router.get("/{name}")
 async def describe(request: Request, name: str):
     service = _service(request)
     service.authorize(request)
-    return service.registry.describe(name)
+    return await run_in_threadpool(service.registry.describe, name)  # may read its config file
 
 
 @router.delete("/{name}", status_code=204)

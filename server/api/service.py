@@ -99,8 +99,9 @@ class Service:
         if name in (None, "", self.base.name):
             return None
         if source == "local" or name in self.registry:
-            if self.registry.resident(name):
-                return self.registry.get(name)
+            adapter = self.registry.get_resident(name)  # one look: an eviction after it cannot make a load here
+            if adapter is not None:
+                return adapter
             return await run_in_threadpool(self.registry.get, name)  # a cold load: off the event loop
         return await run_in_threadpool(self.sources.resolve, name, source)
 
