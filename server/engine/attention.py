@@ -29,6 +29,9 @@ What the project relies on in transformers beyond its documented API, and the te
 - `logits_to_keep` as a tensor of row indices (model_runner.py): test_engine.py::test_mixed_batch_equals_alone_and_peft;
 - position ids restarting at each request inside one packed sequence: test_engine.py::test_mixed_batch_equals_alone_and_peft,
   test_kv_pool.py::test_sliding_window_model_matches_transformers;
+- the configuration fields masking_utils builds masks from (`layer_types`, `attention_chunk_size`,
+  `is_causal`, `use_bidirectional_attention`), read by `_masks_we_ignore` to refuse what the packed step
+  does not do: test_kv_pool.py::test_mask_features_the_packed_step_ignores_are_refused;
 - the cache object a forward returns with `use_cache=True` (`cache`, `past_key_values` before 5.24),
   read by adapters/adapter.py's `virtual_tokens_to_kv`: test_adapters.py::test_greedy_tokens_equal_peft.
 """
@@ -335,7 +338,8 @@ def install(model) -> None:
     a graph break under torch.compile (`compiled.py`): it stays eager, the rest of the forward compiles.
 
     Raises ValueError for models whose attention does not go through transformers' attention
-    interface, or that need what the ragged path does not do (logit soft-capping, attention sinks).
+    interface, or that need what the ragged path does not do (logit soft-capping, attention sinks,
+    anything in their masks other than causal attention with an optional sliding window: `_masks_we_ignore`).
     """
     name = type(model).__name__
     if not type(model).is_backend_compatible():
@@ -344,9 +348,32 @@ def install(model) -> None:
     if getattr(model.config, "attn_logit_softcapping", None) or any(hasattr(m, "sinks") for m in model.modules()):
         raise ValueError(f"{name} uses attention logit soft-capping or attention sinks, which the adapter "
                          "KV pool's attention does not implement; this architecture is not supported")
+    ignored = _masks_we_ignore(model.config.get_text_config())
+    if ignored:
+        raise ValueError(f"{name} uses {'; '.join(ignored)}, which the adapter KV pool's attention does not "
+                         "implement (it attends causally, with an optional sliding window); this model is not supported")
     AttentionInterface.register(NAME, torch.compiler.disable(ragged_attention))
     AttentionMaskInterface.register(NAME, sdpa_mask)
     if model.config._attn_implementation != NAME:
         model.set_attn_implementation(NAME)
     if model.config._attn_implementation != NAME:
         raise ValueError(f"{name} refused the attention implementation the engine needs")
+
+
+SERVED_LAYER_TYPES = {"full_attention", "sliding_attention"}  # the layer types whose masks the ragged path computes
+
+
+def _masks_we_ignore(config) -> list[str]:
+    """What the model's masks (transformers' masking_utils) would do that the packed step does not:
+    it passes no mask (NO_MASK) and attends causally, within each layer's sliding window."""
+    found = []
+    layer_types = getattr(config, "layer_types", None) or []
+    chunk = getattr(config, "attention_chunk_size", None)
+    if "chunked_attention" in layer_types or (chunk and not layer_types):
+        found.append(f"chunked attention (attention_chunk_size {chunk})")
+    others = sorted(set(layer_types) - SERVED_LAYER_TYPES - {"chunked_attention"})
+    if others:
+        found.append(f"layers of type {', '.join(others)}")
+    if getattr(config, "is_causal", True) is False or getattr(config, "use_bidirectional_attention", None):
+        found.append("bidirectional attention")
+    return found

@@ -315,3 +315,27 @@ def test_varlen_failing_at_run_time_falls_back_to_per_request(monkeypatch, caplo
     torch.testing.assert_close(out, expected)
     assert list(attention._VARLEN_OK.values()) == [False]
     assert "attending per request from now on" in caplog.text
+
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             vocab_size=259)
+
+
+@pytest.mark.parametrize("arch, config, refusal", [
+    ("llama4_text", dict(num_hidden_layers=4, intermediate_size_mlp=128, num_local_experts=2, attention_chunk_size=16),
+     "Llama4ForCausalLM uses chunked attention \\(attention_chunk_size 16\\)"),
+    ("gemma", dict(num_hidden_layers=2, use_bidirectional_attention=True), "GemmaForCausalLM uses bidirectional attention"),
+    ("gemma3_text", dict(num_hidden_layers=2), None),  # sliding and full layers: served (test_sliding_window_model_...)
+])
+def test_mask_features_the_packed_step_ignores_are_refused(arch, config, refusal):
+    """Features that live in transformers' masks alone (the packed step passes none): refused at start-up,
+    not served wrong."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **SMALL, **config))
+    if refusal is None:
+        attention.install(model)
+    else:
+        with pytest.raises(ValueError, match=refusal):
+            attention.install(model)
