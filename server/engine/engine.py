@@ -191,6 +191,9 @@ class Engine:
         seq.text += text
         seq.finish_reason = self._finish_reason(seq, out.token_id, len(text))
         if seq.finished:
+            if seq.detokenizer:  # a character left incomplete at the end: as the full decode shows it
+                tail = seq.detokenizer.flush()
+                text, seq.text = text + tail, seq.text + tail
             seq.finish_time = now
             self.stats["requests_finished"] += 1
         if seq.on_token is None:

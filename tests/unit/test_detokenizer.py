@@ -102,3 +102,30 @@ def test_the_rust_stream_and_the_python_window_give_the_same_text_token_by_token
             ids = [rng.randrange(0, top) for _ in range(40)]
             fast, slow = IncrementalDetokenizer(tokenizer, prompt), _python_path(tokenizer, prompt)
             assert [fast.step(i) for i in ids] == [slow.step(i) for i in ids], (prompt, ids)
+
+
+def test_flush_gives_what_an_incomplete_character_held_back():
+    """Stepped text + `flush()` is the full decode of the generated ids (in the prompt's context),
+    an incomplete character at the end included as U+FFFD, as `tokenizer.decode` shows it; after
+    a flush there is nothing more to give."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from server.model import DEMO_MODEL
+
+    rng = random.Random(1)
+    held = 0
+    for tokenizer in (metaspace_tokenizer(), AutoTokenizer.from_pretrained(str(DEMO_MODEL))):
+        for _ in range(40):
+            prompt = tokenizer(rng.choice(PROMPTS + ["日本 é", "x"])).input_ids
+            ids = [rng.randrange(0, len(tokenizer)) for _ in range(rng.randrange(1, 12))]
+            decode = lambda t: tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
+            full = decode(prompt + ids)[len(decode(prompt)):]
+            for detokenizer in (IncrementalDetokenizer(tokenizer, prompt), _python_path(tokenizer, prompt)):
+                stepped = "".join(detokenizer.step(i) for i in ids)
+                tail = detokenizer.flush()
+                assert stepped + tail == full, (prompt, ids)
+                assert detokenizer.flush() == ""
+                held += bool(tail)
+    assert held, "no generation ended inside a character: the flush went untested"
