@@ -13,6 +13,7 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request
+from jinja2 import TemplateError
 from fastapi.responses import JSONResponse
 
 from server.engine.request import FinishReason, InvalidRequest, SamplingParams
@@ -164,7 +165,10 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     if not getattr(tokenizer, "chat_template", None):
         raise NoChatTemplate(f"the base model {service.base.name!r} has no chat template; use /v1/completions")
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as exc:  # the template's raise_exception (a role it does not allow, ...), or its own fault
+        raise InvalidRequest("messages", f"the chat template of {service.base.name!r} refused them: {exc}") from None
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
     params = body.to_sampling_params(default_max_new_tokens=256)
     jobs = [await service.prepare("chat", ids, params, await service.adapter(body.model))]

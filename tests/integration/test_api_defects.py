@@ -1,11 +1,13 @@
 """Request handling the HTTP contract pins down: the final text of a generation cut in the middle
-of a character."""
+of a character, and a chat template that refuses the messages (422)."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
-from .conftest import PROMPT
+from .conftest import PROMPT, running_server
 from .support import generate, generate_body, sse_events, token_ids
 
 # ---- a generation cut in the middle of a multi-byte character ---------------------------------------
@@ -64,3 +66,36 @@ def test_completions_text_is_the_full_decode_when_cut_inside_a_character(client,
     assert "".join(c["choices"][0]["text"] for c in chunks) == decoded
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["choices"][0]["text"].endswith("\ufffd")
+
+
+# ---- a chat template that refuses the messages ----------------------------------------------------------
+
+_MESSAGES = [{"role": "user", "content": "Hi there"}]
+
+
+def _message(r) -> str:
+    """The error message of an OpenAI route's answer (OpenAI's shape, or the TGI one)."""
+    error = r.json()["error"]
+    return error["message"] if isinstance(error, dict) else error
+
+
+STRICT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('Conversation roles must be system, user or assistant, not ' + message['role']) }}"
+    "{% endif %}<|{{ message['role'] }}|>{{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_a_chat_template_error_is_422_naming_it(model_dir, tmp_path):
+    strict = tmp_path / "strict-model"
+    shutil.copytree(model_dir, strict)
+    (strict / "chat_template.jinja").write_text(STRICT_TEMPLATE)
+    with running_server(strict, tmp_path / "store", tmp_path, name="strict-template") as s, s.client() as c:
+        ok = c.post("/v1/chat/completions", json={"messages": _MESSAGES, "max_tokens": 2})
+        assert ok.status_code == 200, ok.text
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "tool", "content": "42"}], "max_tokens": 2})
+        assert r.status_code == 422, r.text
+        message = _message(r)
+        assert "chat template" in message and "not tool" in message, message
+        assert c.get("/health").status_code == 200
