@@ -14,6 +14,7 @@ from .service import Service
 
 router = APIRouter()
 UNHEALTHY_AFTER = 3  # engine steps failed in a row before /health says 503, so an orchestrator restarts us
+STALLED_AFTER = 300.0  # seconds requests may wait on one round of the engine thread before /health says 503
 
 
 def _version() -> str:
@@ -25,13 +26,23 @@ def _version() -> str:
 
 @router.get("/health")
 async def health(request: Request):
+    """200 while the engine serves; 503 while draining, after UNHEALTHY_AFTER failed steps in a row,
+    when the engine thread has died, or when requests wait and its current round (a step, and the
+    adapter loads between steps) has lasted STALLED_AFTER seconds. That is 300 s, well past a long
+    legitimate step: a step prefills at most --max-prefill-tokens (512) of prompt, which for a 7B model
+    is about 7 TFLOP, a minute or so in float32 on two CPU cores."""
     service: Service = request.app.state.service
     if service.draining:
         return error_response(503, "shutting down", "overloaded")
+    if not service.engine.alive:
+        return error_response(503, "the engine thread has stopped", "unhealthy")
     engine = service.engine.engine
     if engine.consecutive_failures >= UNHEALTHY_AFTER:
         return error_response(503, f"the last {engine.consecutive_failures} engine steps failed "
                                    f"(last: {engine.last_failure})", "unhealthy")
+    stalled = service.engine.stalled_seconds()
+    if stalled >= STALLED_AFTER:
+        return error_response(503, f"no engine step has ended for {stalled:.0f} s while requests wait", "unhealthy")
     return {"status": "ok"}
 
 

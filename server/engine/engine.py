@@ -106,9 +106,9 @@ class Engine:
 
     def step(self) -> list[StepOutput]:
         started, forwards = time.perf_counter(), self.runner.forward_seconds
-        with self._lock:
-            step = self.scheduler.schedule()
         try:
+            with self._lock:
+                step = self.scheduler.schedule()
             outputs = self._run(step)
         except Exception as exc:
             self._count_failure(exc)
@@ -135,19 +135,24 @@ class Engine:
         return outputs
 
     def _run(self, step: ScheduledStep) -> list[StepOutput]:
-        """A step whose newcomers make it fail is run again without them, and they alone fail (a
-        prompt that runs out of memory, say); a step that fails without newcomers raises."""
+        """A step that fails with newcomers in it (admitted in this step: they held no KV before) is
+        run again without them, and they alone fail (a prompt that runs out of memory, say); the
+        decodes and the prompts part-way through a chunked prefill go on. A step that fails without
+        newcomers, or again without them, raises."""
+        newcomers = [seq for seq, _ in step.prefill if seq.segment is None]
         try:
             return self.runner.run(step)
         except Exception as exc:
-            if not step.prefill:
+            if not newcomers:
                 raise
             self._count_failure(exc)
-            log.exception("a step with %d newcomers failed; running it again without them", len(step.prefill))
+            log.exception("a step with %d newcomers failed; running it again without them", len(newcomers))
             with self._lock:  # the scheduler drops them at the next step
-                ended = _abort([seq for seq, _ in step.prefill], GenerationFailed(f"generation failed: {exc}"))
+                ended = _abort(newcomers, GenerationFailed(f"generation failed: {exc}"))
             self.emit(ended)
-            return self.runner.run(ScheduledStep(decode=step.decode))
+            dropped = set(newcomers)
+            continuing = [(seq, n) for seq, n in step.prefill if seq not in dropped]
+            return self.runner.run(ScheduledStep(decode=step.decode, prefill=continuing))
 
     def _count_failure(self, exc: Exception) -> None:
         self.stats["failed_steps"] += 1
@@ -226,8 +231,12 @@ def _abort(seqs: list[Sequence], error: Exception) -> list[Delivery]:
 
 
 def _call_back(deliveries: list[Delivery]) -> None:
+    """Tell each consumer its event; one whose callback raises is logged, and the others are told."""
     for seq, event in deliveries:
-        seq.on_token(seq, event)
+        try:
+            seq.on_token(seq, event)
+        except Exception:
+            log.exception("the consumer of request %d failed on its event", seq.id)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -277,6 +286,9 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._between_steps: deque[tuple[Callable, concurrent.futures.Future]] = deque()
+        self._closed = False  # the loop has ended: tasks run on their caller's thread
+        self._idle = False  # the loop waits for work
+        self._round_started = time.monotonic()  # when the loop last came round: woke, or ended a step
         self._hold = bool(threads and threads.spare)  # hand tokens over as the next layers start
         self._held: list[Delivery] = []  # the last step's tokens, until then
         self._released = False  # whether this step's layers have started (and released them)
@@ -305,17 +317,33 @@ class AsyncEngine:
         with self._wake:
             self._wake.notify()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread runs (False before `start`, after `stop`, or if it died)."""
+        return self._thread.is_alive()
+
+    def stalled_seconds(self) -> float:
+        """How long requests have waited on the engine thread's current round (a step, and the
+        tasks between steps): 0 while it waits for work or has none."""
+        with self._wake:
+            if self._idle or not self.engine.has_work():
+                return 0.0
+            return time.monotonic() - self._round_started
+
     def run_between_steps(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the engine thread between two steps and return what it returns (blocking
         the caller): model work outside the engine (an adapter's materialization) never runs
-        while a step does. Runs `fn` at once when the engine thread is not running or is the caller."""
-        if not self._thread.is_alive() or threading.current_thread() is self._thread:
+        while a step does. Runs `fn` at once on the caller's thread when the engine thread is the
+        caller or runs no steps (not started, stopped, or died)."""
+        if threading.current_thread() is self._thread:
             return fn()
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._wake:
-            self._between_steps.append((fn, future))
-            self._wake.notify()
-        return future.result()
+            queued = self._thread.is_alive() and not self._closed
+            if queued:
+                self._between_steps.append((fn, future))
+                self._wake.notify()
+        return future.result() if queued else fn()
 
     def _hand_over(self, deliveries: list[Delivery]) -> None:  # any thread
         if self._hold and threading.current_thread() is self._thread:
@@ -337,21 +365,30 @@ class AsyncEngine:
                 pass
 
     def _loop(self) -> None:
+        try:
+            self._step_until_stopped()
+        finally:  # stopped, or died: tasks queued since the last round run here, later ones on their callers
+            with self._wake:
+                self._closed = True
+                tasks = list(self._between_steps)
+                self._between_steps.clear()
+            _run_tasks(tasks)
+
+    def _step_until_stopped(self) -> None:
         if self.threads:  # per thread: OpenMP's thread count and workers are the caller's
             cpu_threads.apply(self.threads)
         while True:
             with self._wake:
                 while not self._stopping and not self.engine.has_work() and not self._between_steps:
+                    self._idle = True
                     self._wake.wait()
+                self._idle = False
+                self._round_started = time.monotonic()
                 stopping, tasks = self._stopping, list(self._between_steps)
                 self._between_steps.clear()
             if tasks or stopping:  # an adapter's materialization must not hold up the last step's tokens
                 self._release()
-            for fn, future in tasks:  # on stop too: their callers are waiting
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:
-                    future.set_exception(exc)
+            _run_tasks(tasks)  # on stop too: their callers are waiting
             if stopping:
                 return
             if self.engine.has_work():
@@ -362,6 +399,14 @@ class AsyncEngine:
                     log.exception("engine step failed; failed the requests in the batch")
                 if not self._released or not self.engine.has_work():  # no layers ran, or none follow
                     self._release()
+
+
+def _run_tasks(tasks: list[tuple[Callable, concurrent.futures.Future]]) -> None:
+    for fn, future in tasks:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)
 
 
 class Stream:

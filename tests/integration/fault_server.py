@@ -35,7 +35,7 @@ def install(fail_rate: float, seed: int, log_path: str | None) -> None:
             os.replace(tmp, log_path)
 
     def faulty_forward(self, batch, tokens, sampling):
-        newcomers = [seq for seq in batch if not seq.output_ids]  # prefilling in this step
+        newcomers = [seq for seq in batch if seq.computed == 0]  # admitted in this step: none of their keys yet
         served = any(seq.on_token is not None for seq in newcomers)
         if served:
             with lock:

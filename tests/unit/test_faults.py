@@ -67,7 +67,8 @@ def test_consecutive_failures_are_counted_and_health_says_so(llama, monkeypatch)
         engine.step()
     assert engine.consecutive_failures == routes_ops.UNHEALTHY_AFTER == engine.stats["failed_steps"]
     assert all(isinstance(e[-1], RuntimeError) for e in events.values()) and len(events) == 3
-    service = types.SimpleNamespace(draining=False, engine=types.SimpleNamespace(engine=engine))
+    async_engine = types.SimpleNamespace(engine=engine, alive=True, stalled_seconds=lambda: 0.0)  # stepped here
+    service = types.SimpleNamespace(draining=False, engine=async_engine)
     request = types.SimpleNamespace(app=types.SimpleNamespace(state=types.SimpleNamespace(service=service)))
     response = asyncio.run(routes_ops.health(request))
     assert response.status_code == 503 and b"device lost" in response.body
