@@ -218,10 +218,27 @@ def _sdpa_each(ragged: RaggedStep, step_q, kv, scaling, window, requests) -> lis
             mask = ragged._masks.get((i, window))  # built at the first layer with this window, kept for the others
             if mask is None:
                 mask = ragged._masks[i, window] = _causal_mask(n, kv_len, window, q.device)
-            o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask, scale=scaling,
-                                               enable_gqa=heads != kv_heads)
+            if q.device.type == "cpu" and q.dtype != torch.float32:  # batch-invariant: see _exact_prefill
+                o = _exact_prefill(q, k, v, mask, scaling, heads != kv_heads)
+            else:
+                o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask, scale=scaling,
+                                                   enable_gqa=heads != kv_heads)
             outs.append(o[0].transpose(0, 1))
     return outs
+
+
+def _exact_prefill(q, k, v, mask, scaling, gqa: bool) -> torch.Tensor:
+    """A prefill chunk's SDPA on CPU in half precision, computed in float32 and rounded once at the end.
+
+    How a prompt is cut into chunks depends on what else is in the step (the prefill budget is
+    shared), and CPU SDPA in bfloat16 rounds a query row differently with the chunk's length (its
+    matmuls block by it). So the same request could get other tokens when it arrived beside others:
+    measured on the bench model in bfloat16 with the AVX2 linear kernel, 3 to 9 of 64 requests
+    differed between submitting them at once and one by one. In float32 the rows come out the same
+    (64 of 64 in every grouping), for a small cost: prefill attention is a few percent of a prefill."""
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None].float(), k.float(), v.float(), attn_mask=mask,
+                                       scale=scaling, enable_gqa=gqa)
+    return o.to(q.dtype)
 
 
 @dataclass
