@@ -19,9 +19,9 @@ Two packings, one per model, chosen at `install`:
   weight reordered into its blocked layout (what vLLM's CPU build does). oneDNN keeps each shape's
   compiled call (its primitive, with buffers sized by the rows) in two caches of 1024 entries by
   default; a step's row count changes with every arrival, so unbounded they grew a server's memory
-  by half under the load test. `install` caps both at `CACHE_CAPACITY` (unless set in the
-  environment): a step uses about 7 shapes, a new one costs about 0.5 ms. The caps are read at
-  oneDNN's first use in the process.
+  by half under the load test. Importing this module caps both at `CACHE_CAPACITY` (unless set in
+  the environment): a step uses about 7 shapes, a new one costs about 0.5 ms. The caps are read at
+  oneDNN's first use in the process, so they must be set before any forward runs.
 
 `install` replaces, on each `nn.Linear` of the model, the forward by the packed call and frees the
 plain weight (a tied weight, such as an lm_head sharing the embedding table, is packed and kept).
@@ -57,6 +57,10 @@ PACKED = "_softprompt_packed"  # the attribute holding a packed layer's weight
 BLOCK = 16  # output columns per block of the AVX2 kernel's packing (csrc/linear.cpp's kBlock)
 CACHE_CAPACITY = 32  # shapes kept by oneDNN's primitive cache and by ideep's, each
 CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+# Set on import, before anything in the process runs a oneDNN op (the self-check's reference forward
+# runs before the linears are packed): oneDNN reads them once, at its first use.
+for _variable in CACHE_VARIABLES:
+    os.environ.setdefault(_variable, str(CACHE_CAPACITY))
 
 
 @dataclass(frozen=True)
@@ -153,8 +157,6 @@ def _choose(dtype: torch.dtype, choice: str = "auto") -> _Backend | None:
             raise ValueError("oneDNN linears cannot run here: this build of torch has no oneDNN")
         log.info("linear layers stay on torch's own CPU GEMM: no oneDNN in this build of torch")
         return None
-    for variable in CACHE_VARIABLES:
-        os.environ.setdefault(variable, str(CACHE_CAPACITY))
     problem = _probe(_ONEDNN, dtype)
     if not problem:
         return _onednn(dtype)

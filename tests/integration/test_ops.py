@@ -45,8 +45,12 @@ def test_info(server, client):
     assert r.status_code == 200
     info = r.json()
     assert info["model_id"] == server.model_name
-    assert info["model_dtype"] == "float32"
+    assert info["model_dtype"] == "float32" and info["model_dtype_reason"] == "--dtype float32"
     assert info["model_device_type"] == "cpu"
+    assert info["self_check"]["passed"] and info["self_check"]["relative_error"] < 1e-4
+    paths = info["engine_paths"]  # what this machine takes by default
+    assert paths["fast_path"] == "on" and paths["forward"] == "written out (lean_forward)"
+    assert paths["linear"].startswith(("the AVX2 kernel", "oneDNN")) and paths == info["self_check"]["paths_checked"]
     assert isinstance(info["version"], str) and info["version"]
     for key in ("max_input_tokens", "max_new_tokens", "max_total_tokens", "max_batch_size",
                 "max_waiting_requests", "max_upload_bytes", "max_adapters"):
@@ -147,3 +151,47 @@ def test_metrics_count_adapter_loads_and_failures(client, adapter_srcs):
         metric(before, "softprompt_adapter_load_failures_total") + 1
     assert metric(after, "softprompt_adapters") == metric(before, "softprompt_adapters") + 1
     assert metric(after, "softprompt_requests_total", route="/adapters", status="422") >= 1
+
+
+def _auto_dtype() -> tuple[str, str]:
+    from server.model import cpu_has_bf16
+
+    return ("bfloat16", "AVX512-BF16 or AMX") if cpu_has_bf16() else ("float32", "without native bfloat16")
+
+
+def test_dtype_auto_is_what_the_cpu_computes_natively_and_info_says_why(start_server):
+    server = start_server("--dtype", "auto")
+    info = server.client().get("/info").json()
+    dtype, why = _auto_dtype()
+    assert info["model_dtype"] == dtype and why in info["model_dtype_reason"]
+    assert info["self_check"]["passed"]
+    assert "--dtype auto" in server.log_tail(20000) and "engine paths:" in server.log_tail(20000)
+
+
+@pytest.mark.parametrize("flags, paths", [
+    (["--fast-path", "off"], {"fast_path": "off", "forward": "transformers' own", "linear": "torch (plain F.linear)",
+                              "native_decode": False, "attention": "SDPA per request"}),
+    (["--cpu-linear", "avx2", "--native-decode", "on"], {"fast_path": "on", "forward": "written out (lean_forward)",
+                                                         "linear": "the AVX2 kernel (float32)", "native_decode": True,
+                                                         "attention": "C++ decode kernel, SDPA per prefill"}),
+])
+def test_forced_paths_serve_the_same_tokens(start_server, client, flags, paths):
+    """A server on a forced path: /info names it, and it generates what the default server does."""
+    from server.engine import cpu_linear
+
+    if "avx2" in flags and cpu_linear.unavailable("avx2"):
+        pytest.skip(f"the AVX2 linear kernel cannot run here: {cpu_linear.unavailable('avx2')}")
+    server = start_server(*flags)
+    with server.client() as forced:
+        assert forced.get("/info").json()["engine_paths"] == paths
+        want = generate(client, PROMPT, max_new_tokens=12)["details"]["tokens"]
+        got = generate(forced, PROMPT, max_new_tokens=12)["details"]["tokens"]
+        assert [t["id"] for t in got] == [t["id"] for t in want]
+        assert [t["logprob"] for t in got] == pytest.approx([t["logprob"] for t in want], abs=1e-4)
+
+
+def test_a_path_forced_where_it_cannot_run_stops_the_start(model_dir, tmp_path):
+    """Flags that contradict each other are refused before anything loads, naming the conflict."""
+    server = ServerProcess(model_dir, tmp_path / "store", tmp_path, "--native-decode", "on", "--cpu-linear", "onednn")
+    with pytest.raises(AssertionError, match="native decode needs the AVX2 linear kernel"):
+        server.start(timeout=30)
