@@ -24,27 +24,51 @@ VARIANTS = {
         task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=32
     ),
 }
-__all__ = ["ARCHITECTURES", "VARIANTS", "make_model", "make_adapter", "load_peft", "peft_model", "peft_greedy",
+# Model features the parity tests check one by one (tests/unit/test_model_features.py): name -> (architecture,
+# config overrides, the adapter variant checked with it). "qwen2" is the standard tiny Qwen2 (ARCHITECTURES').
+ROPE_ORIGINAL = 16  # original_max_position_embeddings of the scaled RoPE types: short, so the parity prompts pass it
+FEATURES = {
+    "qwen2": ("qwen2", {}, "prefix"),  # q/k/v biases, lm_head tied to the embeddings
+    "qwen2-untied": ("qwen2", dict(tie_word_embeddings=False), "ptuning-mlp"),
+    "llama-bias": ("llama", dict(attention_bias=True, mlp_bias=True), "prompt"),
+    "llama-tied": ("llama", dict(tie_word_embeddings=True), "prefix-proj"),
+    "llama-rope-linear": ("llama", dict(rope_parameters=dict(rope_type="linear", factor=2.0)), "prompt"),
+    # past its 16 positions: rotated per length; with prefix tuning, as a prompt-tuning prefix is not (rope.py)
+    "llama-rope-dynamic": ("llama", dict(max_position_embeddings=ROPE_ORIGINAL,
+                                         rope_parameters=dict(rope_type="dynamic", factor=4.0)), "prefix"),
+    "llama-rope-llama3": ("llama", dict(rope_parameters=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=ROPE_ORIGINAL)), "ptuning-lstm"),
+    "llama-rope-yarn": ("llama", dict(max_position_embeddings=4 * ROPE_ORIGINAL, rope_parameters=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=ROPE_ORIGINAL)), "prompt"),
+}
+__all__ = ["ARCHITECTURES", "FEATURES", "VARIANTS", "make_model", "make_adapter", "load_peft", "peft_model", "peft_greedy",
            "teacher_forced_logprobs"]
 
 
-def make_model(root: Path, arch: str) -> Path:
-    """A tiny random model of `arch` saved under root/arch (reused if already there)."""
-    path = Path(root) / arch
+def make_model(root: Path, name: str) -> Path:
+    """A tiny random model of architecture `name`, or of feature `name` (FEATURES), saved under root/name
+    (reused if already there)."""
+    path = Path(root) / name
     if not (path / "config.json").exists():
-        save_tiny_model(path, arch, seed=0)
+        arch, overrides = (name, {}) if name in ARCHITECTURES else FEATURES[name][:2]
+        save_tiny_model(path, arch, seed=0, **overrides)
     return path
+
+
+ADAPTER_STD = {"prefix": 1.5}  # trainable weights' std by variant, else 0.5: raw prefix keys/values as large as the model's
 
 
 def trained_peft(model_dir: Path, variant: str, seed: int = 0):
     """A PEFT model of `variant` in training mode, its trainable weights drawn from `seed` alone
-    (not PEFT's own initialisation, which may change between releases), large enough to matter."""
+    (not PEFT's own initialisation, which may change between releases), large enough to matter:
+    each changes the parity prompts' greedy tokens (tests/unit/test_model_features.py, tests.oracle.check)."""
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), VARIANTS[variant]())
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
             if param.requires_grad:
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+                param.copy_(torch.randn(param.shape, generator=generator) * ADAPTER_STD.get(variant, 0.5))
     return model
 
 

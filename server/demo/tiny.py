@@ -76,17 +76,21 @@ def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, **conf
 
 
 @torch.no_grad()
-def seeded_init(model: torch.nn.Module, seed: int, std: float = 0.2) -> None:
+def seeded_init(model: torch.nn.Module, seed: int, std: float = 0.2, bias_std: float = 0.1,
+                norm_std: float = 0.1) -> None:
     """Overwrite every weight from `seed` alone, so the same seed gives the same model under any
     transformers release (its own initialisation order and scheme change between releases, and
-    the tests' golden references depend on these weights). Norm scales start at 1, biases at 0,
-    every other weight is normal(0, std); a large std keeps greedy output from repeating one token.
+    the tests' golden references depend on these weights). Weights are normal(0, std), a large std
+    keeping greedy output from repeating one token; biases normal(0, bias_std) and norm scales
+    1 + normal(0, norm_std), neither 0 nor 1, so a forward that dropped a bias or a norm's scale
+    would give other tokens than transformers'.
     """
     for name, param in sorted(model.named_parameters()):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        noise = torch.randn(param.shape, generator=generator)
         if name.endswith("bias"):
-            param.zero_()
+            param.copy_(noise * bias_std)
         elif param.dim() == 1:  # RMSNorm / LayerNorm scales
-            param.fill_(1.0)
+            param.copy_(1.0 + noise * norm_std)
         else:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            param.copy_(torch.randn(param.shape, generator=generator) * std)
+            param.copy_(noise * std)

@@ -14,7 +14,7 @@ from tests.factory import VARIANTS, make_adapter, make_model, peft_greedy
 from .support import ServerProcess, upload
 
 PROMPT = "Hello world"
-EOS_PROMPT = "Hi end"  # the prefix-proj adapter ends it with EOS within a few tokens (PEFT agrees)
+EOS_PROMPT = "Hi stop"  # the prefix-proj adapter ends it with EOS within a few tokens (PEFT agrees)
 
 
 @pytest.fixture(scope="session")
