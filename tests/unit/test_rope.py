@@ -55,6 +55,9 @@ def _served(path, prompts, lean: bool, **engine_kwargs) -> list[list[int]]:
     seqs = [engine.submit(Sequence(p, SamplingParams(max_new_tokens=NEW, ignore_eos=True))) for p in prompts]
     while engine.has_work():  # all in one packed step, then decoding together
         engine.step()
+    rotary = base.model.model.rotary_emb
+    assert torch.equal(rotary.inv_freq, rotary.original_inv_freq)  # no state carried from one step to the next
+    assert rotary.max_seq_len_cached == rotary.original_max_seq_len
     return [seq.output_ids for seq in seqs]
 
 
