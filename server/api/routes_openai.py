@@ -161,6 +161,7 @@ async def completions(request: Request, body: CompletionRequest):
 async def chat_completions(request: Request, body: ChatCompletionRequest):
     service = _service(request)
     service.authorize(request)
+    params = body.to_sampling_params(default_max_new_tokens=256)
     tokenizer = service.base.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise NoChatTemplate(f"the base model {service.base.name!r} has no chat template; use /v1/completions")
@@ -170,7 +171,6 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     except TemplateError as exc:  # the template's raise_exception (a role it does not allow, ...), or its own fault
         raise InvalidRequest("messages", f"the chat template of {service.base.name!r} refused them: {exc}") from None
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    params = body.to_sampling_params(default_max_new_tokens=256)
     jobs = [await service.prepare("chat", ids, params, await service.adapter(body.model))]
     return await _respond(request, jobs, body.model or service.base.name, chat=True, stream=bool(body.stream),
                           usage=body.include_usage)

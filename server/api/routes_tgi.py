@@ -23,7 +23,7 @@ def _service(request: Request) -> Service:
 
 async def _job(service: Service, body: GenerateRequest, route: str) -> Job:
     p = body.parameters
-    params = p.to_sampling_params(default_max_new_tokens=20)
+    params = body.to_sampling_params(default_max_new_tokens=20, route=route)
     adapter = await service.adapter(p.adapter_id, p.adapter_source)
     return await service.prepare(route, body.inputs, params, adapter, truncate=p.truncate)
 

@@ -2,54 +2,92 @@
 `to_sampling_params()` methods are the one bridge between them.
 
 Clients of TGI, LoRAX and OpenAI send every parameter they know, many as null or false: those
-are accepted at their defaults, and a value this server cannot honour is refused naming it.
+are accepted at their defaults, and a value this server cannot honour is refused naming it. A
+field not known at all is ignored, and named in one log line per request (as vLLM does).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import logging
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapters.sources import SOURCES
 from server.engine.request import InvalidRequest, SamplingParams
 
-# Parameters accepted only at their "off" value: name -> values that mean off.
-_OFF_VALUES = {
-    "best_of": (None, 1),
-    "decoder_input_details": (None, False),
-    "watermark": (None, False),
-    "top_n_tokens": (None, 0),
-    "typical_p": (None, 1.0),
-    "frequency_penalty": (None, 0.0),
-    "presence_penalty": (None, 0.0),
-    "grammar": (None,),
-    "response_format": (None,),
-    "adapter_parameters": (None,),
-    "merged_adapters": (None,),
-    "logit_bias": (None, {}),
-    "suffix": (None, ""),
-    "n": (None, 1),
-    "echo": (None, False),
-    "tools": (None, []),
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
+log = logging.getLogger("softprompt.requests")
+
+# Known parameters this server does not honour: name -> the values that mean "off", the only ones
+# accepted. Shared by the routes; each schema adds its own below.
+_UNSUPPORTED = {
+    # sampling and decoding (TGI, vLLM, OpenAI)
+    "best_of": (None, 1), "n": (None, 1), "typical_p": (None, 1.0), "min_p": (None, 0.0), "min_tokens": (None, 0),
+    "frequency_penalty": (None, 0.0), "presence_penalty": (None, 0.0), "logit_bias": (None, {}),
+    "stop_token_ids": (None, []), "skip_special_tokens": (None, True), "spaces_between_special_tokens": (None, True),
+    "use_beam_search": (None, False), "length_penalty": (None, 1.0), "allowed_token_ids": (None,),
+    "bad_words": (None, []), "watermark": (None, False),
+    # what the answer carries
+    "logprobs": (None, False), "top_logprobs": (None, 0), "prompt_logprobs": (None,), "top_n_tokens": (None, 0),
+    "decoder_input_details": (None, False), "echo": (None, False), "suffix": (None, ""),
+    # structured output and tools
+    "grammar": (None,), "response_format": (None, {"type": "text"}), "guided_json": (None,), "guided_regex": (None,),
+    "guided_choice": (None,), "guided_grammar": (None,), "structured_outputs": (None,), "tools": (None, []),
+    "tool_choice": (None, "none", "auto"), "functions": (None, []), "function_call": (None, "none", "auto"),
+    # adapters and prompts (LoRAX, vLLM)
+    "adapter_parameters": (None,), "merged_adapters": (None,), "api_token": (None,), "adapter_task": (None,),
+    "soft_prompt": (None,), "prompt_embeds": (None,), "truncate_prompt_tokens": (None,),
 }
-
-
-def _refuse_unsupported(values: dict[str, Any], prefix: str = "") -> None:
-    for name, off in _OFF_VALUES.items():
-        if name in values and values[name] not in off:
-            raise InvalidRequest(prefix + name, f"{values[name]!r} is not supported by this server")
+_TGI_UNSUPPORTED = {**_UNSUPPORTED, "return_k_alternatives": (None, 0)}
+_OPENAI_UNSUPPORTED = {**_UNSUPPORTED, "include_stop_str_in_output": (None, False)}
+_COMPLETION_UNSUPPORTED = {**_OPENAI_UNSUPPORTED, "logprobs": (None,),  # 0: the sampled tokens' logprobs
+                           "add_special_tokens": (None, True)}
+_CHAT_UNSUPPORTED = {
+    **_OPENAI_UNSUPPORTED, "add_special_tokens": (None, False), "add_generation_prompt": (None, True),
+    "continue_final_message": (None, False), "chat_template": (None,), "chat_template_kwargs": (None, {}),
+    "documents": (None,), "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
+    "reasoning_effort": (None,),
+}
+_MESSAGE_UNSUPPORTED = {"tool_calls": (None, []), "tool_call_id": (None,), "function_call": (None,), "audio": (None,)}
+# Known fields that change nothing in the output, accepted at any value and not logged.
+_HARMLESS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
 
 
 class _Lenient(BaseModel):
-    """Unknown client fields are kept (in `model_dump()`), so `_OFF_VALUES` can check them undeclared."""
+    """Fields a schema does not declare are kept (`model_extra`): one in `UNSUPPORTED` is refused at
+    any value but its "off" ones; one not known at all is ignored (`check_fields` names it)."""
 
     model_config = ConfigDict(extra="allow")
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {}
+
+    def check_fields(self, prefix: str = "") -> list[str]:
+        """InvalidRequest for a known field this server cannot honour, given at a value that is not
+        off; else the names of the fields not known at all (to be ignored)."""
+        unknown = []
+        for name, value in (self.model_extra or {}).items():
+            if name in self.UNSUPPORTED:
+                _refuse(prefix + name, value, self.UNSUPPORTED[name])
+            elif name not in _HARMLESS:
+                unknown.append(prefix + name)
+        return unknown
+
+
+def _refuse(param: str, value: Any, off: tuple) -> None:
+    if value in off:
+        return
+    accepted = " or ".join("null" if o is None else repr(o) for o in off)
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    raise InvalidRequest(param, f"{shown} is not supported by this server (accepted: {accepted}, or leave it out)")
+
+
+def _log_unknown(route: str, names: list[str]) -> None:
+    if names:
+        log.warning("%s: ignoring fields this server does not know: %s", route, ", ".join(names))
 
 
 class GenerateParameters(_Lenient):
+    UNSUPPORTED = _TGI_UNSUPPORTED
+
     adapter_id: str | None = None
     adapter_source: str | None = None  # LoRAX's: where an unknown adapter comes from; null: "local"
     max_new_tokens: int | None = Field(default=20)
@@ -63,9 +101,10 @@ class GenerateParameters(_Lenient):
     details: bool | None = False
     return_full_text: bool | None = False
     truncate: int | None = None  # keep only the last `truncate` prompt tokens
+    ignore_eos_token: bool | None = False  # LoRAX's: generate max_new_tokens whatever the model says
 
     def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
-        _refuse_unsupported(self.model_dump(), "parameters.")
+        """The parameters alone (`GenerateRequest.to_sampling_params` checks the whole body)."""
         if self.adapter_source not in (None, *SOURCES):
             raise InvalidRequest("parameters.adapter_source", f"{self.adapter_source!r} is not supported; "
                                  f"use one of {', '.join(SOURCES)}")
@@ -80,13 +119,23 @@ class GenerateParameters(_Lenient):
             repetition_penalty=self.repetition_penalty,
             seed=self.seed,
             stop=tuple(self.stop or ()),
+            ignore_eos=bool(self.ignore_eos_token),
         )
 
 
 class GenerateRequest(_Lenient):
+    UNSUPPORTED = _TGI_UNSUPPORTED
+
     inputs: str
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     stream: bool | None = False
+
+    def to_sampling_params(self, default_max_new_tokens: int, route: str = "generate") -> SamplingParams:
+        """The bridge to the engine: unsupported fields refused, unknown ones logged, then the parameters."""
+        unknown = self.check_fields() + self.parameters.check_fields("parameters.")
+        params = self.parameters.to_sampling_params(default_max_new_tokens)
+        _log_unknown(route, unknown)
+        return params
 
 
 class Token(BaseModel):
@@ -141,11 +190,12 @@ class _OpenAIBase(_Lenient):
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
 
-    def _params(self, max_tokens: int | None, default_max_new_tokens: int) -> SamplingParams:
-        _refuse_unsupported(self.model_dump())
+    def _params(self, max_tokens: int | None, default_max_new_tokens: int, route: str,
+                unknown: tuple[str, ...] | list[str] = ()) -> SamplingParams:
+        unknown = self.check_fields() + list(unknown)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         temperature = 1.0 if self.temperature is None else self.temperature
-        return SamplingParams(
+        params = SamplingParams(
             max_new_tokens=max_tokens if max_tokens is not None else default_max_new_tokens,
             do_sample=temperature > 0,  # OpenAI: temperature 0 is greedy, anything else samples
             temperature=temperature,
@@ -156,16 +206,23 @@ class _OpenAIBase(_Lenient):
             stop=tuple(stop),
             ignore_eos=bool(self.ignore_eos),
         )
+        _log_unknown(route, unknown)
+        return params
 
 
 class CompletionRequest(_OpenAIBase):
+    UNSUPPORTED = _COMPLETION_UNSUPPORTED
+
     prompt: str | list[str]
 
     def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
-        return self._params(self.max_tokens if self.max_tokens is not None else 16, default_max_new_tokens)
+        return self._params(self.max_tokens if self.max_tokens is not None else 16, default_max_new_tokens,
+                            "completions")
 
 
 class ChatMessage(_Lenient):
+    UNSUPPORTED = _MESSAGE_UNSUPPORTED
+
     role: str
     content: str | list[dict] | None = None
 
@@ -181,9 +238,12 @@ class ChatMessage(_Lenient):
 
 
 class ChatCompletionRequest(_OpenAIBase):
+    UNSUPPORTED = _CHAT_UNSUPPORTED
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
 
     def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self._params(limit, default_max_new_tokens)
+        in_messages = sorted({name for m in self.messages for name in m.check_fields("messages[].")})
+        return self._params(limit, default_max_new_tokens, "chat", in_messages)
