@@ -116,6 +116,17 @@ def _first_slice_only(monkeypatch):
             return getattr(ops, name)
 
     monkeypatch.setattr(cpu_kernels, "ops", lambda: Broken())
+    # The packing's own probe (a 300-wide layer) catches this too, before the self-check: let it pass,
+    # as a fault it does not cover would (test_the_probe_catches_a_lost_slice covers the probe).
+    monkeypatch.setattr(cpu_linear, "_probe", lambda backend, dtype: "")
+
+
+def test_the_probe_catches_a_lost_slice(monkeypatch, cpu_kernels_built):
+    if cpu_linear.unavailable("avx2"):
+        pytest.skip(f"the AVX2 linear kernel cannot run here: {cpu_linear.unavailable('avx2')}")
+    probe = cpu_linear._probe
+    _first_slice_only(monkeypatch)
+    assert probe(cpu_linear._kernel(torch.float32), torch.float32).startswith("off by")
 
 
 @pytest.mark.parametrize("fault", [_zeroed_biases, _unit_norms, _first_slice_only])
