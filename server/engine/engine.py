@@ -57,6 +57,8 @@ class Engine:
         self.self_check = self_check.verify(self.runner, reference) if reference is not None else None
         self.scheduler = Scheduler(max_batch_size, max_waiting, max_prefill_tokens, self.runner.pool)
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.runner.eos_ids = frozenset(self.eos_ids)
+        self.vocab_size = _vocab_size(model)  # logit_bias, stop_token_ids: ids below it
         self.special_ids = set(tokenizer.all_special_ids)
         self._lock = threading.Lock()  # guards the scheduler's queues between submitters and the stepper
         self.accepting = True
@@ -72,6 +74,7 @@ class Engine:
         if not self.accepting:
             raise Overloaded("the server is shutting down", retry_after=5)
         self.check_fits(seq.prefix_length, len(seq.prompt_ids), seq.params.max_new_tokens)
+        seq.params.check_token_ids(self.vocab_size)
         if seq.params.seed is not None:
             seq.seed = seq.params.seed
         else:
@@ -203,11 +206,16 @@ class Engine:
             self.stats["requests_finished"] += 1
         if seq.on_token is None:
             return None
-        return seq, TokenEvent(out.token_id, text, out.logprob, out.token_id in self.special_ids, seq.finish_reason)
+        return seq, TokenEvent(out.token_id, text, out.logprob, out.token_id in self.special_ids, seq.finish_reason,
+                               out.top)
 
     def _finish_reason(self, seq: Sequence, token_id: int, new_chars: int) -> FinishReason | None:
+        if len(seq.output_ids) < seq.params.min_tokens:  # as vLLM: no stop of any kind before min_tokens
+            return None
         if token_id in self.eos_ids and not seq.params.ignore_eos:
             return FinishReason.EOS
+        if token_id in seq.params.stop_token_ids:
+            return FinishReason.STOP
         for stop in seq.params.stop:
             if stop in seq.text[-(len(stop) + new_chars):]:
                 return FinishReason.STOP
@@ -237,6 +245,11 @@ def _call_back(deliveries: list[Delivery]) -> None:
             seq.on_token(seq, event)
         except Exception:
             log.exception("the consumer of request %d failed on its event", seq.id)
+
+
+def _vocab_size(model) -> int:
+    head = model.get_output_embeddings()
+    return getattr(head, "out_features", None) or model.config.get_text_config().vocab_size
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

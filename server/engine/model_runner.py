@@ -43,6 +43,7 @@ class StepOutput:
     seq: Sequence  # the request this token belongs to
     token_id: int
     logprob: float  # log-probability of the token under the request's final distribution
+    top: tuple[tuple[int, float], ...] | None = None  # the most likely (id, logprob) under it; None unless asked
 
 
 class ModelRunner:
@@ -66,6 +67,7 @@ class ModelRunner:
         # Called once per forward, its inputs built and its layers about to run (with the native decode,
         # as the GIL is released for them): where the AsyncEngine may hand the last step's tokens over.
         self.on_layers: Callable[[], None] = _nothing
+        self.eos_ids: frozenset[int] = frozenset()  # the model's end tokens (set by the engine): min_tokens masks them
 
     def use(self, paths: FastPaths, compiled: CompiledForward | None = None) -> None:
         """Take `paths`, and run steps through `compiled`, or eager when None. On CPU, eager linears run
@@ -175,7 +177,7 @@ class ModelRunner:
         if seq.adapter is not None:
             self.pool.write_prefix(seq.segment, seq.adapter.kv)
         if seq.sampler is None:  # a preempted request keeps its own: its random stream goes on
-            seq.sampler = RowSampler(seq.params, seq.seed, self.spec.device)
+            seq.sampler = RowSampler(seq.params, seq.seed, self.spec.device, self.eos_ids)
         self.seqs.append(seq)
 
     def _forward(self, batch: list[Sequence], tokens: list[list[int]], sampling: list[int]) -> torch.Tensor:
@@ -219,10 +221,11 @@ class ModelRunner:
 
     @staticmethod
     def _sample(batch: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
-        needs_history = any(s.params.repetition_penalty not in (None, 1.0) for s in batch)
-        history = [s.token_ids for s in batch] if needs_history else [[]] * len(batch)
-        tokens, logprobs = sample(logits, [s.sampler for s in batch], history)
-        return [StepOutput(s, t, lp) for s, t, lp in zip(batch, tokens, logprobs)]
+        needs_history = any(s.sampler.needs_history for s in batch)
+        history = [s.token_ids for s in batch] if needs_history else None
+        outputs = [s.output_ids for s in batch] if needs_history else None
+        tokens, logprobs, top = sample(logits, [s.sampler for s in batch], history, outputs)
+        return [StepOutput(s, t, lp, alternatives) for s, t, lp, alternatives in zip(batch, tokens, logprobs, top)]
 
 
 def _nothing() -> None:

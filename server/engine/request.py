@@ -32,6 +32,9 @@ class GenerationFailed(RuntimeError):
     """The engine could not run this request's step (its own fault, or the batch's)."""
 
 
+MAX_TOP_LOGPROBS = 20  # alternatives a request may ask for per token (OpenAI's chat limit)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 20
@@ -43,6 +46,14 @@ class SamplingParams:
     seed: int | None = None  # same seed and request give the same tokens, whatever the batch
     stop: tuple[str, ...] = ()  # generation ends once the text ends with one of these
     ignore_eos: bool = False
+    frequency_penalty: float = 0.0  # OpenAI's, in [-2, 2]: subtracted once per time a token is in the output
+    presence_penalty: float = 0.0  # OpenAI's, in [-2, 2]: subtracted once if a token is in the output
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added to its logit
+    typical_p: float | None = None  # TGI's: keep the locally typical tokens holding this mass
+    min_p: float = 0.0  # vLLM's: drop tokens less likely than min_p times the most likely one
+    min_tokens: int = 0  # the end tokens (EOS, stop_token_ids) are masked until this many are generated
+    stop_token_ids: tuple[int, ...] = ()  # generation ends once one of these is sampled
+    top_logprobs: int = 0  # alternatives reported per token (their log-probabilities), at most MAX_TOP_LOGPROBS
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -59,13 +70,43 @@ class SamplingParams:
             raise InvalidRequest("seed", f"must be in [0, 2^63), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequest("stop", f"stop sequences must be non-empty strings, got {list(self.stop)!r}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and -2 <= value <= 2):
+                raise InvalidRequest(name, f"must be in [-2, 2], got {value!r}")
+        for token, bias in self.logit_bias:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise InvalidRequest("logit_bias", f"keys must be token ids (integers >= 0), got {token!r}")
+            if not (math.isfinite(bias) and -100 <= bias <= 100):
+                raise InvalidRequest("logit_bias", f"biases must be in [-100, 100], got {bias!r} for token {token}")
+        if self.typical_p is not None and not 0 < self.typical_p <= 1:
+            raise InvalidRequest("typical_p", f"must be in (0, 1], got {self.typical_p!r}")
+        if not (math.isfinite(self.min_p) and 0 <= self.min_p <= 1):
+            raise InvalidRequest("min_p", f"must be in [0, 1], got {self.min_p!r}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or not (
+                0 <= self.min_tokens <= self.max_new_tokens):
+            raise InvalidRequest("min_tokens", f"must be an integer in [0, max_new_tokens ({self.max_new_tokens})], "
+                                 f"got {self.min_tokens!r}")
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise InvalidRequest("stop_token_ids", f"must be token ids (integers >= 0), got {list(self.stop_token_ids)!r}")
+        if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int) or not (
+                0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
+            raise InvalidRequest("top_logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}")
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """InvalidRequest for a token id the model does not have (known once the model is)."""
+        for name, ids in (("logit_bias", [t for t, _ in self.logit_bias]), ("stop_token_ids", self.stop_token_ids)):
+            outside = [t for t in ids if t >= vocab_size]
+            if outside:
+                raise InvalidRequest(name, f"token id {outside[0]} is outside the vocabulary (0 to {vocab_size - 1})")
 
     @property
     def sampling(self) -> bool:
         """TGI's rule: sampling when asked, or when any warper is set; temperature 0 means greedy."""
         if self.temperature == 0:
             return False
-        warped = self.temperature != 1.0 or bool(self.top_k) or (self.top_p is not None and self.top_p < 1.0)
+        warped = (self.temperature != 1.0 or bool(self.top_k) or (self.top_p is not None and self.top_p < 1.0)
+                  or (self.typical_p is not None and self.typical_p < 1.0) or bool(self.min_p))
         return self.do_sample or warped
 
 
@@ -85,6 +126,7 @@ class TokenEvent:
     logprob: float
     special: bool
     finish_reason: FinishReason | None  # set on the last event only
+    top: tuple[tuple[int, float], ...] | None = None  # the most likely (id, logprob), best first; None unless asked
 
 
 _ids = itertools.count()
