@@ -195,6 +195,8 @@ class Engine:
             seq.first_token_time = now
         seq.output_ids.append(out.token_id)
         seq.logprobs.append(out.logprob)
+        if seq.constraint is not None:  # its grammar takes the token (ValueError: it alone ends)
+            seq.constraint.advance(out.token_id)
         text = seq.detokenizer.step(out.token_id) if seq.detokenizer else ""
         seq.text += text
         seq.finish_reason = self._finish_reason(seq, out.token_id, len(text))
@@ -216,6 +218,8 @@ class Engine:
             return FinishReason.EOS
         if token_id in seq.params.stop_token_ids:
             return FinishReason.STOP
+        if seq.constraint is not None and seq.constraint.complete:  # the grammar takes nothing more
+            return FinishReason.EOS
         for stop in seq.params.stop:
             if stop in seq.text[-(len(stop) + new_chars):]:
                 return FinishReason.STOP
@@ -319,10 +323,13 @@ class AsyncEngine:
             self._wake.notify()
         self._thread.join(timeout=30)
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: Adapter | None = None) -> "Stream":
-        """Queue a request (Overloaded at once if it cannot be) and return the stream of its tokens."""
+    def generate(self, prompt_ids: list[int], params: SamplingParams, adapter: Adapter | None = None,
+                 constraint=None) -> "Stream":
+        """Queue a request (Overloaded at once if it cannot be) and return the stream of its tokens.
+        constraint: its own `grammar.Constraint` (structured output), or None."""
         stream = Stream(self)
-        stream.seq = self.engine.submit(Sequence(list(prompt_ids), params, adapter, on_token=stream._push))
+        stream.seq = self.engine.submit(Sequence(list(prompt_ids), params, adapter, on_token=stream._push,
+                                                 constraint=constraint))
         self.wake()
         return stream
 

@@ -19,7 +19,7 @@ import torch
 
 from adapters import ModelSpec
 
-from . import attention, cpu_kernels, cpu_linear, rope
+from . import attention, cpu_kernels, cpu_linear, grammar, rope
 from .compiled import CompiledForward
 from .fast_path import FastPaths
 from .kv_cache import KVPool, first_capacity, growth
@@ -224,6 +224,7 @@ class ModelRunner:
         needs_history = any(s.sampler.needs_history for s in batch)
         history = [s.token_ids for s in batch] if needs_history else None
         outputs = [s.output_ids for s in batch] if needs_history else None
+        logits = grammar.apply(logits, batch)  # structured output: disallowed tokens at -inf
         tokens, logprobs, top = sample(logits, [s.sampler for s in batch], history, outputs)
         return [StepOutput(s, t, lp, alternatives) for s, t, lp, alternatives in zip(batch, tokens, logprobs, top)]
 

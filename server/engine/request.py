@@ -154,6 +154,7 @@ class Sequence:
     segment: object | None = field(default=None, repr=False)  # the runner's kv_cache.Segment while it holds KV
     sampler: object | None = field(default=None, repr=False)  # the runner's RowSampler, kept across preemptions
     preemptions: int = 0  # times its KV was taken back to make room; it then computes it again
+    constraint: object | None = field(default=None, repr=False)  # grammar.Constraint: its structured output's matcher
 
 
     def __post_init__(self):
