@@ -116,6 +116,10 @@ class S3Store:
     def exists(self, name: str) -> bool:
         return self._head(self._pointer_key(check_name(name))) is not None
 
+    def version(self, name: str) -> str | None:
+        pointer = self._pointer(name)
+        return pointer["version"] if pointer is not None else None
+
     def path(self, name: str) -> Path:
         """The cached directory of the stored version, downloaded and checked on first use."""
         pointer = self._pointer(name)

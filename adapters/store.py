@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _HIDDEN = "."  # temporary and trashed entries, and the versions, start with a dot; valid names never do
 VERSIONS_DIR = _VERSIONS = ".versions"  # every version of every adapter, under the root
+UNVERSIONED = "unversioned"  # `version()` of a plain directory, which has none
 _PENDING = ".pending-"  # + name: the new version's symlink, while a plain directory is being replaced
 
 
@@ -68,6 +69,10 @@ class Store(Protocol):
         """A local directory holding PEFT's two files of `name` (for a remote store: its disk cache)."""
 
     def exists(self, name: str) -> bool: ...
+
+    def version(self, name: str) -> str | None:
+        """The version stored as `name` now (a token that changes with every replace), None if none
+        is. One cheap read: the registry asks on use to follow changes made by other servers."""
 
     def save(self, name: str, config_raw: bytes, weights_raw: bytes) -> Path:
         """Store PEFT's two files atomically; AdapterExists if the name is taken. Returns `path(name)`."""
@@ -116,6 +121,15 @@ class AdapterStore:
 
     def exists(self, name: str) -> bool:
         return self.path(name).exists()
+
+    def version(self, name: str) -> str | None:
+        target = self.path(name)
+        try:
+            return self._version_of(name, os.readlink(target)) or UNVERSIONED
+        except FileNotFoundError:
+            return None
+        except OSError:  # a plain directory (never replaced): no version to follow
+            return UNVERSIONED if target.is_dir() else None
 
     def save(self, name: str, config_raw: bytes, weights_raw: bytes) -> Path:
         """Write PEFT's two files for `name` atomically; AdapterExists if the name is taken."""

@@ -104,12 +104,14 @@ def test_persisted_adapter_is_found_at_next_start_up(llama, tmp_path):
 
 
 def test_existing_stored_name_not_registered(llama, store_registry):
-    """A name present in the store but not registered (e.g. its load failed) is not overwritten."""
+    """A name present in the store but not registered (stored by another server, or its load failed)
+    is not overwritten: it is registered from the store, and fails when used."""
     registry, store = store_registry
     store.save("taken", b"{old", b"old")
     with pytest.raises(AdapterExists):
         registry.add("taken", *llama.files("prompt"))
-    assert "taken" not in registry
+    with pytest.raises(InvalidAdapter):
+        registry.get("taken")
     assert (store.root / "taken" / CONFIG_FILE).read_bytes() == b"{old"
 
 
