@@ -24,3 +24,12 @@ class StoreFull(AdapterError):
 class SourceUnavailable(AdapterError):
     """Where adapters come from (the S3 store, the Hugging Face hub) cannot be reached or refused
     the operation; the message names the store or hub and the cause."""
+
+
+class AdapterTooLarge(AdapterError):
+    """An adapter's files are larger than the server accepts (--max-upload-bytes)."""
+
+
+class FetchForbidden(AdapterError):
+    """Fetching this adapter from where the request asks is not allowed for this request (a hub
+    repo neither in --allow-hub-adapters nor asked for with the admin key)."""

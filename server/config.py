@@ -51,6 +51,7 @@ class Config:
     pin_adapters: str | None = None  # comma-separated names kept materialized always
     api_key: str | None = field(default=None, repr=False)  # required for generation when set
     admin_key: str | None = field(default=None, repr=False)  # required for adapter changes when set
+    allow_hub_adapters: str | None = None  # hub repos (ids or glob patterns, comma-separated) any client may fetch
     shutdown_timeout: float = 30.0  # seconds running requests get to finish on SIGTERM
     log_level: str = "info"
 
@@ -114,8 +115,11 @@ _HELP = {
                             "(e.g. 512MiB) or a fraction of the KV cache (e.g. 0.25); evicted ones load again "
                             "from their saved prefix, with no model forward",
     "pin_adapters": "comma-separated adapter names kept materialized always (loaded at start-up)",
-    "api_key": "if set, generation routes need 'Authorization: Bearer KEY'",
-    "admin_key": "if set, adapter uploads and deletions need 'Authorization: Bearer KEY'",
+    "api_key": "if set, generation routes need 'Authorization: Bearer KEY' (or the --admin-key)",
+    "admin_key": "if set, adapter uploads and deletions need 'Authorization: Bearer KEY'; a generation request "
+                 "carrying it may fetch any hub adapter (adapter_source \"hub\")",
+    "allow_hub_adapters": "comma-separated Hugging Face hub repo ids or glob patterns (e.g. acme/*) that any client "
+                          "may have fetched with adapter_source \"hub\"; other repos need the --admin-key",
     "shutdown_timeout": "seconds running requests get to finish after SIGTERM",
     "log_level": "debug, info, warning or error",
 }

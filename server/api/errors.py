@@ -9,7 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters import AdapterExists, AdapterNotFound, InvalidAdapter, SourceUnavailable, StoreFull
+from adapters import (AdapterExists, AdapterNotFound, AdapterTooLarge, FetchForbidden, InvalidAdapter,
+                      SourceUnavailable, StoreFull)
 from server.engine.request import GenerationFailed, InvalidRequest, Overloaded
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,10 @@ STATUS = {
     AdapterNotFound: (404, "not_found"),
     AdapterExists: (409, "conflict"),
     TooLarge: (413, "too_large"),
+    AdapterTooLarge: (413, "too_large"),
     Unauthorized: (401, "unauthorized"),
     Forbidden: (403, "forbidden"),
+    FetchForbidden: (403, "forbidden"),
     Overloaded: (503, "overloaded"),
     SourceUnavailable: (502, "source_unavailable"),
     StoreFull: (507, "insufficient_storage"),

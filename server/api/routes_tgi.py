@@ -21,10 +21,10 @@ def _service(request: Request) -> Service:
     return request.app.state.service
 
 
-async def _job(service: Service, body: GenerateRequest, route: str) -> Job:
+async def _job(service: Service, request: Request, body: GenerateRequest, route: str) -> Job:
     p = body.parameters
     params = body.to_sampling_params(default_max_new_tokens=20, route=route)
-    adapter = await service.adapter(p.adapter_id, p.adapter_source)
+    adapter = await service.adapter(p.adapter_id, p.adapter_source, request)
     return await service.prepare(route, body.inputs, params, adapter, truncate=p.truncate)
 
 
@@ -39,7 +39,7 @@ def _full_text(body: GenerateRequest, text: str) -> str:
 async def _generate(request: Request, body: GenerateRequest, route: str) -> GenerateResponse:
     service = _service(request)
     service.authorize(request)
-    job = await _job(service, body, route)
+    job = await _job(service, request, body, route)
     result = await service.collect(service.start(job), request)
     service.record(job, result.seq)
     details = None
@@ -79,7 +79,7 @@ async def compat(request: Request, body: GenerateRequest):
 async def generate_stream(request: Request, body: GenerateRequest):
     service = _service(request)
     service.authorize(request)
-    job = await _job(service, body, "generate_stream")
+    job = await _job(service, request, body, "generate_stream")
     stream = service.start(job)  # Overloaded is raised here, before the response starts
 
     return EventStream([stream], _StreamMessages(service, job, body, stream))

@@ -68,7 +68,8 @@ class Service:
         self.config = config
         self.base = base
         self.registry = registry
-        self.sources = AdapterSources(registry, max_bytes=config.max_upload_bytes)
+        allow_hub = tuple(p.strip() for p in (config.allow_hub_adapters or "").split(",") if p.strip())
+        self.sources = AdapterSources(registry, max_bytes=config.max_upload_bytes, allow_hub=allow_hub)
         self.engine = engine
         self.metrics = Metrics(engine.engine, registry, max_adapter_labels=config.max_adapter_labels)
         self.draining = False
@@ -77,21 +78,32 @@ class Service:
 
     # ---- auth -------------------------------------------------------------------------------------
     def authorize(self, request: Request, admin: bool = False) -> None:
-        """Generation needs --api-key when set; adapter changes need --admin-key (else --api-key) when set."""
-        key = (self.config.admin_key or self.config.api_key) if admin else self.config.api_key
-        if not key:
+        """Generation needs --api-key (or --admin-key) when --api-key is set; adapter changes need
+        --admin-key (else --api-key) when set."""
+        if admin:
+            keys = [self.config.admin_key or self.config.api_key]
+        else:
+            keys = [self.config.api_key, self.config.admin_key] if self.config.api_key else []
+        keys = [k for k in keys if k]
+        if not keys:
             return
-        header = request.headers.get("authorization", "")
-        given = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key")
+        given = _given_key(request)
         if not given:
             raise Unauthorized("missing credentials: send 'Authorization: Bearer <key>'")
-        if not hmac.compare_digest(given.encode(), key.encode()):
+        if not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
             raise Forbidden("this key does not grant " + ("adapter changes" if admin else "generation"))
 
+    def holds_admin_key(self, request: Request | None) -> bool:
+        """Whether the request carries --admin-key (never, where none is set)."""
+        key, given = self.config.admin_key, _given_key(request) if request is not None else None
+        return bool(key and given) and hmac.compare_digest(given.encode(), key.encode())
+
     # ---- generation ---------------------------------------------------------------------------------
-    async def adapter(self, name: str | None, source: str | None = None) -> Adapter | None:
+    async def adapter(self, name: str | None, source: str | None = None,
+                      request: Request | None = None) -> Adapter | None:
         """None, '' or the base model's own name mean no adapter. `source` (`parameters.adapter_source`)
-        says where an adapter the registry does not know is fetched from: None or "local", nowhere."""
+        says where an adapter the registry does not know is fetched from: None or "local", nowhere.
+        `request`: whose admin key lets it fetch hub repos not in --allow-hub-adapters."""
         source = source or "local"
         if source == "s3" and (self.registry.store is None or self.registry.store.source != "s3"):
             raise InvalidRequest("parameters.adapter_source", "'s3' needs an s3:// adapter store (--adapter-store); "
@@ -103,7 +115,7 @@ class Service:
             if adapter is not None:
                 return adapter
             return await run_in_threadpool(self.registry.get, name)  # a cold load: off the event loop
-        return await run_in_threadpool(self.sources.resolve, name, source)
+        return await run_in_threadpool(self.sources.resolve, name, source, self.holds_admin_key(request))
 
     def tokenize(self, text: str) -> list[int]:
         return self.base.tokenizer(text, add_special_tokens=True).input_ids
@@ -185,6 +197,12 @@ class Service:
 
     def idle(self) -> bool:
         return self.in_flight == 0 and not self.engine.engine.has_work()
+
+
+def _given_key(request: Request) -> str | None:
+    """The key a request carries: `Authorization: Bearer KEY`, or `X-API-Key`."""
+    header = request.headers.get("authorization", "")
+    return header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key")
 
 
 async def disconnected(receive) -> None:
