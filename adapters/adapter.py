@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import AdapterKind
+from .base import KINDS, AdapterKind
 from .spec import ModelSpec
 
 
@@ -21,6 +21,7 @@ class Adapter:
     kv: torch.Tensor = field(repr=False)  # [layers, 2, kv_heads, n, head_dim] on the model's device and dtype
     embeddings: torch.Tensor | None = field(repr=False)  # [n, hidden]: virtual-token embeddings, prompt kinds only
     version: str = ""  # a hash of its two files (loading.content_version); "" for one built in memory
+    task: int | None = None  # the task this prefix is of, for a kind with tasks (multitask prompt tuning)
 
     @property
     def prefix_length(self) -> int:
@@ -41,7 +42,13 @@ class Adapter:
             "task_type": self.config.get("task_type"),
             "base_model_name_or_path": self.config.get("base_model_name_or_path"),
             "prefix_bytes": self.prefix_bytes,
-        }
+        } | self.tasks()
+
+    def tasks(self) -> dict:
+        """{"num_tasks": N} for a kind with tasks (a request names one of 0..N-1), else {}."""
+        kind = KINDS.get(self.peft_type)
+        tasks = kind.tasks(self.config) if kind is not None else None
+        return {} if tasks is None else {"num_tasks": tasks}
 
 
 def materialize(kind: AdapterKind, table: torch.Tensor, spec: ModelSpec, model) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -20,6 +20,9 @@ from .spec import ModelSpec
 class AdapterKind(ABC):
     peft_type: ClassVar[str]
     rows_are_embeddings: ClassVar[bool]  # True: rows are input embeddings; False: key/value vectors
+    # Names PEFT's saved file gives encoder weights, where they are not the encoder's own (multitask
+    # prompt tuning saves its shared embedding as `prompt_embeddings`, which other kinds use for the table)
+    saved_names: ClassVar[dict[str, str]] = {}
 
     @abstractmethod
     def table_width(self, spec: ModelSpec) -> int:
@@ -41,6 +44,12 @@ class AdapterKind(ABC):
 
     def check_config(self, config: dict, spec: ModelSpec) -> None:
         """Kind-specific checks of `adapter_config.json` against the base model."""
+
+    def tasks(self, config: dict) -> int | None:
+        """How many tasks the adapter holds, each its own table (a request names one: its
+        `adapter_task`); None for kinds without tasks, whose encoder takes token indices alone.
+        With tasks, the encoder's forward is `(indices, task)`."""
+        return None
 
 
 class EmbeddingKind(AdapterKind):

@@ -33,3 +33,8 @@ class AdapterTooLarge(AdapterError):
 class FetchForbidden(AdapterError):
     """Fetching this adapter from where the request asks is not allowed for this request (a hub
     repo neither in --allow-hub-adapters nor asked for with the admin key)."""
+
+
+class InvalidTask(AdapterError, ValueError):
+    """A request's task does not fit its adapter: missing for a multitask adapter, out of its range,
+    or given for an adapter without tasks. The API reports it against `adapter_task`."""

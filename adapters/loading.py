@@ -24,10 +24,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from . import p_tuning, prefix_tuning, prompt_tuning  # noqa: F401  (register the kinds)
+from . import multitask_prompt_tuning, p_tuning, prefix_tuning, prompt_tuning  # noqa: F401  (register the kinds)
 from .adapter import Adapter, materialize
 from .base import AdapterKind, config_int, kind_for
-from .errors import InvalidAdapter
+from .errors import InvalidAdapter, InvalidTask
 from .spec import ModelSpec
 
 CONFIG_FILE = "adapter_config.json"
@@ -35,7 +35,8 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin")
 VERSION_CHARS = 16  # hex digits of an adapter's version (64 bits of its content hash)
 SUPPORTED_TASK_TYPES = ("CAUSAL_LM",)
-ENCODER_ROOTS = ("embedding", "transform", "mlp_head", "lstm_head")  # module names in PEFT's encoders
+# module names in PEFT's encoders
+ENCODER_ROOTS = ("embedding", "transform", "mlp_head", "lstm_head", "prefix_task_cols", "prefix_task_rows")
 MAX_HEADER_BYTES = 1 << 20  # an adapter's safetensors header is a few KB (an encoder has ~150 tensors at most)
 MAX_DIMS = 8  # adapter tensors have 1 or 2
 # safetensors dtype -> (torch dtype, bytes per element); only the float ones are served, the others are
@@ -177,7 +178,7 @@ def _bad_weights(problem: str) -> InvalidAdapter:
 def check_weights(kind: AdapterKind, config: dict, shapes: dict[str, tuple[int, ...]], spec: ModelSpec) -> None:
     """The tensors a weights file declares (name -> shape, from `read_header`) are what `config` asks
     for: the saved table of this base model's width, or exactly the encoder's parameters."""
-    if "prompt_embeddings" in shapes:
+    if _holds_table(kind, shapes):
         check_table_shape(kind, config, shapes["prompt_embeddings"], spec)
     else:
         check_encoder_shapes(kind, config, shapes)
@@ -198,7 +199,7 @@ def check_encoder_shapes(kind: AdapterKind, config: dict, shapes: dict[str, tupl
     nothing else is: so the encoder's parameter count is the file's. Names the config fields at fault."""
     found: dict[str, tuple[int, ...]] = {}
     for key, shape in shapes.items():
-        name = _encoder_key(key)
+        name = _encoder_key(key, kind)
         if name is None:
             raise InvalidAdapter(
                 f"{WEIGHTS_FILE} holds neither 'prompt_embeddings' nor a {kind.peft_type} encoder's weights "
@@ -251,26 +252,38 @@ def parse_weights(raw: bytes) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_table(kind: AdapterKind, config: dict, tensors: dict[str, torch.Tensor], spec: ModelSpec) -> torch.Tensor:
-    """The materialized table [num_virtual_tokens, width]: as saved, or run through the checkpoint's encoder."""
-    if "prompt_embeddings" in tensors:
+def read_table(kind: AdapterKind, config: dict, tensors: dict[str, torch.Tensor], spec: ModelSpec,
+               task: int | None = None) -> torch.Tensor:
+    """The materialized table [num_virtual_tokens, width]: as saved, or run through the checkpoint's
+    encoder (for `task`, of a kind with tasks: `check_task` first)."""
+    if _holds_table(kind, tensors):
         table = tensors["prompt_embeddings"]
     else:
-        table = _run_encoder(kind, config, tensors)
+        table = _run_encoder(kind, config, tensors, task)
     check_table_shape(kind, config, tuple(table.shape), spec)
     return table.float()
 
 
-def _run_encoder(kind: AdapterKind, config: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+def _holds_table(kind: AdapterKind, tensors: dict) -> bool:
+    """Whether the file holds the materialized table (`prompt_embeddings`, as save_pretrained writes
+    it), not the encoder's weights; a kind that saves an encoder weight under that name never does."""
+    return "prompt_embeddings" in tensors and "prompt_embeddings" not in kind.saved_names
+
+
+def _run_encoder(kind: AdapterKind, config: dict, tensors: dict[str, torch.Tensor], task: int | None) -> torch.Tensor:
     check_encoder_shapes(kind, config, {key: tuple(value.shape) for key, value in tensors.items()})
     encoder = kind.encoder(config)  # its parameters are the file's, shape for shape
-    encoder.load_state_dict({_encoder_key(key): value.float() for key, value in tensors.items()}, strict=True)
+    encoder.load_state_dict({_encoder_key(key, kind): value.float() for key, value in tensors.items()}, strict=True)
+    indices = torch.arange(config["num_virtual_tokens"])
     with torch.inference_mode():
-        return encoder.eval()(torch.arange(config["num_virtual_tokens"]))
+        return encoder.eval()(indices) if task is None else encoder.eval()(indices, task)
 
 
-def _encoder_key(key: str) -> str | None:
-    """'base_model.prompt_encoder.default.mlp_head.0.weight' -> 'mlp_head.0.weight'."""
+def _encoder_key(key: str, kind: AdapterKind) -> str | None:
+    """'base_model.prompt_encoder.default.mlp_head.0.weight' -> 'mlp_head.0.weight'; a name the kind
+    saves its own way (`AdapterKind.saved_names`) -> the encoder's."""
+    if key in kind.saved_names:
+        return kind.saved_names[key]
     parts = key.split(".")
     for i, part in enumerate(parts):
         if part in ENCODER_ROOTS:
@@ -289,18 +302,22 @@ def content_version(config_raw: bytes, weights_raw: bytes) -> str:
 def load_adapter(
     name: str, config_raw: bytes, weights_raw: bytes, spec: ModelSpec, model, source: str,
     limits: Limits | None = None, saved_kv: Callable[[str, int], torch.Tensor | None] | None = None,
+    task: int | None = None,
 ) -> Adapter:
-    """Validate PEFT's two files and materialize them for `model`. Raises InvalidAdapter.
+    """Validate PEFT's two files and materialize them for `model`. Raises InvalidAdapter, and
+    InvalidTask when `task` does not fit the adapter (`check_task`).
     saved_kv(version, num_virtual_tokens): the prefix materialized before for these files, if any
-    (then no encoder and no model forward run; the adapter has no embeddings)."""
+    (then no encoder and no model forward run; the adapter has no embeddings). Never asked for a
+    task's prefix: one file per adapter cannot tell the tasks apart."""
     config = parse_config(config_raw)
     kind = check_config(config, spec, limits)
     check_weights(kind, config, read_header(weights_raw), spec)
+    check_task(name, kind, config, task)
     version = content_version(config_raw, weights_raw)
-    kv = saved_kv(version, config["num_virtual_tokens"]) if saved_kv else None
+    kv = saved_kv(version, config["num_virtual_tokens"]) if saved_kv and task is None else None
     embeddings = None
     if kv is None:
-        table = read_table(kind, config, parse_weights(weights_raw), spec)
+        table = read_table(kind, config, parse_weights(weights_raw), spec, task)
         kv, embeddings = materialize(kind, table, spec, model)
     return Adapter(
         name=name,
@@ -312,7 +329,33 @@ def load_adapter(
         kv=kv,
         embeddings=embeddings,
         version=version,
+        task=task,
     )
+
+
+def check_task(name: str, kind: AdapterKind, config: dict, task: int | None) -> None:
+    """A task is named exactly when the kind has tasks, and is one of them. Raises InvalidTask."""
+    tasks = kind.tasks(config)
+    if tasks is None:
+        if task is not None:
+            raise InvalidTask(f"adapter {name!r} is a {kind.peft_type} adapter, which has no tasks; "
+                              f"got {task!r} (leave it out)")
+        return
+    if task is None:
+        raise InvalidTask(f"adapter {name!r} is a {kind.peft_type} adapter with {tasks} tasks: "
+                          f"name one, 0 to {tasks - 1}")
+    if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < tasks:
+        raise InvalidTask(f"{task!r} is not a task of adapter {name!r}, which has {tasks}: 0 to {tasks - 1}")
+
+
+def first_task(config_raw: bytes) -> int | None:
+    """The task an upload of these files is validated and materialized with: 0 for a kind with
+    tasks, else None (also for a config that fails: loading it says why)."""
+    try:
+        config = parse_config(config_raw)
+        return None if kind_for(config.get("peft_type")).tasks(config) is None else 0
+    except InvalidAdapter:
+        return None
 
 
 def read_adapter_dir(path: Path) -> tuple[bytes, bytes]:

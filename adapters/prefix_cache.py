@@ -94,6 +94,12 @@ class PrefixCache(Generic[T]):
             if value is not None:
                 self.bytes -= self._size(value)
 
+    def drop_where(self, matches: Callable[[str], bool]) -> None:
+        """Forget every name that `matches` (a multitask adapter's tasks, when it is replaced or removed)."""
+        with self._lock:
+            for name in [n for n in self._values if matches(n)]:
+                self.bytes -= self._size(self._values.pop(name))
+
     def pin(self, name: str, pinned: bool = True) -> None:
         with self._lock:
             (self.pinned.add if pinned else self.pinned.discard)(name)
