@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from server.engine.request import FinishReason, InvalidRequest, SamplingParams
 
 from .errors import NoChatTemplate, to_response
+from .logprobs import chat_logprobs, completion_logprobs, token_texts
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .sse import Encoder, EventStream
 from .service import Job, Service
@@ -54,7 +55,10 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-async def _respond(request: Request, jobs: list[Job], model: str, chat: bool, stream: bool, usage: bool = False):
+async def _respond(request: Request, jobs: list[Job], model: str, chat: bool, stream: bool, usage: bool = False,
+                   logprobs: bool = False):
+    """logprobs: each choice carries its tokens' log-probabilities (and the alternatives its
+    parameters' `top_logprobs` asks for), in the route's shape."""
     service = _service(request)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
@@ -71,7 +75,7 @@ async def _respond(request: Request, jobs: list[Job], model: str, chat: bool, st
     if stream:
         fixed = {"id": rid, "object": obj + ".chunk" if chat else obj, "created": created, "model": model,
                  "adapter_version": jobs[0].adapter_version}
-        return EventStream(streams, _Chunks(service, jobs, streams, fixed, chat, usage))
+        return EventStream(streams, _Chunks(service, jobs, streams, fixed, chat, usage, logprobs))
 
     try:
         results = await asyncio.gather(*(service.collect(s, request) for s in streams))
@@ -79,15 +83,17 @@ async def _respond(request: Request, jobs: list[Job], model: str, chat: bool, st
         for s in streams:
             s.abort()
     choices = []
+    texts = token_texts(service.base.tokenizer) if logprobs else None
     for i, (job, result) in enumerate(zip(jobs, results)):
         service.record(job, result.seq)
         text = _cut_at_stop(result.text, job.params)
         finish = _finish(result.finish_reason)
         if chat:
             choices.append({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                            "logprobs": None})
+                            "logprobs": chat_logprobs(result.events, texts) if logprobs else None})
         else:
-            choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": None})
+            choices.append({"index": i, "text": text, "finish_reason": finish,
+                            "logprobs": completion_logprobs(result.events, texts) if logprobs else None})
     generated = sum(len(r.seq.output_ids) for r in results)
     return {"id": rid, "object": obj, "created": created, "model": model, "adapter_version": jobs[0].adapter_version,
             "choices": choices, "usage": _usage(jobs, generated)}
@@ -98,20 +104,36 @@ class _Chunks(Encoder):
     out to be the start of a stop sequence, each choice's last chunk with its finish_reason, then
     (stream_options.include_usage) a chunk of usage alone, then `[DONE]`."""
 
-    def __init__(self, service: Service, jobs: list[Job], streams, fixed: dict, chat: bool, usage: bool):
+    def __init__(self, service: Service, jobs: list[Job], streams, fixed: dict, chat: bool, usage: bool,
+                 logprobs: bool = False):
         self.service, self.jobs, self.streams, self.chat, self.usage = service, jobs, streams, chat, usage
+        self.texts = token_texts(service.base.tokenizer) if logprobs else None  # None: no logprobs asked
+        self.unsent = [[] for _ in jobs]  # per choice, the events whose logprobs no chunk has carried yet
+        self.offsets = [0] * len(jobs)  # per choice, the text offset of its first unsent event
         self.fixed = fixed
         self.head = json.dumps(fixed)[:-1] + ', "choices": ['  # what every chunk repeats, serialized once
         self.emitted = [""] * len(jobs)  # text sent so far, per choice
         self.remaining = len(jobs)
 
     def _chunk(self, i: int, text: str, finish: str | None, role: bool = False) -> str:
+        logprobs = None if role else self._logprobs(i)
         if self.chat:
             delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
-            choice = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
+            choice = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         else:
-            choice = {"index": i, "text": text, "finish_reason": finish, "logprobs": None}
+            choice = {"index": i, "text": text, "finish_reason": finish, "logprobs": logprobs}
         return f"data: {self.head}{json.dumps(choice)}]}}\n\n"
+
+    def _logprobs(self, i: int) -> dict | None:
+        """The unsent events' logprobs, for the chunk about to go out (None when not asked)."""
+        if self.texts is None:
+            return None
+        events, self.unsent[i] = self.unsent[i], []
+        if self.chat:
+            return chat_logprobs(events, self.texts)
+        shaped = completion_logprobs(events, self.texts, self.offsets[i])
+        self.offsets[i] += sum(len(e.text) for e in events)
+        return shaped
 
     def opening(self) -> str:
         return "".join(self._chunk(i, "", None, role=True) for i in range(len(self.jobs))) if self.chat else ""
@@ -121,6 +143,8 @@ class _Chunks(Encoder):
             self.done = True
             return _sse(json.loads(to_response(event).body)) + "data: [DONE]\n\n"
         seq, params = self.streams[i].seq, self.jobs[i].params
+        if self.texts is not None:
+            self.unsent[i].append(event)
         safe = _cut_at_stop(seq.text, params)
         if event.finish_reason is None and params.stop:
             hold = max(len(s) for s in params.stop) - 1
@@ -154,7 +178,7 @@ async def completions(request: Request, body: CompletionRequest):
     adapter = await service.adapter(body.model)  # once: every prompt runs with the same version
     jobs = [await service.prepare("completions", p, params, adapter) for p in prompts]
     return await _respond(request, jobs, body.model or service.base.name, chat=False, stream=bool(body.stream),
-                          usage=body.include_usage)
+                          usage=body.include_usage, logprobs=body.logprobs is not None)
 
 
 @router.post("/chat/completions")
@@ -173,7 +197,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
     jobs = [await service.prepare("chat", ids, params, await service.adapter(body.model))]
     return await _respond(request, jobs, body.model or service.base.name, chat=True, stream=bool(body.stream),
-                          usage=body.include_usage)
+                          usage=body.include_usage, logprobs=bool(body.logprobs))
 
 
 @router.get("/models")

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from server.engine.request import TokenEvent
 
 from .errors import to_response
+from .logprobs import tgi_top_tokens, token_texts
 from .schemas import Details, GenerateRequest, GenerateResponse, StreamDetails, StreamResponse, Token
 from .service import Job, Service
 from .sse import Encoder, EventStream
@@ -32,6 +33,11 @@ def _token(event: TokenEvent) -> Token:
     return Token(id=event.token_id, text=event.text, logprob=event.logprob, special=event.special)
 
 
+def _top_tokens(service: Service, events: list[TokenEvent]) -> list[list[Token]]:
+    texts = token_texts(service.base.tokenizer)
+    return [tgi_top_tokens(e, texts) for e in events]
+
+
 def _full_text(body: GenerateRequest, text: str) -> str:
     return body.inputs + text if body.parameters.return_full_text else text
 
@@ -51,6 +57,7 @@ async def _generate(request: Request, body: GenerateRequest, route: str) -> Gene
             seed=result.seq.seed if job.params.sampling else None,
             adapter_version=job.adapter_version,
             tokens=[_token(e) for e in result.events],
+            top_tokens=_top_tokens(service, result.events) if job.params.top_logprobs else None,
         )
     return GenerateResponse(generated_text=_full_text(body, result.text), details=details)
 
@@ -98,7 +105,8 @@ class _StreamMessages(Encoder):
             self.done = True
             return f"data: {json.dumps(json.loads(to_response(event).body))}\n\n"
         self.index += 1
-        message = StreamResponse(index=self.index, token=_token(event))
+        message = StreamResponse(index=self.index, token=_token(event),
+                                 top_tokens=tgi_top_tokens(event, token_texts(self.service.base.tokenizer)))
         if event.finish_reason is not None:
             self.done = True
             seq = self.stream.seq

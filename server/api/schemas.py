@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapters.sources import SOURCES
-from server.engine.request import InvalidRequest, SamplingParams
+from server.engine.request import MAX_TOP_LOGPROBS, InvalidRequest, SamplingParams
 
 log = logging.getLogger("softprompt.requests")
 
@@ -22,14 +22,12 @@ log = logging.getLogger("softprompt.requests")
 # accepted. Shared by the routes; each schema adds its own below.
 _UNSUPPORTED = {
     # sampling and decoding (TGI, vLLM, OpenAI)
-    "best_of": (None, 1), "n": (None, 1), "typical_p": (None, 1.0), "min_p": (None, 0.0), "min_tokens": (None, 0),
-    "frequency_penalty": (None, 0.0), "presence_penalty": (None, 0.0), "logit_bias": (None, {}),
-    "stop_token_ids": (None, []), "skip_special_tokens": (None, True), "spaces_between_special_tokens": (None, True),
+    "best_of": (None, 1), "n": (None, 1),
+    "skip_special_tokens": (None, True), "spaces_between_special_tokens": (None, True),
     "use_beam_search": (None, False), "length_penalty": (None, 1.0), "allowed_token_ids": (None,),
     "bad_words": (None, []), "watermark": (None, False),
     # what the answer carries
-    "logprobs": (None, False), "top_logprobs": (None, 0), "prompt_logprobs": (None,), "top_n_tokens": (None, 0),
-    "decoder_input_details": (None, False), "echo": (None, False), "suffix": (None, ""),
+    "prompt_logprobs": (None,), "decoder_input_details": (None, False), "echo": (None, False), "suffix": (None, ""),
     # structured output and tools
     "grammar": (None,), "response_format": (None, {"type": "text"}), "guided_json": (None,), "guided_regex": (None,),
     "guided_choice": (None,), "guided_grammar": (None,), "structured_outputs": (None,), "tools": (None, []),
@@ -38,9 +36,14 @@ _UNSUPPORTED = {
     "adapter_parameters": (None,), "merged_adapters": (None,), "api_token": (None,), "adapter_task": (None,),
     "soft_prompt": (None,), "prompt_embeds": (None,), "truncate_prompt_tokens": (None,),
 }
-_TGI_UNSUPPORTED = {**_UNSUPPORTED, "return_k_alternatives": (None, 0)}
-_OPENAI_UNSUPPORTED = {**_UNSUPPORTED, "include_stop_str_in_output": (None, False)}
-_COMPLETION_UNSUPPORTED = {**_OPENAI_UNSUPPORTED, "logprobs": (None,),  # 0: the sampled tokens' logprobs
+# Honoured on one family of routes, refused on the other (OpenAI's and vLLM's names, TGI's names).
+_OPENAI_ONLY = {"min_p": (None, 0.0), "min_tokens": (None, 0), "frequency_penalty": (None, 0.0),
+                "presence_penalty": (None, 0.0), "logit_bias": (None, {}), "stop_token_ids": (None, []),
+                "logprobs": (None, False), "top_logprobs": (None, 0)}
+_TGI_ONLY = {"typical_p": (None, 1.0), "top_n_tokens": (None, 0)}
+_TGI_UNSUPPORTED = {**_UNSUPPORTED, **_OPENAI_ONLY, "return_k_alternatives": (None, 0)}
+_OPENAI_UNSUPPORTED = {**_UNSUPPORTED, **_TGI_ONLY, "include_stop_str_in_output": (None, False)}
+_COMPLETION_UNSUPPORTED = {**_OPENAI_UNSUPPORTED, "top_logprobs": (None, 0),  # chat's: completions' is `logprobs`
                            "add_special_tokens": (None, True)}
 _CHAT_UNSUPPORTED = {
     **_OPENAI_UNSUPPORTED, "add_special_tokens": (None, False), "add_generation_prompt": (None, True),
@@ -101,6 +104,8 @@ class GenerateParameters(_Lenient):
     details: bool | None = False
     return_full_text: bool | None = False
     truncate: int | None = None  # keep only the last `truncate` prompt tokens
+    typical_p: float | None = None  # TGI's locally typical sampling
+    top_n_tokens: int | None = None  # TGI's: the most likely alternatives of each token, in `top_tokens`
     ignore_eos_token: bool | None = False  # LoRAX's: generate max_new_tokens whatever the model says
 
     def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
@@ -120,6 +125,8 @@ class GenerateParameters(_Lenient):
             seed=self.seed,
             stop=tuple(self.stop or ()),
             ignore_eos=bool(self.ignore_eos_token),
+            typical_p=self.typical_p,
+            top_logprobs=_top_logprobs("parameters.top_n_tokens", self.top_n_tokens),
         )
 
 
@@ -156,6 +163,7 @@ class StreamDetails(BaseModel):
 class Details(StreamDetails):
     prefill: list[Token] = []
     tokens: list[Token] = []
+    top_tokens: list[list[Token]] | None = None  # per token, its top_n_tokens alternatives (when asked)
 
 
 class GenerateResponse(BaseModel):
@@ -166,7 +174,7 @@ class GenerateResponse(BaseModel):
 class StreamResponse(BaseModel):
     index: int
     token: Token
-    top_tokens: None = None
+    top_tokens: list[Token] | None = None  # its top_n_tokens alternatives (when asked)
     generated_text: str | None = None
     details: StreamDetails | None = None
 
@@ -185,13 +193,19 @@ class _OpenAIBase(_Lenient):
     top_k: int | None = None  # common extension (vLLM, TGI)
     ignore_eos: bool | None = False  # vLLM's extension: generate max_tokens whatever the model says
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI's) -> bias in [-100, 100]
+    min_p: float | None = None  # vLLM's extension
+    min_tokens: int | None = None  # vLLM's extension: no stop of any kind before this many tokens
+    stop_token_ids: list[int] | None = None  # vLLM's extension
 
     @property
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
 
     def _params(self, max_tokens: int | None, default_max_new_tokens: int, route: str,
-                unknown: tuple[str, ...] | list[str] = ()) -> SamplingParams:
+                unknown: tuple[str, ...] | list[str] = (), top_logprobs: int = 0) -> SamplingParams:
         unknown = self.check_fields() + list(unknown)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         temperature = 1.0 if self.temperature is None else self.temperature
@@ -205,9 +219,34 @@ class _OpenAIBase(_Lenient):
             seed=self.seed,
             stop=tuple(stop),
             ignore_eos=bool(self.ignore_eos),
+            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            logit_bias=_logit_bias(self.logit_bias),
+            min_p=self.min_p or 0.0,
+            min_tokens=self.min_tokens or 0,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            top_logprobs=top_logprobs,
         )
         _log_unknown(route, unknown)
         return params
+
+
+def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} as (id, bias) pairs (SamplingParams checks the ranges)."""
+    pairs = []
+    for key, value in (bias or {}).items():
+        try:
+            pairs.append((int(key), float(value)))
+        except ValueError:
+            raise InvalidRequest("logit_bias", f"keys must be token ids, got {key!r}") from None
+    return tuple(pairs)
+
+
+def _top_logprobs(param: str, k: int | None) -> int:
+    """The alternatives asked for per token, refused under its route's own name when out of range."""
+    if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(param, f"must be in [0, {MAX_TOP_LOGPROBS}], got {k!r}")
+    return k or 0
 
 
 class CompletionRequest(_OpenAIBase):
@@ -215,9 +254,11 @@ class CompletionRequest(_OpenAIBase):
 
     prompt: str | list[str]
 
+    logprobs: int | None = None  # the chosen tokens' log-probabilities and this many alternatives each
+
     def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
         return self._params(self.max_tokens if self.max_tokens is not None else 16, default_max_new_tokens,
-                            "completions")
+                            "completions", top_logprobs=_top_logprobs("logprobs", self.logprobs))
 
 
 class ChatMessage(_Lenient):
@@ -242,8 +283,13 @@ class ChatCompletionRequest(_OpenAIBase):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool | None = False  # the chosen tokens' log-probabilities
+    top_logprobs: int | None = None  # and this many alternatives each (needs logprobs)
 
     def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         in_messages = sorted({name for m in self.messages for name in m.check_fields("messages[].")})
-        return self._params(limit, default_max_new_tokens, "chat", in_messages)
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequest("top_logprobs", "needs logprobs: true")
+        return self._params(limit, default_max_new_tokens, "chat", in_messages,
+                            top_logprobs=_top_logprobs("top_logprobs", self.top_logprobs))
