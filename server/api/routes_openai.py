@@ -175,7 +175,7 @@ async def completions(request: Request, body: CompletionRequest):
     if len(prompts) > service.config.max_waiting:  # could never be queued at once
         raise InvalidRequest("prompt", f"{len(prompts)} prompts is more than the {service.config.max_waiting} "
                              "one request may carry (--max-waiting)")
-    adapter = await service.adapter(body.model)  # once: every prompt runs with the same version
+    adapter = await service.adapter(body.model, task=body.adapter_task)  # once: every prompt runs with the same version
     jobs = [await service.prepare("completions", p, params, adapter) for p in prompts]
     return await _respond(request, jobs, body.model or service.base.name, chat=False, stream=bool(body.stream),
                           usage=body.include_usage, logprobs=body.logprobs is not None)
@@ -195,7 +195,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     except TemplateError as exc:  # the template's raise_exception (a role it does not allow, ...), or its own fault
         raise InvalidRequest("messages", f"the chat template of {service.base.name!r} refused them: {exc}") from None
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    jobs = [await service.prepare("chat", ids, params, await service.adapter(body.model))]
+    jobs = [await service.prepare("chat", ids, params, await service.adapter(body.model, task=body.adapter_task))]
     return await _respond(request, jobs, body.model or service.base.name, chat=True, stream=bool(body.stream),
                           usage=body.include_usage, logprobs=bool(body.logprobs))
 

@@ -25,7 +25,8 @@ def _service(request: Request) -> Service:
 async def _job(service: Service, request: Request, body: GenerateRequest, route: str) -> Job:
     p = body.parameters
     params = body.to_sampling_params(default_max_new_tokens=20, route=route)
-    adapter = await service.adapter(p.adapter_id, p.adapter_source, request)
+    adapter = await service.adapter(p.adapter_id, p.adapter_source, request, task=p.adapter_task,
+                                    task_param="parameters.adapter_task")
     return await service.prepare(route, body.inputs, params, adapter, truncate=p.truncate)
 
 

@@ -33,7 +33,7 @@ _UNSUPPORTED = {
     "guided_choice": (None,), "guided_grammar": (None,), "structured_outputs": (None,), "tools": (None, []),
     "tool_choice": (None, "none", "auto"), "functions": (None, []), "function_call": (None, "none", "auto"),
     # adapters and prompts (LoRAX, vLLM)
-    "adapter_parameters": (None,), "merged_adapters": (None,), "api_token": (None,), "adapter_task": (None,),
+    "adapter_parameters": (None,), "merged_adapters": (None,), "api_token": (None,),
     "soft_prompt": (None,), "prompt_embeds": (None,), "truncate_prompt_tokens": (None,),
 }
 # Honoured on one family of routes, refused on the other (OpenAI's and vLLM's names, TGI's names).
@@ -93,6 +93,7 @@ class GenerateParameters(_Lenient):
 
     adapter_id: str | None = None
     adapter_source: str | None = None  # LoRAX's: where an unknown adapter comes from; null: "local"
+    adapter_task: int | None = None  # which task of a multitask prompt tuning adapter (0-based)
     max_new_tokens: int | None = Field(default=20)
     do_sample: bool | None = False
     temperature: float | None = None
@@ -193,6 +194,7 @@ class _OpenAIBase(_Lenient):
     top_k: int | None = None  # common extension (vLLM, TGI)
     ignore_eos: bool | None = False  # vLLM's extension: generate max_tokens whatever the model says
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage
+    adapter_task: int | None = None  # ours (extra body): which task of a multitask prompt tuning adapter
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI's) -> bias in [-100, 100]

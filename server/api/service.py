@@ -13,6 +13,7 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from adapters import Adapter, AdapterRegistry
+from adapters.errors import InvalidTask
 from adapters.sources import AdapterSources
 from server.config import Config
 from server.engine.engine import AsyncEngine, Stream
@@ -100,7 +101,8 @@ class Service:
 
     # ---- generation ---------------------------------------------------------------------------------
     async def adapter(self, name: str | None, source: str | None = None,
-                      request: Request | None = None) -> Adapter | None:
+                      request: Request | None = None, *,
+                      task: int | None = None, task_param: str = "adapter_task") -> Adapter | None:
         """None, '' or the base model's own name mean no adapter. `source` (`parameters.adapter_source`)
         says where an adapter the registry does not know is fetched from: None or "local", nowhere.
         `request`: whose admin key lets it fetch hub repos not in --allow-hub-adapters."""
@@ -108,14 +110,30 @@ class Service:
         if source == "s3" and (self.registry.store is None or self.registry.store.source != "s3"):
             raise InvalidRequest("parameters.adapter_source", "'s3' needs an s3:// adapter store (--adapter-store); "
                                  f"this server's store is {self.registry.store.url if self.registry.store else 'none'}")
+        # `task` (`adapter_task`): which task of a multitask adapter; refused, naming `task_param`, when
+        # missing for one, out of its range, or given for an adapter without tasks.
         if name in (None, "", self.base.name):
+            if task is not None:
+                raise InvalidRequest(task_param, f"{task!r} needs a multitask adapter; none is named")
             return None
+        try:
+            return await self._adapter(name, source, task, request)
+        except InvalidTask as exc:
+            raise InvalidRequest(task_param, str(exc)) from None
+
+    async def _adapter(self, name: str, source: str, task: int | None, request) -> Adapter:
         if source == "local" or name in self.registry:
-            adapter = self.registry.get_resident(name)  # one look: an eviction after it cannot make a load here
+            adapter = self.registry.get_resident(name, task)  # one look: an eviction after it cannot make a load here
             if adapter is not None:
                 return adapter
-            return await run_in_threadpool(self.registry.get, name)  # a cold load: off the event loop
-        return await run_in_threadpool(self.sources.resolve, name, source, self.holds_admin_key(request))
+            return await run_in_threadpool(self.registry.get, name, task)  # a cold load: off the event loop
+        try:
+            adapter = await run_in_threadpool(self.sources.resolve, name, source, self.holds_admin_key(request))
+        except InvalidTask:  # a multitask adapter, fetched and registered: its task is taken below
+            adapter = None
+        if adapter is None or task is not None:
+            adapter = await run_in_threadpool(self.registry.get, self.sources.name(name, source), task)
+        return adapter
 
     def tokenize(self, text: str) -> list[int]:
         return self.base.tokenizer(text, add_special_tokens=True).input_ids
