@@ -68,14 +68,14 @@ def sample(logits: torch.Tensor, rows: list[RowSampler], history: list[list[int]
         warped = _warp(logits[at], [rows[i].params for i in drawing])  # [drawing, vocab]
         tokens[at] = _draw(warped, [rows[i].generator for i in drawing])
         logits = logits.index_copy(0, at, warped)
-    norm = torch.logsumexp(logits, dim=-1)  # [rows]
-    chosen = logits.gather(1, tokens[:, None])[:, 0] - norm
+    logprobs = torch.log_softmax(logits, dim=-1)  # [rows, vocab]
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0]
     top: list = [None] * len(rows)
     asking = [i for i, r in enumerate(rows) if r.params.top_logprobs]
     if asking:
         at = torch.tensor(asking, device=logits.device)
         k = min(max(rows[i].params.top_logprobs for i in asking), logits.shape[1])
-        values, ids = (logits[at] - norm[at, None]).topk(k, dim=-1)  # [asking, k]
+        values, ids = logprobs[at].topk(k, dim=-1)  # [asking, k]
         for i, vs, ts in zip(asking, values.tolist(), ids.tolist()):
             n = rows[i].params.top_logprobs
             top[i] = tuple((t, v) for t, v in zip(ts[:n], vs[:n]) if v != float("-inf"))
