@@ -45,6 +45,7 @@ class Config:
     max_virtual_tokens: int = 512  # most num_virtual_tokens an adapter may declare (422 above)
     max_request_bytes: int = 4 * 1024 * 1024  # any other request body (413 above), before it is parsed
     max_stop_sequences: int = 4  # stop sequences per request (422 above), as TGI
+    allow_prompt_embeds: str = "off"  # on | off: vLLM's `prompt_embeds` (a torch.save pickle) on /v1/completions
     max_adapters: int = 10000  # adapters registered (and stored) at most; uploads past it get 507
     max_adapter_labels: int = 100  # adapters named in per-adapter metrics; the others count as "__other__"
     adapter_cache_memory: str = "0.25"  # materialized prefixes kept: bytes, or a fraction of the KV cache
@@ -108,6 +109,10 @@ _HELP = {
     "max_virtual_tokens": "most virtual tokens an adapter may declare (more: 422)",
     "max_request_bytes": "largest body of any other request in bytes, refused before parsing (larger: 413)",
     "max_stop_sequences": "most stop sequences per request (more: 422)",
+    "allow_prompt_embeds": "on: accept vLLM's prompt_embeds on /v1/completions (base64 of torch.save of one tensor "
+                           "[n, hidden], served as virtual tokens before the prompt; read with torch.load(weights_only="
+                           "True), dense tensors only, sizes checked first); off: 422 naming this flag. "
+                           "--allow-prompt-embeds alone means on. Our own soft_prompt (safetensors) needs no flag",
     "max_adapters": "most adapters registered and stored; an upload (or hub fetch) past it is refused with 507",
     "max_adapter_labels": "most adapters named in the per-adapter metrics (the first seen since start-up); "
                           "the others are counted under adapter=\"__other__\"",
@@ -123,6 +128,9 @@ _HELP = {
     "shutdown_timeout": "seconds running requests get to finish after SIGTERM",
     "log_level": "debug, info, warning or error",
 }
+
+
+_SWITCHES = ("allow_prompt_embeds",)  # on | off flags that, given alone, mean on
 
 
 def _flag(name: str) -> str:
@@ -156,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
             dest=f.name,
             type=_converter(f),
             default=None,
+            **({"nargs": "?", "const": "on"} if f.name in _SWITCHES else {}),
             help=f"{_HELP[f.name]} [env {env_var(f.name)}; default {f.default}]",
         )
     parser.add_argument("--no-compile", dest="compile", action="store_const", const="off",
@@ -195,7 +204,7 @@ def _check(config: Config) -> None:
         parse_cpu_threads(config.cpu_threads)
     except ValueError as exc:
         raise SystemExit(f"--cpu-threads: {exc}") from None
-    for name, allowed in (("compile", ("on", "off")), ("fast_path", ("on", "off")), ("cpu_linear", LINEAR),
+    for name, allowed in (("compile", ("on", "off")), ("fast_path", ("on", "off")), ("allow_prompt_embeds", ("on", "off")), ("cpu_linear", LINEAR),
                           ("native_decode", NATIVE_DECODE), ("attention_kernel", ATTENTION)):
         if getattr(config, name) not in allowed:
             raise SystemExit(f"{_flag(name)} must be {' or '.join(allowed)}, got {getattr(config, name)!r}")

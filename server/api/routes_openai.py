@@ -164,18 +164,38 @@ class _Chunks(Encoder):
         return out
 
 
+async def _adapter(service: Service, body: CompletionRequest | ChatCompletionRequest):
+    """The adapter `model` names, or the request's own virtual tokens: `soft_prompt` (base64
+    safetensors), or vLLM's `prompt_embeds` (a torch.save pickle, with --allow-prompt-embeds only),
+    served before the prompt (docs/soft-prompts.md); `model` may then name only the base model."""
+    embeds = getattr(body, "prompt_embeds", None)  # /v1/completions only, as vLLM
+    if embeds is not None:
+        if service.config.allow_prompt_embeds != "on":
+            raise InvalidRequest("prompt_embeds", "vLLM's prompt_embeds (a torch.save pickle) is accepted only with "
+                                 "--allow-prompt-embeds; soft_prompt (base64 safetensors) needs no flag")
+        if body.soft_prompt is not None:
+            raise InvalidRequest("prompt_embeds", "cannot be combined with soft_prompt: send one of them")
+        return await service.soft_prompt(embeds, "prompt_embeds", "model", body.model, pickled=True)
+    if body.soft_prompt is not None:
+        return await service.soft_prompt(body.soft_prompt, "soft_prompt", "model", body.model)
+    return await service.adapter(body.model, task=body.adapter_task)
+
+
 @router.post("/completions")
 async def completions(request: Request, body: CompletionRequest):
     service = _service(request)
     service.authorize(request)
     params = body.to_sampling_params(default_max_new_tokens=16)
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    prompt = "" if body.prompt is None and body.prompt_embeds is not None else body.prompt  # vLLM: embeddings alone
+    if prompt is None:
+        raise InvalidRequest("prompt", 'is required (it may be "" with soft_prompt or prompt_embeds)')
+    prompts = [prompt] if isinstance(prompt, str) else prompt
     if not prompts:
         raise InvalidRequest("prompt", "must not be empty")
     if len(prompts) > service.config.max_waiting:  # could never be queued at once
         raise InvalidRequest("prompt", f"{len(prompts)} prompts is more than the {service.config.max_waiting} "
                              "one request may carry (--max-waiting)")
-    adapter = await service.adapter(body.model, task=body.adapter_task)  # once: every prompt runs with the same version
+    adapter = await _adapter(service, body)  # once: every prompt runs with the same version
     jobs = [await service.prepare("completions", p, params, adapter) for p in prompts]
     return await _respond(request, jobs, body.model or service.base.name, chat=False, stream=bool(body.stream),
                           usage=body.include_usage, logprobs=body.logprobs is not None)
@@ -195,7 +215,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     except TemplateError as exc:  # the template's raise_exception (a role it does not allow, ...), or its own fault
         raise InvalidRequest("messages", f"the chat template of {service.base.name!r} refused them: {exc}") from None
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    jobs = [await service.prepare("chat", ids, params, await service.adapter(body.model, task=body.adapter_task))]
+    jobs = [await service.prepare("chat", ids, params, await _adapter(service, body))]
     return await _respond(request, jobs, body.model or service.base.name, chat=True, stream=bool(body.stream),
                           usage=body.include_usage, logprobs=bool(body.logprobs))
 

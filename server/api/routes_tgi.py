@@ -25,8 +25,12 @@ def _service(request: Request) -> Service:
 async def _job(service: Service, request: Request, body: GenerateRequest, route: str) -> Job:
     p = body.parameters
     params = body.to_sampling_params(default_max_new_tokens=20, route=route)
-    adapter = await service.adapter(p.adapter_id, p.adapter_source, request, task=p.adapter_task,
-                                    task_param="parameters.adapter_task")
+    if p.soft_prompt is not None:  # the request's own virtual tokens (docs/soft-prompts.md)
+        adapter = await service.soft_prompt(p.soft_prompt, "parameters.soft_prompt", "parameters.adapter_id",
+                                            p.adapter_id)
+    else:
+        adapter = await service.adapter(p.adapter_id, p.adapter_source, request, task=p.adapter_task,
+                                        task_param="parameters.adapter_task")
     return await service.prepare(route, body.inputs, params, adapter, truncate=p.truncate)
 
 

@@ -93,6 +93,7 @@ class GenerateParameters(_Lenient):
 
     adapter_id: str | None = None
     adapter_source: str | None = None  # LoRAX's: where an unknown adapter comes from; null: "local"
+    soft_prompt: str | None = None  # ours: base64 safetensors [n, hidden], this request's own virtual tokens
     adapter_task: int | None = None  # which task of a multitask prompt tuning adapter (0-based)
     max_new_tokens: int | None = Field(default=20)
     do_sample: bool | None = False
@@ -194,6 +195,7 @@ class _OpenAIBase(_Lenient):
     top_k: int | None = None  # common extension (vLLM, TGI)
     ignore_eos: bool | None = False  # vLLM's extension: generate max_tokens whatever the model says
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage
+    soft_prompt: str | None = None  # ours: base64 safetensors [n, hidden], this request's own virtual tokens
     adapter_task: int | None = None  # ours (extra body): which task of a multitask prompt tuning adapter
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
@@ -254,7 +256,8 @@ def _top_logprobs(param: str, k: int | None) -> int:
 class CompletionRequest(_OpenAIBase):
     UNSUPPORTED = _COMPLETION_UNSUPPORTED
 
-    prompt: str | list[str]
+    prompt: str | list[str] | None = None  # required, unless prompt_embeds is given ("" then)
+    prompt_embeds: str | None = None  # vLLM's: base64 torch.save [n, hidden], with --allow-prompt-embeds only
 
     logprobs: int | None = None  # the chosen tokens' log-probabilities and this many alternatives each
 

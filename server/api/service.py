@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from adapters import Adapter, AdapterRegistry
+from adapters import Adapter, AdapterRegistry, inline
 from adapters.errors import InvalidTask
 from adapters.sources import AdapterSources
 from server.config import Config
@@ -134,6 +134,27 @@ class Service:
         if adapter is None or task is not None:
             adapter = await run_in_threadpool(self.registry.get, self.sources.name(name, source), task)
         return adapter
+
+    async def soft_prompt(self, payload: str, param: str, adapter_param: str, adapter_name: str | None,
+                          pickled: bool = False) -> Adapter:
+        """The request's own adapter, from the virtual-token embeddings it carries (`payload`: base64
+        of a safetensors file; with `pickled`, vLLM's torch.save): decoded, checked and run through the
+        model (`adapters.inline`) on the engine thread between steps, so torch's threads stay there;
+        held by the request alone, nothing registered or stored. InvalidRequest naming `param` for a
+        bad payload, or for one sent with an adapter (`adapter_param`, naming `adapter_name`)."""
+        if adapter_name not in (None, "", self.base.name):
+            raise InvalidRequest(param, f"cannot be combined with {adapter_param} ({adapter_name!r}): a request "
+                                 "runs with an adapter or with its own soft prompt, not both")
+        decode = inline.decode_torch_save if pickled else inline.decode_safetensors
+        spec, limits = self.base.spec, (self.config.max_virtual_tokens, self.config.max_request_bytes)
+
+        def materialize() -> Adapter:
+            return inline.inline_adapter(decode(payload, spec.hidden_size, *limits), spec, self.base.model)
+
+        try:
+            return await run_in_threadpool(self.engine.run_between_steps, materialize)
+        except inline.InvalidSoftPrompt as exc:
+            raise InvalidRequest(param, str(exc)) from None
 
     def tokenize(self, text: str) -> list[int]:
         return self.base.tokenizer(text, add_special_tokens=True).input_ids

@@ -1,0 +1,218 @@
+"""Soft prompts sent with a request instead of uploaded: decoded without trusting the payload,
+and served as a KV prefix held by that request alone.
+
+Two encodings of one tensor of virtual-token embeddings [n, hidden] (float32, bfloat16, float16):
+- `decode_safetensors` (our `soft_prompt`): base64 of a safetensors file. Its 8-byte length and
+  JSON header are read and checked here, bounded, before the tensor data is decoded: exactly one
+  tensor, its dtype, shape (width = the model's hidden size, 1 <= n <= max_tokens) and data
+  offsets consistent with the payload, its size within max_bytes. No pickle anywhere.
+- `decode_torch_save` (vLLM's `prompt_embeds`): base64 of `torch.save(tensor)`, a zip archive
+  around a pickle. vLLM's loader had two advisories (GHSA-rh4j-5rhw-hr54; CVE-2025-62164, a tiny
+  payload declaring a sparse tensor that densifies to terabytes). Before `torch.load` runs: the
+  archive's entries must be stored uncompressed and sum to at most max_bytes, and every global
+  the pickle names must be one of a dense tensor's (a sparse or other layout is refused by name);
+  then `torch.load(weights_only=True)`, and the same checks on the tensor as above.
+
+Both return the embeddings on the CPU as sent; `inline_adapter` materializes them (the model's
+forward: call it where model work runs, the engine thread between steps) into an `Adapter` that
+no registry holds: it lives as long as the requests that hold it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import pickletools
+import struct
+import time
+import zipfile
+
+import torch
+
+from .adapter import Adapter, virtual_tokens_to_kv
+from .spec import ModelSpec
+
+NAME = "inline"  # the adapter name such a request reports (logs, metrics)
+PEFT_TYPE = "PROMPT_TUNING"  # what it is served as: virtual-token embeddings before the prompt
+MAX_HEADER_BYTES = 64 * 1024  # a one-tensor safetensors header is about 100 bytes
+DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2}
+# The globals a pickled dense tensor of those dtypes names (torch.save of a tensor); anything else
+# (torch._utils._rebuild_sparse_tensor, torch.Size, nn.Parameter, ...) is refused before loading.
+_DENSE_GLOBALS = {
+    ("torch._utils", "_rebuild_tensor_v2"), ("collections", "OrderedDict"),
+    ("torch", "FloatStorage"), ("torch", "BFloat16Storage"), ("torch", "HalfStorage"),
+}
+MAX_PICKLE_BYTES = 64 * 1024  # a pickled tensor's data.pkl is about 150 bytes
+
+
+class InvalidSoftPrompt(ValueError):
+    """The payload is not a soft prompt this server serves; the message says what is wrong."""
+
+
+def decode_safetensors(text: str, hidden: int, max_tokens: int, max_bytes: int) -> torch.Tensor:
+    """The embeddings [n, hidden] of a base64 safetensors payload, checked (module docstring)."""
+    if not isinstance(text, str) or not text:
+        raise InvalidSoftPrompt("must be a non-empty base64 string (of a safetensors file)")
+    head = _b64(text[: _b64_chars(8)])[:8]
+    if len(head) < 8:
+        raise InvalidSoftPrompt("not a safetensors file: shorter than its 8-byte header length")
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > MAX_HEADER_BYTES:
+        raise InvalidSoftPrompt(f"not a safetensors file, or not a soft prompt: its header declares {header_len} "
+                                f"bytes, more than the {MAX_HEADER_BYTES} a one-tensor header needs")
+    start = 8 + header_len
+    header_raw = _b64(text[: _b64_chars(start)])[8:start]
+    if len(header_raw) < header_len:
+        raise InvalidSoftPrompt(f"truncated: its header declares {header_len} bytes, the payload holds fewer")
+    try:
+        header = json.loads(header_raw)
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidSoftPrompt("not a safetensors file: its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise InvalidSoftPrompt("not a safetensors file: its header is not a JSON object")
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    if len(tensors) != 1:
+        raise InvalidSoftPrompt(f"must hold exactly one tensor [n, {hidden}], holds {len(tensors)}"
+                                + (f" ({', '.join(sorted(map(repr, tensors))[:4])})" if tensors else ""))
+    (key, entry), = tensors.items()
+    if not isinstance(entry, dict):
+        raise InvalidSoftPrompt(f"tensor {key!r}: its header entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise InvalidSoftPrompt(f"tensor {key!r} has dtype {dtype!r}; use F32, BF16 or F16")
+    _check_shape(shape, hidden, max_tokens, f"tensor {key!r}")
+    nbytes = shape[0] * shape[1] * _ITEMSIZE[dtype]
+    if nbytes > max_bytes:
+        raise InvalidSoftPrompt(f"tensor {key!r} is {nbytes} bytes, more than the {max_bytes} allowed "
+                                "(--max-request-bytes)")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+            or offsets[0] != 0 or offsets[1] != nbytes):
+        raise InvalidSoftPrompt(f"tensor {key!r}: data_offsets {offsets!r} do not match its shape and dtype "
+                                f"(expected [0, {nbytes}])")
+    expected = start + nbytes
+    holds = len(text) * 3 // 4 - text[-2:].count("=")  # the decoded length of well-formed base64
+    if holds != expected:  # before the data is decoded
+        raise InvalidSoftPrompt(f"the header declares {expected} bytes, the payload holds {holds}"
+                                + (" (truncated)" if holds < expected else ""))
+    raw = _b64(text)
+    if len(raw) != expected:
+        raise InvalidSoftPrompt(f"the header declares {expected} bytes, the payload holds {len(raw)}"
+                                + (" (truncated)" if len(raw) < expected else ""))
+    from safetensors.torch import load as load_safetensors
+
+    try:
+        tensor = load_safetensors(raw)[key]
+    except Exception as exc:  # safetensors' own checks: never reached by what passed the ones above, so far
+        raise InvalidSoftPrompt(f"not a valid safetensors file: {exc}") from None
+    return _check_values(tensor, f"tensor {key!r}")
+
+
+def decode_torch_save(text: str, hidden: int, max_tokens: int, max_bytes: int) -> torch.Tensor:
+    """The embeddings [n, hidden] of vLLM's base64 `torch.save` payload, checked (module docstring)."""
+    if not isinstance(text, str) or not text:
+        raise InvalidSoftPrompt("must be a non-empty base64 string (of torch.save of a tensor)")
+    if len(text) * 3 // 4 > max_bytes + 2:
+        raise InvalidSoftPrompt(f"about {len(text) * 3 // 4} bytes, more than the {max_bytes} allowed "
+                                "(--max-request-bytes)")
+    raw = _b64(text)
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(raw))
+        entries = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError):
+        raise InvalidSoftPrompt("not a torch.save file (a zip archive); the legacy format is not accepted") from None
+    declared = 0
+    for info in entries:
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+            raise InvalidSoftPrompt(f"archive entry {info.filename!r} is compressed; torch.save stores them as is")
+        declared += info.file_size
+    if declared > len(raw) or declared > max_bytes:
+        raise InvalidSoftPrompt(f"its archive entries declare {declared} bytes, more than the payload's "
+                                f"{len(raw)} or the {max_bytes} allowed (--max-request-bytes)")
+    pickles = [info for info in entries if info.filename.endswith("/data.pkl") or info.filename == "data.pkl"]
+    if len(pickles) != 1 or pickles[0].file_size > MAX_PICKLE_BYTES:
+        raise InvalidSoftPrompt("not a torch.save file of one tensor (no data.pkl, several, or a large one)")
+    try:
+        _check_globals(archive.read(pickles[0]))
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InvalidSoftPrompt(f"a damaged archive: {exc}") from None
+    try:
+        tensor = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InvalidSoftPrompt(f"torch.load (weights_only) refused it: {str(exc).splitlines()[0][:200]}") from None
+    if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+        raise InvalidSoftPrompt(f"must be one dense tensor, got {getattr(tensor, 'layout', type(tensor).__name__)}")
+    if tensor.dtype not in DTYPES.values():
+        raise InvalidSoftPrompt(f"has dtype {tensor.dtype}; use float32, bfloat16 or float16")
+    _check_shape(list(tensor.shape), hidden, max_tokens, "the tensor")
+    return _check_values(tensor.contiguous(), "the tensor")
+
+
+def inline_adapter(embeddings: torch.Tensor, spec: ModelSpec, model) -> Adapter:
+    """The request's own adapter: `embeddings` [n, hidden] run through the frozen model once (a
+    forward: on the engine thread, between steps), as a prompt-tuning adapter is materialized."""
+    digest = hashlib.sha256(embeddings.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    embeddings = embeddings.to(spec.device, spec.dtype)
+    kv = virtual_tokens_to_kv(model, embeddings)
+    n = embeddings.shape[0]
+    return Adapter(NAME, PEFT_TYPE, n, NAME, time.time(), {"peft_type": PEFT_TYPE, "num_virtual_tokens": n},
+                   kv, None, f"{NAME}-{digest[:16]}")
+
+
+def _check_shape(shape, hidden: int, max_tokens: int, what: str) -> None:
+    if not isinstance(shape, list) or len(shape) != 2 or not all(_is_int(d) for d in shape):
+        raise InvalidSoftPrompt(f"{what} has shape {shape!r}; a soft prompt is 2-D: [n, {hidden}]")
+    n, width = shape
+    if width != hidden:
+        raise InvalidSoftPrompt(f"{what} has width {width}; this model's hidden size is {hidden}")
+    if not 1 <= n <= max_tokens:
+        raise InvalidSoftPrompt(f"{what} has {n} virtual tokens; 1 to {max_tokens} are allowed "
+                                "(--max-virtual-tokens)")
+
+
+def _check_values(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    if not torch.isfinite(tensor).all():
+        raise InvalidSoftPrompt(f"{what} holds NaN or infinite values")
+    return tensor
+
+
+def _check_globals(pickle_raw: bytes) -> None:
+    """Every global the pickle names is one of a dense tensor's; read with pickletools, never run."""
+    strings: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(pickle_raw):
+            if op.name in ("GLOBAL", "INST"):
+                module, _, name = arg.partition(" ")
+            elif op.name == "STACK_GLOBAL":
+                module, name = (strings[-2], strings[-1]) if len(strings) >= 2 else ("?", "?")
+            else:
+                if isinstance(arg, str):
+                    strings.append(arg)
+                continue
+            if (module, name) not in _DENSE_GLOBALS:
+                kind = "a sparse tensor" if "sparse" in name else f"{module}.{name}"
+                raise InvalidSoftPrompt(f"holds {kind}; only one dense tensor (float32, bfloat16 or float16) "
+                                        "is accepted")
+    except (ValueError, IndexError, struct.error) as exc:
+        if isinstance(exc, InvalidSoftPrompt):
+            raise
+        raise InvalidSoftPrompt(f"its pickle is malformed: {exc}") from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _b64_chars(n: int) -> int:
+    """Base64 characters that hold the first n bytes."""
+    return -(-n // 3) * 4
+
+
+def _b64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidSoftPrompt("not base64") from None
