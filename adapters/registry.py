@@ -156,13 +156,13 @@ class AdapterRegistry:
             check_task(entry.name, kind, about, task)
 
     def names(self) -> list[str]:
-        self._follow_names()
+        self.follow_names()
         return sorted(self._entries)
 
     def page(self, limit: int, after: str | None = None) -> tuple[list[str], str | None]:
         """Up to `limit` names, sorted, the first after `after` (any string, registered or not); and
-        the `after` of the next page, None if this is the last."""
-        self._follow_names()
+        the `after` of the next page, None if this is the last. Lists the store (`follow_names`)."""
+        self.follow_names()
         names = sorted(self._entries)
         start = bisect.bisect_right(names, after) if after else 0
         chosen = names[start:start + limit]
@@ -187,8 +187,8 @@ class AdapterRegistry:
         """Every registered adapter, sorted by name, from memory alone (no file read, so cheap for
         10,000 on an event loop): its name and source, and what its registration, loads and
         descriptions told (`peft_type`, `created_at`, ...; nothing more for one registered at
-        start-up and neither used nor described since)."""
-        self._follow_names()
+        start-up and neither used nor described since). What other servers stored or deleted shows
+        once `follow_names` has run (it lists the store: call it off the event loop)."""
         entries = sorted(self._entries.items())
         return [{**self._about.get(entry.key, {}), "name": name, "source": entry.source} for name, entry in entries]
 
@@ -257,6 +257,7 @@ class AdapterRegistry:
                 self.store.delete(name)
             del self._entries[name]
             self._forget(entry)
+            self._checked.pop(name, None)  # stored again elsewhere: seen on the next use, not a second later
 
     def load_store(self) -> list[str]:
         """Register every adapter in the store by name, without reading or materializing it (a bad
@@ -323,8 +324,9 @@ class AdapterRegistry:
                 self._add_entry(self._stored_entry(name, token))
                 self._forget(entry)
 
-    def _follow_names(self) -> None:
-        """Register the names other servers stored, drop those they deleted (at most every `recheck_s`)."""
+    def follow_names(self) -> None:
+        """Register the names other servers stored, drop those they deleted (at most every `recheck_s`).
+        Lists the store (a directory listing, or S3 requests): not on an event loop."""
         if self.store is None or self.recheck_s is None or time.monotonic() - self._listed < self.recheck_s:
             return
         self._listed = time.monotonic()

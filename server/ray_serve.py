@@ -50,8 +50,8 @@ REPLICA_HEADER = "x-replica"
 GENERATION_PATHS = {"/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions"}
 SERVE_ARGS = ("replicas", "min_replicas", "max_replicas", "num_gpus", "num_cpus", "adapters_per_replica")
 # The ingress's router asks a replica for its queue length before sending it a request, and takes
-# a replica slower to answer than 0.1 s (Serve's default) as busy: a replica whose engine keeps the
-# CPU busy then lost its adapters' requests to the others, and affinity was no better than chance.
+# a replica slower to answer than 0.1 s (Serve's default) as busy, routing the request elsewhere:
+# a replica whose engine keeps its cores busy is given 1 s, so that its adapters stay with it.
 ROUTER_ENV = {"RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "1.0", "RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "2.0"}
 BASE_MODEL_ID = ""  # the multiplexed id of requests without an adapter: routed by load alone
 
@@ -110,9 +110,9 @@ class Engine:
         adapter = serve.get_multiplexed_model_id()
         if adapter:
             try:
-                await self.load_multiplexed(adapter)
-            except Exception:  # noqa: BLE001 - the route answers it (404, 422, ...)
-                pass
+                await self.load(adapter)
+            except Exception as exc:  # noqa: BLE001 - the route answers it (404, 422, ...)
+                log.debug("adapter %r not loaded: %s", adapter, exc)
         messages: asyncio.Queue = asyncio.Queue()
         gone = asyncio.Event()
         sent = False
@@ -243,8 +243,9 @@ def deployment(args: dict):
             "max_replicas": int(args.get("max_replicas", args.get("min_replicas", 1))),
             "target_ongoing_requests": max(1, config.max_batch_size // 2)}}
     per_replica = int(args.get("adapters_per_replica", 128))
+    # Under its own name: Serve finds `self` by looking the wrapped function up on it by name.
     engine_class = type("Engine", (Engine,), {
-        "load_multiplexed": serve.multiplexed(max_num_models_per_replica=per_replica)(Engine.load)})
+        "load": serve.multiplexed(max_num_models_per_replica=per_replica)(Engine.load)})
     # Serve's default of 5 ongoing requests would spill an adapter's traffic onto other replicas
     # long before its batch is full: a replica takes what its engine batches, and queues the rest.
     engine = serve.deployment(

@@ -27,8 +27,10 @@ APP = "softprompt"
 
 @pytest.fixture(scope="module")
 def ray_app(model_dir, tmp_path_factory):
+    from server.engine import cpu_kernels
     from server.ray_serve import app
 
+    cpu_kernels.available()  # built here if the sources changed: the replicas then load it from the cache
     store = tmp_path_factory.mktemp("ray-store")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
