@@ -69,11 +69,17 @@ def virtual_tokens_to_kv(model, embeddings: torch.Tensor) -> torch.Tensor:
 
     In a causal model the virtual tokens attend only to each other, so these keys/values are the
     same for every request: serving from them equals prepending the embeddings, minus the prefill.
+    embeddings [n, hidden] -> [layers, 2, kv_heads, n, head_dim]; or, several prompts of one length in
+    one forward (inline soft prompts), [b, n, hidden] -> [b, layers, 2, kv_heads, n, head_dim].
     """
-    n = embeddings.shape[0]
-    positions = torch.arange(n, device=embeddings.device)[None]
-    out = model(inputs_embeds=embeddings[None], position_ids=positions, use_cache=True)
+    batched = embeddings.dim() == 3
+    rows = embeddings if batched else embeddings[None]  # [b, n, hidden]
+    b, n = rows.shape[:2]
+    positions = torch.arange(n, device=embeddings.device)[None].expand(b, n)
+    keep = {"logits_to_keep": 1} if batched else {}  # the keys/values are wanted, not [b, n, vocab] logits
+    out = model(inputs_embeds=rows, position_ids=positions, use_cache=True, **keep)
     # The cache object a forward returns is a transformers internal (server/engine/attention.py lists
     # them, with their tests): `cache` since 5.24, `past_key_values` before (5.24 warns on the old name).
     cache = out["cache"] if "cache" in out else out["past_key_values"]
-    return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]).contiguous()
+    kv = torch.stack([torch.stack([layer.keys, layer.values], 1) for layer in cache.layers], 1)
+    return kv.contiguous() if batched else kv[0].contiguous()

@@ -13,9 +13,10 @@ Two encodings of one tensor of virtual-token embeddings [n, hidden] (float32, bf
   the pickle names must be one of a dense tensor's (a sparse or other layout is refused by name);
   then `torch.load(weights_only=True)`, and the same checks on the tensor as above.
 
-Both return the embeddings on the CPU as sent; `inline_adapter` materializes them (the model's
-forward: call it where model work runs, the engine thread between steps) into an `Adapter` that
-no registry holds: it lives as long as the requests that hold it.
+Both return the embeddings on the CPU as sent; `InlinePrefixes` materializes them (the model's
+forward, where model work runs: the engine thread between steps), those of requests arriving
+together in one forward, each into an `Adapter` that no registry holds: it lives as long as the
+request that holds it.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ import io
 import json
 import pickletools
 import struct
+import threading
 import time
 import zipfile
+from concurrent.futures import Future
+from typing import Callable
 
 import torch
 
@@ -47,6 +51,7 @@ _DENSE_GLOBALS = {
     ("torch", "FloatStorage"), ("torch", "BFloat16Storage"), ("torch", "HalfStorage"),
 }
 MAX_PICKLE_BYTES = 64 * 1024  # a pickled tensor's data.pkl is about 150 bytes
+FORWARD_TOKENS = 4096  # virtual tokens materialized in one forward at most (its activations and logits)
 
 
 class InvalidSoftPrompt(ValueError):
@@ -154,12 +159,71 @@ def decode_torch_save(text: str, hidden: int, max_tokens: int, max_bytes: int) -
 def inline_adapter(embeddings: torch.Tensor, spec: ModelSpec, model) -> Adapter:
     """The request's own adapter: `embeddings` [n, hidden] run through the frozen model once (a
     forward: on the engine thread, between steps), as a prompt-tuning adapter is materialized."""
-    digest = hashlib.sha256(embeddings.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-    embeddings = embeddings.to(spec.device, spec.dtype)
-    kv = virtual_tokens_to_kv(model, embeddings)
-    n = embeddings.shape[0]
-    return Adapter(NAME, PEFT_TYPE, n, NAME, time.time(), {"peft_type": PEFT_TYPE, "num_virtual_tokens": n},
-                   kv, None, f"{NAME}-{digest[:16]}")
+    return inline_adapters([embeddings], spec, model)[0]
+
+
+def inline_adapters(embeddings: list[torch.Tensor], spec: ModelSpec, model) -> list[Adapter]:
+    """One adapter per tensor [n, hidden], all of one length n, in one forward per FORWARD_TOKENS."""
+    n = embeddings[0].shape[0]
+    per_forward = max(1, FORWARD_TOKENS // n)
+    adapters = []
+    for start in range(0, len(embeddings), per_forward):
+        chunk = embeddings[start:start + per_forward]
+        rows = torch.stack([e.to(spec.device, spec.dtype) for e in chunk])  # [b, n, hidden]
+        kv = virtual_tokens_to_kv(model, rows)  # [b, layers, 2, kv_heads, n, head_dim]
+        for e, row in zip(chunk, kv):
+            digest = hashlib.sha256(e.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+            adapters.append(Adapter(NAME, PEFT_TYPE, n, NAME, time.time(), {"peft_type": PEFT_TYPE,
+                                    "num_virtual_tokens": n}, row.clone(), None, f"{NAME}-{digest[:16]}"))
+    return adapters
+
+
+class InlinePrefixes:
+    """Materializes the soft prompts of requests that arrive together in one forward per length:
+    each payload decoded and checked alone, then every prompt of length n waiting at that moment run
+    through the model at once (`run_model`: where model work runs, the engine's `run_between_steps`,
+    as for the registry's loads). 64 requests with 20 virtual tokens each: one forward of [64, 20],
+    not 64 forwards of [1, 20]. Each request gets its own Adapter; nothing is kept here."""
+
+    def __init__(self, spec: ModelSpec, model, run_model: Callable[[Callable[[], None]], None] | None = None):
+        self.spec, self.model = spec, model
+        self._run = run_model or (lambda fn: fn())
+        self._lock = threading.Lock()
+        self._pending: list[tuple[Callable[[], torch.Tensor], Future]] = []
+        self._scheduled = False  # a round is queued that has not taken the pending ones yet
+
+    def get(self, decode: Callable[[], torch.Tensor]) -> Adapter:
+        """The adapter of `decode()`'s embeddings [n, hidden] (or the error it raises, InvalidSoftPrompt).
+        `decode` runs where the forward does (it makes tensors: torch's threads stay the engine's).
+        Blocks the calling thread (a worker, never the event loop) until its round has run."""
+        future: Future = Future()
+        with self._lock:
+            self._pending.append((decode, future))
+            schedule, self._scheduled = not self._scheduled, True
+        if schedule:
+            self._run(self._round)
+        return future.result()
+
+    def _round(self) -> None:
+        with self._lock:
+            pending, self._pending, self._scheduled = self._pending, [], False
+        by_length: dict[int, list[tuple[torch.Tensor, Future]]] = {}
+        for decode, future in pending:
+            try:
+                embeddings = decode()
+            except BaseException as exc:  # this request's payload alone
+                future.set_exception(exc)
+            else:
+                by_length.setdefault(embeddings.shape[0], []).append((embeddings, future))
+        for group in by_length.values():
+            try:
+                adapters = inline_adapters([e for e, _ in group], self.spec, self.model)
+            except BaseException as exc:
+                for _, future in group:
+                    future.set_exception(exc)
+            else:
+                for adapter, (_, future) in zip(adapters, group):
+                    future.set_result(adapter)
 
 
 def _check_shape(shape, hidden: int, max_tokens: int, what: str) -> None:

@@ -72,6 +72,8 @@ class Service:
         allow_hub = tuple(p.strip() for p in (config.allow_hub_adapters or "").split(",") if p.strip())
         self.sources = AdapterSources(registry, max_bytes=config.max_upload_bytes, allow_hub=allow_hub)
         self.engine = engine
+        # inline soft prompts: those of requests arriving together materialized in one forward
+        self.inline_prefixes = inline.InlinePrefixes(base.spec, base.model, engine.run_between_steps)
         self.metrics = Metrics(engine.engine, registry, max_adapter_labels=config.max_adapter_labels)
         self.draining = False
         self.in_flight = 0  # HTTP requests being handled
@@ -139,20 +141,17 @@ class Service:
                           pickled: bool = False) -> Adapter:
         """The request's own adapter, from the virtual-token embeddings it carries (`payload`: base64
         of a safetensors file; with `pickled`, vLLM's torch.save): decoded, checked and run through the
-        model (`adapters.inline`) on the engine thread between steps, so torch's threads stay there;
-        held by the request alone, nothing registered or stored. InvalidRequest naming `param` for a
-        bad payload, or for one sent with an adapter (`adapter_param`, naming `adapter_name`)."""
+        model (`adapters.inline`) on the engine thread between steps, so torch's threads stay there,
+        with those of the other requests waiting then; held by the request alone, nothing registered
+        or stored. InvalidRequest naming `param` for a bad payload, or for one sent with an adapter
+        (`adapter_param`, naming `adapter_name`)."""
         if adapter_name not in (None, "", self.base.name):
             raise InvalidRequest(param, f"cannot be combined with {adapter_param} ({adapter_name!r}): a request "
                                  "runs with an adapter or with its own soft prompt, not both")
         decode = inline.decode_torch_save if pickled else inline.decode_safetensors
-        spec, limits = self.base.spec, (self.config.max_virtual_tokens, self.config.max_request_bytes)
-
-        def materialize() -> Adapter:
-            return inline.inline_adapter(decode(payload, spec.hidden_size, *limits), spec, self.base.model)
-
+        limits = (self.base.spec.hidden_size, self.config.max_virtual_tokens, self.config.max_request_bytes)
         try:
-            return await run_in_threadpool(self.engine.run_between_steps, materialize)
+            return await run_in_threadpool(self.inline_prefixes.get, lambda: decode(payload, *limits))
         except inline.InvalidSoftPrompt as exc:
             raise InvalidRequest(param, str(exc)) from None
 

@@ -171,3 +171,61 @@ def test_inline_adapter_is_the_prompt_tuning_prefix(tmp_path):
     assert torch.equal(adapter.kv, virtual_tokens_to_kv(model, e.float()))
     assert adapter.prefix_length == 4 and adapter.version.startswith("inline-")
     assert adapter.kv.shape == (spec.num_layers, 2, spec.num_kv_heads, 4, spec.head_dim)
+
+
+def test_prompts_arriving_together_share_one_forward(tmp_path):
+    """InlinePrefixes: what waits when a round runs goes through one forward per length; each gets its
+    own prefix (as its own forward would give it), and a bad payload fails its request alone."""
+    import threading
+
+    from transformers import AutoModelForCausalLM
+
+    from adapters import ModelSpec
+    from adapters.adapter import virtual_tokens_to_kv
+    from adapters.inline import InlinePrefixes
+    from server.demo.tiny import save_tiny_model
+
+    save_tiny_model(tmp_path / "llama", "llama", seed=0)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    spec = ModelSpec.from_hf_config(model.config, torch.device("cpu"), torch.float32)
+    forwards, rounds, gate = [], [], threading.Event()
+    original = model.forward
+
+    def counted(*args, **kwargs):
+        forwards.append(kwargs["inputs_embeds"].shape[:2])
+        return original(*args, **kwargs)
+
+    model.forward = counted
+
+    def run_model(fn):  # the engine thread: holds the round until every request has queued
+        gate.wait(10)
+        rounds.append(1)
+        fn()
+
+    prefixes = InlinePrefixes(spec, model, run_model)
+    tables = [torch.randn(n, spec.hidden_size) for n in (4, 4, 4, 2)]
+
+    def bad():
+        raise InvalidSoftPrompt("bad payload")
+
+    results: dict[int, object] = {}
+
+    def request(i, decode):
+        try:
+            results[i] = prefixes.get(decode)
+        except InvalidSoftPrompt as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=request, args=(i, (lambda t=t: t))) for i, t in enumerate(tables)]
+    threads.append(threading.Thread(target=request, args=(len(tables), bad)))
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert len(rounds) == 1 and sorted(tuple(s) for s in forwards) == [(1, 2), (3, 4)]
+    assert isinstance(results[len(tables)], InvalidSoftPrompt)
+    for i, t in enumerate(tables):
+        torch.testing.assert_close(results[i].kv, virtual_tokens_to_kv(model, t), rtol=1e-5, atol=1e-5)
+        assert results[i].prefix_length == t.shape[0]
