@@ -98,19 +98,20 @@ async def list_adapters(request: Request, limit: int = Query(PAGE_SIZE, ge=1, le
     `after` of the next page, null on the last."""
     service = _service(request)
     service.authorize(request)
+    adapters, next_after = await run_in_threadpool(_page, service, limit, after)
+    return {"adapters": adapters, "next_after": next_after}
+
+
+def _page(service: Service, limit: int, after: str | None) -> tuple[list[dict], str | None]:
+    """On a worker thread: the page lists the store, a description may read the adapter's config file."""
     names, next_after = service.registry.page(limit, after)
-    return {"adapters": await run_in_threadpool(_describe_all, service, names), "next_after": next_after}
-
-
-def _describe_all(service: Service, names: list[str]) -> list[dict]:
-    """On a worker thread: a description may read the adapter's config file."""
     described = []
     for name in names:
         try:
             described.append(service.registry.describe(name))
         except AdapterNotFound:  # removed since the page was listed
             pass
-    return described
+    return described, next_after
 
 
 @router.get("/{name}")

@@ -13,8 +13,9 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request
-from jinja2 import TemplateError
 from fastapi.responses import JSONResponse
+from jinja2 import TemplateError
+from starlette.concurrency import run_in_threadpool
 
 from server.engine.request import FinishReason, InvalidRequest, SamplingParams
 
@@ -228,6 +229,7 @@ async def models(request: Request):
     service.authorize(request)
     created = int(service.started)
     data = [{"id": service.base.name, "object": "model", "created": created, "owned_by": "softprompt-server"}]
+    await run_in_threadpool(service.registry.follow_names)  # what other servers stored: a store listing
     for about in service.registry.summaries():
         data.append({"id": about["name"], "object": "model", "created": int(about.get("created_at", created)),
                      "owned_by": "softprompt-server", "parent": service.base.name, "peft_type": about.get("peft_type")})

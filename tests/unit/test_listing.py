@@ -4,7 +4,8 @@ adapter evicted between two looks never loads it on the loop.
 
 The app runs in-process (Starlette's TestClient runs it on an event loop in a thread of its own);
 file access is watched by wrapping `pathlib.Path`'s reading methods and noting which happen on a
-thread that runs an event loop.
+thread that runs an event loop. The engine runs a model of its own: building one over the shared
+`llama` model would change the kernels that model's forwards take in later tests.
 """
 
 from __future__ import annotations
@@ -67,8 +68,19 @@ class NamesOnly:
     def exists(self, name: str) -> bool:
         return False
 
+    def version(self, name: str) -> str | None:
+        return "v0" if name in self._names else None
 
-def _app_client(llama, registry: AdapterRegistry):
+
+@pytest.fixture(scope="module")
+def base(llama):
+    """The tiny llama, loaded again for this module's engines and registries."""
+    from server.model import load_base_model
+
+    return load_base_model(str(llama.model_dir), dtype="float32")
+
+
+def _app_client(base, registry: AdapterRegistry):
     from fastapi.testclient import TestClient
 
     from server.api.app import create_app
@@ -76,16 +88,16 @@ def _app_client(llama, registry: AdapterRegistry):
     from server.config import Config
     from server.engine.engine import AsyncEngine, Engine
 
-    engine = AsyncEngine(Engine(llama.model, llama.tokenizer, llama.spec, max_batch_size=4,
+    engine = AsyncEngine(Engine(base.model, base.tokenizer, base.spec, max_batch_size=4,
                                 kv_cache_bytes=4 * 2**20))
-    service = Service(Config(model=str(llama.model_dir), dtype="float32"), llama.base, registry, engine)
+    service = Service(Config(model=base.name, dtype="float32"), base, registry, engine)
     return TestClient(create_app(service)), service
 
 
-def test_v1_models_reads_no_file_and_is_cheap_at_10000_adapters(llama, tmp_path, loop_reads):
-    registry = AdapterRegistry(llama.spec, llama.model, NamesOnly(tmp_path / "store", N_ADAPTERS))
+def test_v1_models_reads_no_file_and_is_cheap_at_10000_adapters(base, tmp_path, loop_reads):
+    registry = AdapterRegistry(base.spec, base.model, NamesOnly(tmp_path / "store", N_ADAPTERS))
     registry.load_store()
-    client, _ = _app_client(llama, registry)
+    client, _ = _app_client(base, registry)
     with client:
         client.get("/v1/models")  # warm
         loop_reads.clear()
@@ -99,13 +111,13 @@ def test_v1_models_reads_no_file_and_is_cheap_at_10000_adapters(llama, tmp_path,
     assert seconds < 2.0, f"/v1/models took {seconds:.2f}s for {N_ADAPTERS} adapters"
 
 
-def test_listing_reads_no_file_on_the_event_loop(llama, tmp_path, loop_reads):
+def test_listing_reads_no_file_on_the_event_loop(base, llama, tmp_path, loop_reads):
     store = AdapterStore(tmp_path / "store")
     for variant in ("prompt", "prefix", "ptuning-mlp"):
         store.save(f"stored-{variant}", *llama.files(variant))
-    registry = AdapterRegistry(llama.spec, llama.model, store)
+    registry = AdapterRegistry(base.spec, base.model, store)
     registry.load_store()  # registered by name: nothing read yet
-    client, _ = _app_client(llama, registry)
+    client, _ = _app_client(base, registry)
     with client:
         loop_reads.clear()
         page = client.get("/adapters", params={"limit": 2})
@@ -122,14 +134,14 @@ def test_listing_reads_no_file_on_the_event_loop(llama, tmp_path, loop_reads):
     assert [m["id"] for m in models.json()["data"]][1:] == sorted(described)
 
 
-def test_an_adapter_evicted_between_two_looks_is_not_loaded_on_the_event_loop(llama, tmp_path):
+def test_an_adapter_evicted_between_two_looks_is_not_loaded_on_the_event_loop(base, llama, tmp_path):
     """`Service.adapter` once asked `resident()` and then `get()`: an eviction in between (another
     request's load filling the cache) made `get()` a cold load on the event loop."""
     store = AdapterStore(tmp_path / "store")
-    registry = AdapterRegistry(llama.spec, llama.model, store)
+    registry = AdapterRegistry(base.spec, base.model, store)
     registry.add("evicted", *llama.files("prompt"))
     assert registry.resident("evicted")
-    _, service = _app_client(llama, registry)
+    _, service = _app_client(base, registry)
     key = registry._entries["evicted"].key
 
     def evict_after(method):
@@ -142,9 +154,9 @@ def test_an_adapter_evicted_between_two_looks_is_not_loaded_on_the_event_loop(ll
     loads_on_loop: list[bool] = []
     materialize = registry._materialize
 
-    def watched_materialize(entry):
+    def watched_materialize(entry, *args):
         loads_on_loop.append(_on_event_loop())
-        return materialize(entry)
+        return materialize(entry, *args)
 
     registry.resident = evict_after(registry.resident)
     registry._materialize = watched_materialize
