@@ -71,7 +71,7 @@ async def upload(request: Request):
     service.authorize(request, admin=True)
     name, files = await _read_upload(request, service, name_required=True)
     adapter = await run_in_threadpool(service.registry.add, name, files[CONFIG_FILE], files[WEIGHTS_FILE], "upload")
-    return service.registry.describe(adapter.name)
+    return await run_in_threadpool(service.registry.describe, adapter.name)  # may ask the store for its version
 
 
 @router.put("/{name}")
@@ -88,7 +88,7 @@ async def replace(request: Request, name: str):
         raise InvalidAdapter(f"form field 'name' is {form_name!r}, but the URL names {name!r}")
     adapter = await run_in_threadpool(service.registry.replace, name, files[CONFIG_FILE], files[WEIGHTS_FILE],
                                       "upload")
-    return service.registry.describe(adapter.name)
+    return await run_in_threadpool(service.registry.describe, adapter.name)
 
 
 @router.get("")
