@@ -72,14 +72,14 @@ def test_a_prefix_saved_for_another_base_model_is_recomputed(llama, tmp_path):
     registry = AdapterRegistry(llama.spec, llama.model, store, model_key=_key(llama))
     registry.load_store()
     engine, ids = llama.engine(), llama.ids(PROMPTS[0])
-    for v in VARIANTS:
-        torch.testing.assert_close(registry.get(v).kv, llama.adapter(v).kv, atol=0, rtol=0)
+    for v in VARIANTS:  # recomputed (on whichever linears the shared model is packed for now: not bit-exact)
+        torch.testing.assert_close(registry.get(v).kv, llama.adapter(v).kv, atol=1e-5, rtol=1e-4)
         assert engine.generate(ids, SamplingParams(max_new_tokens=MAX_NEW), registry.get(v)).output_ids == \
             llama.reference(v, ids)
     assert registry.stats["prefix_reads"] == 0
     again = AdapterRegistry(llama.spec, llama.model, store, model_key=_key(llama))  # the file now is this model's
     again.load_store()
-    torch.testing.assert_close(again.get("prompt").kv, llama.adapter("prompt").kv, atol=0, rtol=0)
+    torch.testing.assert_close(again.get("prompt").kv, registry.get("prompt").kv, atol=0, rtol=0)  # as saved
     assert again.stats["prefix_reads"] == 1
 
 
