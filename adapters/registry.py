@@ -291,7 +291,7 @@ class AdapterRegistry:
         docstring); at most every `recheck_s` unless `force`. A store that cannot be reached now
         changes nothing: what is registered is served meanwhile."""
         entry = self._entries.get(name)
-        if (entry is not None and not entry.stored) or not (force or self._check_due(name)):
+        if self.store is None or (entry is not None and not entry.stored) or not (force or self._check_due(name)):
             return
         if len(self._checked) > 100_000:  # names asked for and never found
             self._checked.clear()
