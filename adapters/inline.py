@@ -21,6 +21,7 @@ request that holds it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -31,7 +32,7 @@ import struct
 import threading
 import time
 import zipfile
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Callable
 
 import torch
@@ -196,23 +197,46 @@ class InlinePrefixes:
         """The adapter of `decode()`'s embeddings [n, hidden] (or the error it raises, InvalidSoftPrompt).
         `decode` runs where the forward does (it makes tensors: torch's threads stay the engine's).
         Blocks the calling thread (a worker, never the event loop) until its round has run."""
-        future: Future = Future()
-        with self._lock:
-            self._pending.append((decode, future))
-            schedule, self._scheduled = not self._scheduled, True
+        future, schedule = self._queue(decode)
         if schedule:
             self._run(self._round)
         return future.result()
 
+    async def get_async(self, decode: Callable[[], torch.Tensor]) -> Adapter:
+        """`get` from an event loop: awaits the request's round, with one worker thread per round (it
+        waits for the engine thread) rather than one per request, so a burst of requests is not held
+        back by the worker pool's size and its soft prompts go through in one round."""
+        future, schedule = self._queue(decode)
+        if schedule:
+            asyncio.get_running_loop().run_in_executor(None, self._run, self._round)
+        return await asyncio.wrap_future(future)
+
+    def _queue(self, decode: Callable[[], torch.Tensor]) -> tuple[Future, bool]:
+        """The request's future, and whether the caller must have a round run (none is queued)."""
+        future: Future = Future()
+        with self._lock:
+            self._pending.append((decode, future))
+            schedule, self._scheduled = not self._scheduled, True
+        return future, schedule
+
     def _round(self) -> None:
         with self._lock:
             pending, self._pending, self._scheduled = self._pending, [], False
+        try:
+            self._materialize(pending)
+        finally:  # whatever went wrong, nobody waits for ever
+            for _, future in pending:
+                _settle(future, error=RuntimeError("the soft prompt's materialization did not run"))
+
+    def _materialize(self, pending: list[tuple[Callable[[], torch.Tensor], Future]]) -> None:
         by_length: dict[int, list[tuple[torch.Tensor, Future]]] = {}
         for decode, future in pending:
+            if future.cancelled():  # its request has gone
+                continue
             try:
                 embeddings = decode()
             except BaseException as exc:  # this request's payload alone
-                future.set_exception(exc)
+                _settle(future, error=exc)
             else:
                 by_length.setdefault(embeddings.shape[0], []).append((embeddings, future))
         for group in by_length.values():
@@ -220,10 +244,21 @@ class InlinePrefixes:
                 adapters = inline_adapters([e for e, _ in group], self.spec, self.model)
             except BaseException as exc:
                 for _, future in group:
-                    future.set_exception(exc)
+                    _settle(future, error=exc)
             else:
                 for adapter, (_, future) in zip(adapters, group):
-                    future.set_result(adapter)
+                    _settle(future, adapter)
+
+
+def _settle(future: Future, result=None, error: BaseException | None = None) -> None:
+    """Its result or error, unless it is done already (cancelled: the request went away meanwhile)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
 
 
 def _check_shape(shape, hidden: int, max_tokens: int, what: str) -> None:

@@ -151,7 +151,7 @@ class Service:
         decode = inline.decode_torch_save if pickled else inline.decode_safetensors
         limits = (self.base.spec.hidden_size, self.config.max_virtual_tokens, self.config.max_request_bytes)
         try:
-            return await run_in_threadpool(self.inline_prefixes.get, lambda: decode(payload, *limits))
+            return await self.inline_prefixes.get_async(lambda: decode(payload, *limits))
         except inline.InvalidSoftPrompt as exc:
             raise InvalidRequest(param, str(exc)) from None
 

@@ -229,3 +229,44 @@ def test_prompts_arriving_together_share_one_forward(tmp_path):
     for i, t in enumerate(tables):
         torch.testing.assert_close(results[i].kv, virtual_tokens_to_kv(model, t), rtol=1e-5, atol=1e-5)
         assert results[i].prefix_length == t.shape[0]
+
+
+def test_get_async_serves_a_burst_in_one_round_and_skips_a_request_gone():
+    """From the event loop: no worker thread per request; a request cancelled while waiting is
+    skipped (its payload never decoded) and the others are served."""
+    import asyncio
+    import threading
+
+    from adapters.inline import InlinePrefixes
+
+    gate, decoded, rounds = threading.Event(), [], []
+
+    def run_model(fn):
+        gate.wait(10)
+        rounds.append(1)
+        fn()
+
+    prefixes = InlinePrefixes(None, None, run_model)
+    import adapters.inline as inline_module
+
+    def fake_adapters(tables, spec, model):
+        return [f"adapter-{t.shape[0]}" for t in tables]
+
+    original, inline_module.inline_adapters = inline_module.inline_adapters, fake_adapters
+    try:
+        async def burst():
+            def decode(i):
+                return lambda: decoded.append(i) or torch.zeros(i + 1, 2)
+
+            tasks = [asyncio.ensure_future(prefixes.get_async(decode(i))) for i in range(100)]
+            await asyncio.sleep(0.1)
+            tasks[0].cancel()
+            await asyncio.sleep(0.05)
+            gate.set()
+            return await asyncio.gather(*tasks[1:])
+
+        results = asyncio.run(burst())
+    finally:
+        inline_module.inline_adapters = original
+    assert results == [f"adapter-{i + 1}" for i in range(1, 100)]
+    assert len(rounds) == 1 and 0 not in decoded
