@@ -197,7 +197,8 @@ async def completions(request: Request, body: CompletionRequest):
         raise InvalidRequest("prompt", f"{len(prompts)} prompts is more than the {service.config.max_waiting} "
                              "one request may carry (--max-waiting)")
     adapter = await _adapter(service, body)  # once: every prompt runs with the same version
-    jobs = [await service.prepare("completions", p, params, adapter) for p in prompts]
+    structured = body.grammar_spec()
+    jobs = [await service.prepare("completions", p, params, adapter, grammar=structured) for p in prompts]
     return await _respond(request, jobs, body.model or service.base.name, chat=False, stream=bool(body.stream),
                           usage=body.include_usage, logprobs=body.logprobs is not None)
 
@@ -216,7 +217,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     except TemplateError as exc:  # the template's raise_exception (a role it does not allow, ...), or its own fault
         raise InvalidRequest("messages", f"the chat template of {service.base.name!r} refused them: {exc}") from None
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    jobs = [await service.prepare("chat", ids, params, await _adapter(service, body))]
+    jobs = [await service.prepare("chat", ids, params, await _adapter(service, body), grammar=body.grammar_spec())]
     return await _respond(request, jobs, body.model or service.base.name, chat=True, stream=bool(body.stream),
                           usage=body.include_usage, logprobs=bool(body.logprobs))
 

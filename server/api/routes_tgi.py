@@ -31,7 +31,7 @@ async def _job(service: Service, request: Request, body: GenerateRequest, route:
     else:
         adapter = await service.adapter(p.adapter_id, p.adapter_source, request, task=p.adapter_task,
                                         task_param="parameters.adapter_task")
-    return await service.prepare(route, body.inputs, params, adapter, truncate=p.truncate)
+    return await service.prepare(route, body.inputs, params, adapter, truncate=p.truncate, grammar=p.grammar_spec())
 
 
 def _token(event: TokenEvent) -> Token:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapters.sources import SOURCES
+from server.engine.grammar import GrammarSpec
 from server.engine.request import MAX_TOP_LOGPROBS, InvalidRequest, SamplingParams
 
 log = logging.getLogger("softprompt.requests")
@@ -29,7 +30,7 @@ _UNSUPPORTED = {
     # what the answer carries
     "prompt_logprobs": (None,), "decoder_input_details": (None, False), "echo": (None, False), "suffix": (None, ""),
     # structured output and tools
-    "grammar": (None,), "response_format": (None, {"type": "text"}), "guided_json": (None,), "guided_regex": (None,),
+    "guided_json": (None,), "guided_regex": (None,),
     "guided_choice": (None,), "guided_grammar": (None,), "structured_outputs": (None,), "tools": (None, []),
     "tool_choice": (None, "none", "auto"), "functions": (None, []), "function_call": (None, "none", "auto"),
     # adapters and prompts (LoRAX, vLLM)
@@ -42,7 +43,7 @@ _OPENAI_ONLY = {"min_p": (None, 0.0), "min_tokens": (None, 0), "frequency_penalt
                 "logprobs": (None, False), "top_logprobs": (None, 0)}
 _TGI_ONLY = {"typical_p": (None, 1.0), "top_n_tokens": (None, 0)}
 _TGI_UNSUPPORTED = {**_UNSUPPORTED, **_OPENAI_ONLY, "return_k_alternatives": (None, 0)}
-_OPENAI_UNSUPPORTED = {**_UNSUPPORTED, **_TGI_ONLY, "include_stop_str_in_output": (None, False)}
+_OPENAI_UNSUPPORTED = {**_UNSUPPORTED, **_TGI_ONLY, "include_stop_str_in_output": (None, False), "grammar": (None,)}
 _COMPLETION_UNSUPPORTED = {**_OPENAI_UNSUPPORTED, "top_logprobs": (None, 0),  # chat's: completions' is `logprobs`
                            "add_special_tokens": (None, True)}
 _CHAT_UNSUPPORTED = {
@@ -109,6 +110,23 @@ class GenerateParameters(_Lenient):
     typical_p: float | None = None  # TGI's locally typical sampling
     top_n_tokens: int | None = None  # TGI's: the most likely alternatives of each token, in `top_tokens`
     ignore_eos_token: bool | None = False  # LoRAX's: generate max_new_tokens whatever the model says
+    grammar: dict | None = None  # TGI's: {"type": "json", "value": schema} or {"type": "regex", "value": pattern}
+    response_format: dict | None = None  # LoRAX's: {"type": "json_object", "schema": schema}
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """The structured output asked for (TGI's `grammar`, or LoRAX's `response_format`), or None."""
+        if self.grammar is not None and self.response_format not in (None, {"type": "text"}):
+            raise InvalidRequest("parameters.grammar", "give grammar or response_format, not both")
+        if self.grammar is None:
+            return _response_format(self.response_format, "parameters.response_format")
+        kind, value = self.grammar.get("type"), self.grammar.get("value")
+        if kind in ("json", "json_object", "json_schema"):
+            if kind == "json_schema" and isinstance(value, dict) and "schema" in value:  # TGI 3's spelling
+                value = value["schema"]
+            return GrammarSpec.json_schema({"type": "object"} if value is None else value, "parameters.grammar.value")
+        if kind == "regex":
+            return GrammarSpec.regex(value, "parameters.grammar.value")
+        raise InvalidRequest("parameters.grammar.type", f"{kind!r} is not supported (accepted: 'json', 'regex')")
 
     def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
         """The parameters alone (`GenerateRequest.to_sampling_params` checks the whole body)."""
@@ -195,6 +213,21 @@ class _OpenAIBase(_Lenient):
     top_k: int | None = None  # common extension (vLLM, TGI)
     ignore_eos: bool | None = False  # vLLM's extension: generate max_tokens whatever the model says
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage
+    skip_special_tokens: bool | None = True  # vLLM's: False keeps the special tokens' text in the output
+    include_stop_str_in_output: bool | None = False  # vLLM's: the text keeps the stop sequence it ended on
+    adapter_task: int | None = None  # ours (extra body): which task of a multitask prompt tuning adapter
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI's) -> bias in [-100, 100]
+    min_p: float | None = None  # vLLM's extension
+    min_tokens: int | None = None  # vLLM's extension: no stop of any kind before this many tokens
+    stop_token_ids: list[int] | None = None  # vLLM's extension
+    soft_prompt: str | None = None  # ours: base64 safetensors [n, hidden], this request's own virtual tokens
+    response_format: dict | None = None  # {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """The structured output `response_format` asks for, or None."""
+        return _response_format(self.response_format, "response_format")
     soft_prompt: str | None = None  # ours: base64 safetensors [n, hidden], this request's own virtual tokens
     adapter_task: int | None = None  # ours (extra body): which task of a multitask prompt tuning adapter
     frequency_penalty: float | None = None
@@ -233,6 +266,40 @@ class _OpenAIBase(_Lenient):
         )
         _log_unknown(route, unknown)
         return params
+
+
+def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} as (id, bias) pairs (SamplingParams checks the ranges)."""
+    pairs = []
+    for key, value in (bias or {}).items():
+        try:
+            pairs.append((int(key), float(value)))
+        except ValueError:
+            raise InvalidRequest("logit_bias", f"keys must be token ids, got {key!r}") from None
+    return tuple(pairs)
+
+
+def _top_logprobs(param: str, k: int | None) -> int:
+    """The alternatives asked for per token, refused under its route's own name when out of range."""
+    if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(param, f"must be in [0, {MAX_TOP_LOGPROBS}], got {k!r}")
+    return k or 0
+
+
+def _response_format(fmt: dict | None, param: str) -> GrammarSpec | None:
+    """OpenAI's `response_format` (and LoRAX's, whose json_object may carry a `schema`)."""
+    kind = None if fmt is None else fmt.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return GrammarSpec.json_schema(fmt.get("schema") or {"type": "object"}, param + ".schema")
+    if kind == "json_schema":
+        inner = fmt.get("json_schema")
+        if not isinstance(inner, dict):
+            raise InvalidRequest(param + ".json_schema", "must be an object with the schema in `schema`")
+        schema = inner.get("schema", inner.get("schema_"))  # schema_: older openai clients' alias
+        return GrammarSpec.json_schema({"type": "object"} if schema is None else schema, param + ".json_schema.schema")
+    raise InvalidRequest(param + ".type", f"{kind!r} is not supported (accepted: 'text', 'json_object', 'json_schema')")
 
 
 def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:

@@ -16,6 +16,7 @@ from adapters import Adapter, AdapterRegistry, inline
 from adapters.errors import InvalidTask
 from adapters.sources import AdapterSources
 from server.config import Config
+from server.engine.grammar import Grammar, Grammars, GrammarSpec, vocab_size
 from server.engine.engine import AsyncEngine, Stream
 from server.engine.request import FinishReason, InvalidRequest, SamplingParams, Sequence, TokenEvent
 from server.model import BaseModel
@@ -37,6 +38,7 @@ class Job:
     adapter: Adapter | None
     route: str
     start: float = field(default_factory=time.monotonic)
+    grammar: Grammar | None = None  # structured output: compiled; each start takes its own matcher
 
     @property
     def adapter_name(self) -> str:
@@ -78,6 +80,7 @@ class Service:
         self.draining = False
         self.in_flight = 0  # HTTP requests being handled
         self.started = time.time()
+        self.grammars = Grammars(base.tokenizer, vocab_size(base.model), engine.engine.eos_ids)
 
     # ---- auth -------------------------------------------------------------------------------------
     def authorize(self, request: Request, admin: bool = False) -> None:
@@ -159,7 +162,7 @@ class Service:
         return self.base.tokenizer(text, add_special_tokens=True).input_ids
 
     async def prepare(self, route: str, prompt, params: SamplingParams, adapter: Adapter | None,
-                      truncate: int | None = None) -> Job:
+                      truncate: int | None = None, grammar: GrammarSpec | None = None) -> Job:
         """Validate one request against the server's limits. `prompt` is text or token ids; long
         texts are tokenized on a worker thread, so they do not hold up the event loop. `adapter`
         (from `self.adapter`): the version the request runs with, whatever is uploaded meanwhile."""
@@ -194,10 +197,14 @@ class Service:
             raise InvalidRequest("max_new_tokens", f"prompt ({len(ids)}) + virtual tokens + max_new_tokens "
                                  f"= {total} exceeds the model's {positions} positions")
         self.engine.engine.check_fits(adapter.prefix_length if adapter else 0, len(ids), params.max_new_tokens)
-        return Job(ids, params, adapter, route)
+        # Compiled here, on a worker thread (the first one also reads the vocabulary): a bad schema is
+        # this request's 422, never the engine thread's fault.
+        compiled = await asyncio.to_thread(self.grammars.compile, grammar) if grammar is not None else None
+        return Job(ids, params, adapter, route, grammar=compiled)
 
     def start(self, job: Job) -> Stream:
-        return self.engine.generate(job.prompt_ids, job.params, job.adapter)
+        constraint = job.grammar.constraint() if job.grammar is not None else None
+        return self.engine.generate(job.prompt_ids, job.params, job.adapter, constraint=constraint)
 
     async def collect(self, stream: Stream, request: Request | None = None) -> Result:
         """All of a request's tokens; aborts it if the client disconnects meanwhile."""

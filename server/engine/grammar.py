@@ -64,7 +64,8 @@ class GrammarSpec:
                 raise InvalidRequest(param, f"the schema is not valid JSON: {exc}") from None
         if not isinstance(schema, (dict, bool)):
             raise InvalidRequest(param, f"a JSON schema must be an object, got {type(schema).__name__}")
-        return cls("json", json.dumps(schema, sort_keys=True, separators=(",", ":")), param)
+        # Keys keep their order: the grammar writes properties in the schema's order.
+        return cls("json", json.dumps(schema, separators=(",", ":")), param)
 
     @classmethod
     def regex(cls, pattern, param: str) -> "GrammarSpec":
@@ -165,9 +166,10 @@ class Grammar:
 _executor: llguidance.LLExecutor | None = None
 
 
+@torch.inference_mode()  # the forward's logits are inference tensors: masked in place, only the constrained rows
 def apply(logits: torch.Tensor, batch: list) -> torch.Tensor:
-    """logits: [rows, vocab], one row per request of `batch` (`Sequence`s). The same tensor when no
-    row is constrained; else a copy with each constrained row's disallowed tokens at -inf."""
+    """logits: [rows, vocab], one row per request of `batch` (`Sequence`s). Returns `logits`, each
+    constrained row's disallowed tokens set to -inf in place (nothing done when no row is constrained)."""
     rows = [(seq.constraint.matcher, i) for i, seq in enumerate(batch) if seq.constraint is not None]
     if not rows:
         return logits
@@ -179,8 +181,8 @@ def apply(logits: torch.Tensor, batch: list) -> torch.Tensor:
     llguidance.torch.fill_next_token_bitmask_par(_executor, rows, bitmask)
     index = torch.tensor([i for _, i in rows], dtype=torch.long)
     allowed = unpack(bitmask[index], vocab).to(logits.device)  # [constrained rows, vocab]
-    masked = logits[index.to(logits.device)].masked_fill(~allowed, float("-inf"))
-    return logits.index_put((index.to(logits.device),), masked)
+    index = index.to(logits.device)
+    return logits.index_put_((index,), logits[index].masked_fill_(~allowed, float("-inf")))
 
 
 _BITS = torch.arange(32, dtype=torch.int32)

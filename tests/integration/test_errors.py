@@ -184,7 +184,6 @@ def test_unknown_adapter_is_404(client, store_dir):
 @pytest.mark.parametrize("param,value", [
     ("best_of", 2), ("watermark", True), ("decoder_input_details", True),
     ("frequency_penalty", 0.5), ("adapter_source", "s3"),
-    ("response_format", {"type": "json_object"}), ("grammar", {"type": "regex", "value": "a+"}),
 ])
 def test_unsupported_parameter_value_is_422(param, value, client, store_dir):
     before = adapter_names(client)
