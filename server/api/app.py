@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from . import errors, routes_adapters, routes_openai, routes_ops, routes_tgi
+from . import errors, routes_adapters, routes_openai, routes_ops, routes_tgi, routes_tokenize
 from .errors import TooLarge, error_response, to_response
 from .service import Service
 
@@ -25,7 +25,7 @@ def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="softprompt-server", version="0.1.0", lifespan=lifespan)
     app.state.service = service
     errors.install(app)
-    for module in (routes_tgi, routes_openai, routes_adapters, routes_ops):
+    for module in (routes_tgi, routes_openai, routes_tokenize, routes_adapters, routes_ops):
         app.include_router(module.router)
 
     app.add_middleware(TrackRequests, service=service)
@@ -45,7 +45,8 @@ class TrackRequests:
         service = self.service
         if service.draining and scope["path"] != "/metrics":
             service.metrics.requests.labels(route=scope["path"], status="503").inc()
-            response = error_response(503, "the server is shutting down", "overloaded", {"Retry-After": "5"})
+            response = error_response(503, "the server is shutting down", "overloaded", {"Retry-After": "5"},
+                                      path=scope["path"])
             return await response(scope, receive, send)
         status = "500"
         if not scope["path"].startswith("/adapters"):  # uploads have their own cap (--max-upload-bytes)
@@ -66,13 +67,14 @@ class TrackRequests:
             except Exception as exc:
                 if started:  # too late for a status: the server closes the connection
                     raise
-                await to_response(exc)(scope, receive, send_with_status)
+                await to_response(exc, scope["path"])(scope, receive, send_with_status)
 
         service.in_flight += 1
         try:
             if receive is None:
                 status = "413"
-                return await to_response(_too_large(service.config.max_request_bytes))(scope, _no_body, send)
+                refusal = to_response(_too_large(service.config.max_request_bytes), scope["path"])
+                return await refusal(scope, _no_body, send)
             await app_or_500()
         finally:
             service.in_flight -= 1

@@ -1,4 +1,9 @@
-"""The one error boundary: domain errors mapped to HTTP statuses, as `{"error", "error_type"}`."""
+"""The one error boundary: domain errors mapped to HTTP statuses, in the shape of the route's API.
+
+TGI's routes (and the rest of ours) answer `{"error": "message", "error_type": "..."}`; OpenAI's
+(`/v1/*`) answer `{"error": {"message", "type", "param", "code"}}`, so OpenAI's clients show the
+message, with 400 for a bad request where TGI's say 422 (as OpenAI and vLLM answer).
+"""
 
 from __future__ import annotations
 
@@ -62,32 +67,58 @@ STATUS = {
 }
 
 
-def error_response(status: int, message: str, error_type: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
+# OpenAI's `type` and `code` for those of our error types it has its own for; any other keeps our
+# error type as its `code`, and is an "invalid_request_error" under 500, a "server_error" from 500.
+# The status is ours, but 400 where ours is 422 (as OpenAI and vLLM answer a bad request).
+OPENAI = {
+    "validation": ("invalid_request_error", None),
+    "not_found": ("invalid_request_error", "model_not_found"),
+    "unauthorized": ("invalid_request_error", "invalid_api_key"),
+    "forbidden": ("permission_error", "insufficient_permissions"),
+}
 
 
-def to_response(exc: Exception) -> JSONResponse:
+def is_openai(path: str) -> bool:
+    """OpenAI's routes answer errors in OpenAI's shape."""
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def error_response(status: int, message: str, error_type: str, headers: dict | None = None,
+                   path: str = "", param: str | None = None) -> JSONResponse:
+    """`{"error", "error_type"}`, or OpenAI's `{"error": {"message", "type", "param", "code"}}` when
+    `path` is one of its routes (its status then: 400 for a bad request, not 422)."""
+    if not is_openai(path):
+        return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
+    kind, code = OPENAI.get(error_type, ("invalid_request_error" if status < 500 else "server_error", error_type))
+    body = {"message": message, "type": kind, "param": param, "code": code}
+    return JSONResponse({"error": body}, status_code=400 if status == 422 else status, headers=headers)
+
+
+def to_response(exc: Exception, path: str = "") -> JSONResponse:
+    """The response for `exc`, in the shape of `path`'s API (TGI's by default)."""
     for cls, (status, error_type) in STATUS.items():
         if isinstance(exc, cls):
             headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
             if isinstance(exc, Unauthorized):
                 headers = {"WWW-Authenticate": "Bearer"}
-            return error_response(status, str(exc), error_type, headers)
+            param = getattr(exc, "param", None) or ("model" if isinstance(exc, AdapterNotFound) else None)
+            return error_response(status, str(exc), error_type, headers, path, param)
     log.exception("unexpected error", exc_info=exc)
-    return error_response(500, f"internal error: {type(exc).__name__}", "internal")
+    return error_response(500, f"internal error: {type(exc).__name__}", "internal", path=path)
 
 
 def install(app: FastAPI) -> None:
-    async def domain(_request: Request, exc: Exception):
-        return to_response(exc)
+    async def domain(request: Request, exc: Exception):
+        return to_response(exc, request.url.path)
 
-    async def validation(_request: Request, exc: RequestValidationError):
+    async def validation(request: Request, exc: RequestValidationError):
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return error_response(422, f"{where}: {first.get('msg')}", "validation")
+        return error_response(422, f"{where}: {first.get('msg')}", "validation", path=request.url.path,
+                              param=where or None)
 
-    async def http(_request: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail), "http")
+    async def http(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), "http", path=request.url.path)
 
     for cls in STATUS:
         app.add_exception_handler(cls, domain)

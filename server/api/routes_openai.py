@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models, /v1/models/{id}.
 
 `model` names an adapter, or the base model (or nothing) for no adapter. Responses and stream
 chunks carry `adapter_version` (ours, not OpenAI's; its client keeps extra fields): the version of
@@ -8,6 +8,7 @@ the adapter that answered, null for the base model.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 import uuid
@@ -17,9 +18,11 @@ from fastapi.responses import JSONResponse
 from jinja2 import TemplateError
 from starlette.concurrency import run_in_threadpool
 
+from adapters import AdapterNotFound
 from server.engine.request import FinishReason, InvalidRequest, SamplingParams
 
 from .errors import NoChatTemplate, to_response
+from .routes_ops import _version
 from .logprobs import chat_logprobs, completion_logprobs, token_texts
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .sse import Encoder, EventStream
@@ -38,13 +41,24 @@ def _finish(reason: FinishReason | None) -> str | None:
     return "length" if reason == FinishReason.LENGTH else "stop"
 
 
-def _cut_at_stop(text: str, params: SamplingParams) -> str:
-    """OpenAI leaves the stop sequence out of the text."""
+def _cut_at_stop(text: str, params: SamplingParams, keep: bool = False) -> str:
+    """OpenAI leaves the stop sequence out of the text; `keep` (vLLM's include_stop_str_in_output)
+    ends it after the stop sequence instead."""
     for stop in params.stop:
         at = text.find(stop)
         if at != -1:
-            text = text[:at]
+            text = text[:at + len(stop) if keep else at]
     return text
+
+
+def fingerprint(service: Service) -> str:
+    """OpenAI's `system_fingerprint`: what changes the answers to the same request (the server's
+    version, the base model and its dtype), stable across restarts."""
+    found = getattr(service, "_fingerprint", None)
+    if found is None:
+        what = f"{_version()}|{service.base.name}|{service.base.spec.dtype}"
+        found = service._fingerprint = "fp_" + hashlib.sha256(what.encode()).hexdigest()[:12]
+    return found
 
 
 def _usage(jobs: list[Job], completion_tokens: int) -> dict:
@@ -57,7 +71,7 @@ def _sse(obj) -> str:
 
 
 async def _respond(request: Request, jobs: list[Job], model: str, chat: bool, stream: bool, usage: bool = False,
-                   logprobs: bool = False):
+                   logprobs: bool = False, keep_stop: bool = False):
     """logprobs: each choice carries its tokens' log-probabilities (and the alternatives its
     parameters' `top_logprobs` asks for), in the route's shape."""
     service = _service(request)
@@ -75,8 +89,10 @@ async def _respond(request: Request, jobs: list[Job], model: str, chat: bool, st
 
     if stream:
         fixed = {"id": rid, "object": obj + ".chunk" if chat else obj, "created": created, "model": model,
-                 "adapter_version": jobs[0].adapter_version}
-        return EventStream(streams, _Chunks(service, jobs, streams, fixed, chat, usage, logprobs))
+                 "system_fingerprint": fingerprint(service), "adapter_version": jobs[0].adapter_version}
+        if usage:  # OpenAI: every chunk has `usage`, null but in the last
+            fixed["usage"] = None
+        return EventStream(streams, _Chunks(service, jobs, streams, fixed, chat, usage, logprobs, keep_stop))
 
     try:
         results = await asyncio.gather(*(service.collect(s, request) for s in streams))
@@ -87,7 +103,7 @@ async def _respond(request: Request, jobs: list[Job], model: str, chat: bool, st
     texts = token_texts(service.base.tokenizer) if logprobs else None
     for i, (job, result) in enumerate(zip(jobs, results)):
         service.record(job, result.seq)
-        text = _cut_at_stop(result.text, job.params)
+        text = _cut_at_stop(result.text, job.params, keep_stop)
         finish = _finish(result.finish_reason)
         if chat:
             choices.append({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
@@ -96,8 +112,8 @@ async def _respond(request: Request, jobs: list[Job], model: str, chat: bool, st
             choices.append({"index": i, "text": text, "finish_reason": finish,
                             "logprobs": completion_logprobs(result.events, texts) if logprobs else None})
     generated = sum(len(r.seq.output_ids) for r in results)
-    return {"id": rid, "object": obj, "created": created, "model": model, "adapter_version": jobs[0].adapter_version,
-            "choices": choices, "usage": _usage(jobs, generated)}
+    return {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": fingerprint(service),
+            "adapter_version": jobs[0].adapter_version, "choices": choices, "usage": _usage(jobs, generated)}
 
 
 class _Chunks(Encoder):
@@ -106,8 +122,9 @@ class _Chunks(Encoder):
     (stream_options.include_usage) a chunk of usage alone, then `[DONE]`."""
 
     def __init__(self, service: Service, jobs: list[Job], streams, fixed: dict, chat: bool, usage: bool,
-                 logprobs: bool = False):
+                 logprobs: bool = False, keep_stop: bool = False):
         self.service, self.jobs, self.streams, self.chat, self.usage = service, jobs, streams, chat, usage
+        self.keep_stop = keep_stop  # vLLM's include_stop_str_in_output
         self.texts = token_texts(service.base.tokenizer) if logprobs else None  # None: no logprobs asked
         self.unsent = [[] for _ in jobs]  # per choice, the events whose logprobs no chunk has carried yet
         self.offsets = [0] * len(jobs)  # per choice, the text offset of its first unsent event
@@ -142,11 +159,11 @@ class _Chunks(Encoder):
     def event(self, i: int, event) -> str:
         if isinstance(event, Exception):
             self.done = True
-            return _sse(json.loads(to_response(event).body)) + "data: [DONE]\n\n"
+            return _sse(json.loads(to_response(event, "/v1").body)) + "data: [DONE]\n\n"
         seq, params = self.streams[i].seq, self.jobs[i].params
         if self.texts is not None:
             self.unsent[i].append(event)
-        safe = _cut_at_stop(seq.text, params)
+        safe = _cut_at_stop(seq.text, params, self.keep_stop)
         if event.finish_reason is None and params.stop:
             hold = max(len(s) for s in params.stop) - 1
             safe = safe[: max(len(self.emitted[i]), len(safe) - hold)]
@@ -190,9 +207,15 @@ async def completions(request: Request, body: CompletionRequest):
     prompt = "" if body.prompt is None and body.prompt_embeds is not None else body.prompt  # vLLM: embeddings alone
     if prompt is None:
         raise InvalidRequest("prompt", 'is required (it may be "" with soft_prompt or prompt_embeds)')
-    prompts = [prompt] if isinstance(prompt, str) else prompt
+    prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
     if not prompts:
         raise InvalidRequest("prompt", "must not be empty")
+    vocab = len(service.base.tokenizer)
+    for ids in (p for p in prompts if not isinstance(p, str)):  # token ids (vLLM)
+        if not ids:
+            raise InvalidRequest("prompt", "a list of token ids must not be empty")
+        if out_of_range := [t for t in ids if not 0 <= t < vocab]:
+            raise InvalidRequest("prompt", f"token ids must be in [0, {vocab}), got {out_of_range[:5]}")
     if len(prompts) > service.config.max_waiting:  # could never be queued at once
         raise InvalidRequest("prompt", f"{len(prompts)} prompts is more than the {service.config.max_waiting} "
                              "one request may carry (--max-waiting)")
@@ -200,7 +223,8 @@ async def completions(request: Request, body: CompletionRequest):
     structured = body.grammar_spec()
     jobs = [await service.prepare("completions", p, params, adapter, grammar=structured) for p in prompts]
     return await _respond(request, jobs, body.model or service.base.name, chat=False, stream=bool(body.stream),
-                          usage=body.include_usage, logprobs=body.logprobs is not None)
+                          usage=body.include_usage, logprobs=body.logprobs is not None,
+                          keep_stop=bool(body.include_stop_str_in_output))
 
 
 @router.post("/chat/completions")
@@ -219,7 +243,8 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
     jobs = [await service.prepare("chat", ids, params, await _adapter(service, body), grammar=body.grammar_spec())]
     return await _respond(request, jobs, body.model or service.base.name, chat=True, stream=bool(body.stream),
-                          usage=body.include_usage, logprobs=bool(body.logprobs))
+                          usage=body.include_usage, logprobs=bool(body.logprobs),
+                          keep_stop=bool(body.include_stop_str_in_output))
 
 
 @router.get("/models")
@@ -228,10 +253,30 @@ async def models(request: Request):
     10,000 adapters take milliseconds); `peft_type` is null for an adapter not used since start-up."""
     service = _service(request)
     service.authorize(request)
-    created = int(service.started)
-    data = [{"id": service.base.name, "object": "model", "created": created, "owned_by": "softprompt-server"}]
     await run_in_threadpool(service.registry.follow_names)  # what other servers stored: a store listing
-    for about in service.registry.summaries():
-        data.append({"id": about["name"], "object": "model", "created": int(about.get("created_at", created)),
-                     "owned_by": "softprompt-server", "parent": service.base.name, "peft_type": about.get("peft_type")})
+    data = [_model(service, None)] + [_model(service, about) for about in service.registry.summaries()]
     return JSONResponse({"object": "list", "data": data})
+
+
+@router.get("/models/{model_id:path}")
+async def model(request: Request, model_id: str):
+    """One model, as /v1/models lists it; 404 (`model_not_found`) for an id it does not list."""
+    service = _service(request)
+    service.authorize(request)
+    if model_id == service.base.name:
+        return _model(service, None)
+    if model_id not in service.registry:
+        raise AdapterNotFound(f"model {model_id!r} not found: neither the base model nor a registered adapter")
+    about = next((a for a in service.registry.summaries() if a["name"] == model_id), {"name": model_id})
+    return _model(service, about)
+
+
+def _model(service: Service, about: dict | None) -> dict:
+    """OpenAI's model object: the base model (`about` None), or an adapter from its registry summary."""
+    created = int(service.started)
+    if about is None:
+        return {"id": service.base.name, "object": "model", "created": created, "owned_by": "softprompt-server",
+                "max_model_len": service.base.max_positions}
+    return {"id": about["name"], "object": "model", "created": int(about.get("created_at", created)),
+            "owned_by": "softprompt-server", "parent": service.base.name, "root": service.base.name,
+            "peft_type": about.get("peft_type"), "max_model_len": service.base.max_positions}

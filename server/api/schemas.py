@@ -215,6 +215,8 @@ class _OpenAIBase(_Lenient):
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage
     skip_special_tokens: bool | None = True  # vLLM's: False keeps the special tokens' text in the output
     include_stop_str_in_output: bool | None = False  # vLLM's: the text keeps the stop sequence it ended on
+    skip_special_tokens: bool | None = True  # vLLM's: False keeps the special tokens' text in the output
+    include_stop_str_in_output: bool | None = False  # vLLM's: the text keeps the stop sequence it ended on
     adapter_task: int | None = None  # ours (extra body): which task of a multitask prompt tuning adapter
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
@@ -256,6 +258,7 @@ class _OpenAIBase(_Lenient):
             seed=self.seed,
             stop=tuple(stop),
             ignore_eos=bool(self.ignore_eos),
+            skip_special_tokens=self.skip_special_tokens is not False,
             frequency_penalty=self.frequency_penalty or 0.0,
             presence_penalty=self.presence_penalty or 0.0,
             logit_bias=_logit_bias(self.logit_bias),
@@ -323,12 +326,16 @@ def _top_logprobs(param: str, k: int | None) -> int:
 class CompletionRequest(_OpenAIBase):
     UNSUPPORTED = _COMPLETION_UNSUPPORTED
 
-    prompt: str | list[str] | None = None  # required, unless prompt_embeds is given ("" then)
+    prompt: str | list[str] | list[int] | list[list[int]] | None = None  # required, unless prompt_embeds is given
+    suffix: str | None = None  # refused: the models served are causal
     prompt_embeds: str | None = None  # vLLM's: base64 torch.save [n, hidden], with --allow-prompt-embeds only
 
     logprobs: int | None = None  # the chosen tokens' log-probabilities and this many alternatives each
 
     def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
+        if self.suffix:
+            raise InvalidRequest("suffix", "text after the completion (insertion) is not supported: the models "
+                                 "served here are causal and only continue the prompt")
         return self._params(self.max_tokens if self.max_tokens is not None else 16, default_max_new_tokens,
                             "completions", top_logprobs=_top_logprobs("logprobs", self.logprobs))
 
@@ -365,3 +372,36 @@ class ChatCompletionRequest(_OpenAIBase):
             raise InvalidRequest("top_logprobs", "needs logprobs: true")
         return self._params(limit, default_max_new_tokens, "chat", in_messages,
                             top_logprobs=_top_logprobs("top_logprobs", self.top_logprobs))
+
+
+# ---- tokenizing (routes_tokenize) ------------------------------------------------------------------
+
+class TgiTokenizeParameters(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # TGI's clients send the generation parameters too
+
+    adapter_id: str | None = None
+
+
+class TgiTokenizeRequest(BaseModel):
+    inputs: str
+    parameters: TgiTokenizeParameters = Field(default_factory=TgiTokenizeParameters)
+
+
+class VllmTokenizeRequest(BaseModel):
+    """vLLM's two tokenize bodies in one: `prompt` (completions) or `messages` (chat)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # vLLM's default: true for a prompt, false for messages
+    add_generation_prompt: bool | None = True
+    return_token_strs: bool | None = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]

@@ -22,15 +22,16 @@ class IncrementalDetokenizer:
     `tokenizer.decode` shows it (U+FFFD): stepped text + flush = the full decode of the generated ids.
     """
 
-    def __init__(self, tokenizer, prompt_ids: list[int]):
+    def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
         self.ids = list(prompt_ids[-CONTEXT:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
         self._stream = None
         if self._backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
-            self._stream = DecodeStream(ids=self.ids, skip_special_tokens=True)
+            self._stream = DecodeStream(ids=self.ids, skip_special_tokens=self.skip)
 
     def step(self, token_id: int) -> str:
         """The new text that `token_id` completes ('' while a character is still incomplete)."""
@@ -44,8 +45,8 @@ class IncrementalDetokenizer:
             self.read_offset = len(self.ids)
             return text
         decode = self.tokenizer.decode
-        prefix_text = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
-        new_text = decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        prefix_text = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip)
+        new_text = decode(self.ids[self.prefix_offset:], skip_special_tokens=self.skip)
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return new_text[len(prefix_text):]
@@ -58,7 +59,7 @@ class IncrementalDetokenizer:
             return ""
         start = self.prefix_offset if self._stream is None else max(0, self.read_offset - CONTEXT)
         decode = self.tokenizer.decode
-        prefix_text = decode(self.ids[start:self.read_offset], skip_special_tokens=True)
-        new_text = decode(self.ids[start:], skip_special_tokens=True)
+        prefix_text = decode(self.ids[start:self.read_offset], skip_special_tokens=self.skip)
+        new_text = decode(self.ids[start:], skip_special_tokens=self.skip)
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return new_text[len(prefix_text):] if len(new_text) > len(prefix_text) else ""

@@ -79,7 +79,7 @@ class Engine:
             seq.seed = seq.params.seed
         else:
             seq.seed = random.getrandbits(63)
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, seq.params.skip_special_tokens)
         with self._lock:
             self.scheduler.add(seq)
         return seq

@@ -46,6 +46,7 @@ class SamplingParams:
     seed: int | None = None  # same seed and request give the same tokens, whatever the batch
     stop: tuple[str, ...] = ()  # generation ends once the text ends with one of these
     ignore_eos: bool = False
+    skip_special_tokens: bool = True  # the text leaves special tokens (EOS, ...) out, as tokenizer.decode's flag
     frequency_penalty: float = 0.0  # OpenAI's, in [-2, 2]: subtracted once per time a token is in the output
     presence_penalty: float = 0.0  # OpenAI's, in [-2, 2]: subtracted once if a token is in the output
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added to its logit

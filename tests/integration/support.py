@@ -177,13 +177,23 @@ def sse_events(lines) -> list[dict]:
 
 
 def assert_error(r: httpx.Response, status: int, *mentions: str) -> dict:
-    """The contract's error shape, the status, and a message naming each of `mentions`."""
+    """The contract's error shape, the status, and a message naming each of `mentions`: on /v1/*
+    OpenAI's `{"error": {"message", "type", "param", "code"}}` (returned as that inner object), else
+    `{"error", "error_type"}`."""
     assert r.status_code == status, f"expected {status}, got {r.status_code}: {r.text}"
     body = r.json()
-    assert isinstance(body.get("error"), str) and body["error"], body
-    assert isinstance(body.get("error_type"), str), body
+    if r.request.url.path.startswith("/v1/"):
+        error = body.get("error")
+        assert isinstance(error, dict) and set(error) == {"message", "type", "param", "code"}, body
+        assert isinstance(error["message"], str) and error["message"] and isinstance(error["type"], str), body
+        message = error["message"]
+        body = error
+    else:
+        assert isinstance(body.get("error"), str) and body["error"], body
+        assert isinstance(body.get("error_type"), str), body
+        message = body["error"]
     for m in mentions:
-        assert m in body["error"], f"error message {body['error']!r} does not name {m!r}"
+        assert m in message, f"error message {message!r} does not name {m!r}"
     return body
 
 

@@ -305,7 +305,7 @@ def test_prompt_over_max_input_tokens_is_422(limited):
         too_long = "x" * (MAX_INPUT + 1)
         assert_error(c.post("/generate", json=generate_body(too_long, None, 2)), 422, "inputs", str(MAX_INPUT))
         assert_error(c.post("/generate_stream", json=generate_body(too_long, None, 2)), 422, "inputs")
-        assert_error(c.post("/v1/completions", json={"prompt": too_long, "max_tokens": 2}), 422)
+        assert_error(c.post("/v1/completions", json={"prompt": too_long, "max_tokens": 2}), 400, "inputs")
         # truncate keeps the last tokens, so a long prompt can still be served
         body = generate(c, "y" * 40, max_new_tokens=2, truncate=MAX_INPUT)
         assert body["details"]["prompt_tokens"] == MAX_INPUT
@@ -318,7 +318,7 @@ def test_max_new_tokens_over_limit_is_422(limited):
                      "max_new_tokens", str(MAX_NEW_LIMIT))
         assert_error(c.post("/generate_stream", json=generate_body(PROMPT, None, MAX_NEW_LIMIT + 1)), 422,
                      "max_new_tokens")
-        assert_error(c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": MAX_NEW_LIMIT + 1}), 422,
+        assert_error(c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": MAX_NEW_LIMIT + 1}), 400,
                      "max_new_tokens")
         assert_unharmed(c, limited.adapter_dir, [])
 
@@ -386,7 +386,7 @@ def test_stop_sequences_are_capped(client):
     r = client.post("/generate", json={"inputs": "Hi", "parameters": {"stop": ["z" * 300]}})
     assert r.status_code == 422 and "256" in r.json()["error"]
     r = client.post("/v1/completions", json={"prompt": "Hi", "stop": ["1", "2", "3", "4", "5"]})
-    assert r.status_code == 422
+    assert assert_error(r, 400, "--max-stop-sequences")["param"] == "stop"
 
 
 def test_a_refused_prompt_list_leaves_nothing_running(start_server, tokenizer):
@@ -407,7 +407,7 @@ def test_a_refused_prompt_list_leaves_nothing_running(start_server, tokenizer):
         prefilled = re.search(r"^softprompt_prefill_tokens_total (\S+)$", c.get("/metrics").text, re.M).group(1)
         assert float(prefilled) == 2 * len(tokenizer("Hello").input_ids), "the refused list's prompts ran"
         r = c.post("/v1/completions", json={"prompt": ["a"] * 4, "max_tokens": 2})
-        assert r.status_code == 422 and "--max-waiting" in r.json()["error"]
+        assert assert_error(r, 400, "--max-waiting")["param"] == "prompt"
 
 
 def test_a_config_declaring_a_huge_encoder_is_refused_at_once(server, client, adapter_srcs):

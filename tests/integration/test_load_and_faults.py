@@ -82,15 +82,30 @@ class Call:
         return self.error_type == "generation_failed"
 
 
+def _error_shape(payload: dict, route: str) -> bool:
+    """TGI's `{"error", "error_type"}`, or OpenAI's `{"error": {"message", "type", "param", "code"}}`
+    on its routes."""
+    error = payload.get("error")
+    if route.startswith("completions"):
+        return isinstance(error, dict) and isinstance(error.get("message"), str) and isinstance(error.get("type"), str)
+    return isinstance(error, str) and isinstance(payload.get("error_type"), str)
+
+
+def _error_type(payload: dict) -> str | None:
+    """Our error type: TGI's `error_type`, or the `code` OpenAI's shape carries it in."""
+    error = payload.get("error")
+    return error.get("code") if isinstance(error, dict) else payload.get("error_type")
+
+
 def _check_error_body(call: Call, r: httpx.Response, body: bytes) -> None:
     try:
         payload = json.loads(body)
     except ValueError:
         call.problems.append(f"status {r.status_code} without JSON: {body[:200]!r}")
         return
-    if not (isinstance(payload.get("error"), str) and isinstance(payload.get("error_type"), str)):
+    if not _error_shape(payload, call.route):
         call.problems.append(f"status {r.status_code}, not the error shape: {payload}")
-    call.error_type = payload.get("error_type")
+    call.error_type = _error_type(payload)
 
 
 def _check_events(call: Call, lines: list[str]) -> None:
@@ -99,8 +114,8 @@ def _check_events(call: Call, lines: list[str]) -> None:
               for line in lines if line.startswith("data:")]
     errors = [e for e in events if isinstance(e, dict) and "error" in e]
     if errors:
-        call.error_type = errors[0].get("error_type")
-        if not isinstance(errors[0]["error"], str) or not isinstance(call.error_type, str):
+        call.error_type = _error_type(errors[0])
+        if not _error_shape(errors[0], call.route):
             call.problems.append(f"bad error event {errors[0]}")
         return
     if call.route == "generate_stream":

@@ -26,7 +26,8 @@ def refused(url: str, route: str) -> str:
     assert r.status_code == 503, f"{route} while draining: {r.status_code} {r.text}"
     if route != "/health":
         assert int(r.headers["retry-after"]) >= 1
-        assert r.json()["error_type"] == "overloaded"
+        error = r.json()["error"]  # OpenAI's shape on /v1/*, TGI's elsewhere
+        assert (error["code"] if route.startswith("/v1/") else r.json()["error_type"]) == "overloaded"
     return "503"
 
 
