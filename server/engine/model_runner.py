@@ -178,11 +178,15 @@ class ModelRunner:
             self.pool.write_prefix(seq.segment, seq.adapter.kv)
         if seq.sampler is None:  # a preempted request keeps its own: its random stream goes on
             seq.sampler = RowSampler(seq.params, seq.seed, self.spec.device, self.eos_ids)
+        if seq.params.prompt_logprobs and not seq.prompt_logprobs:  # the first token has none
+            seq.prompt_logprobs.append(None)
+            seq.prompt_top.append(None)
         self.seqs.append(seq)
 
     def _forward(self, batch: list[Sequence], tokens: list[list[int]], sampling: list[int]) -> torch.Tensor:
         """tokens: per request, the ids it adds in this forward. Returns the last logits of the
-        requests indexed by `sampling` [len(sampling), vocab]."""
+        requests indexed by `sampling` [len(sampling), vocab]. The requests that ask for their prompt's
+        log-probabilities also keep the rows of their chunk's prompt tokens (`_score_prompts`)."""
         q_lens = [len(t) for t in tokens]
         segments = [seq.segment for seq in batch]
         kv_lens = [seg.length + n for seg, n in zip(segments, q_lens)]
@@ -190,6 +194,8 @@ class ModelRunner:
         positions = [p for seg, n in zip(segments, kv_lens) for p in range(seg.length, n)]
         last_rows = list(itertools.accumulate(q_lens))
         keep = [last_rows[i] - 1 for i in sampling]
+        scored = _prompt_rows(batch, last_rows, q_lens)
+        keep += [row for _, row, _ in scored]
         forward = self.compiled or self.lean or self.model
         if self.compiled is not None:  # padded to a CUDA graph's size (no-op without graphs): zeros, row 0
             ids += [0] * (self.compiled.pad(len(ids)) - len(ids))
@@ -217,6 +223,8 @@ class ModelRunner:
         self.forward_seconds += time.perf_counter() - started
         for seg, n in zip(segments, kv_lens):
             seg.length = n
+        if scored:
+            _score_prompts(scored, out.logits[0, len(sampling):len(sampling) + len(scored)])
         return out.logits[0, :len(sampling)]  # [sampling rows, vocab]
 
     @staticmethod
@@ -231,3 +239,35 @@ class ModelRunner:
 
 def _nothing() -> None:
     pass
+
+
+def _prompt_rows(batch: list[Sequence], last_rows: list[int], q_lens: list[int]) -> list[tuple[Sequence, int, int]]:
+    """(request, packed row, the prompt token that row predicts) for every prompt token in this forward
+    whose log-probability a request asked for and has not yet (a preempted request computing its
+    prompt again has them all); nothing for the requests that did not ask."""
+    scored = []
+    for seq, end, n in zip(batch, last_rows, q_lens):
+        if not seq.params.prompt_logprobs:
+            continue
+        prompt, done, computed = seq.prompt_ids, len(seq.prompt_logprobs), seq.computed
+        for j in range(n):
+            k = computed + j + 1  # the token row j predicts
+            if done <= k < len(prompt):
+                scored.append((seq, end - n + j, prompt[k]))
+    return scored
+
+
+def _score_prompts(scored: list[tuple[Sequence, int, int]], logits: torch.Tensor) -> None:
+    """logits: the model's raw logits of the `scored` rows [rows, vocab]. Appends each prompt token's
+    log-probability (log_softmax, in float32) and its request's top_logprobs alternatives."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [rows, vocab]
+    targets = torch.tensor([t for _, _, t in scored], device=logits.device)
+    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    k = max(seq.params.top_logprobs for seq, _, _ in scored)
+    if k:
+        values, indices = logprobs.topk(k, dim=-1)
+        values, indices = values.tolist(), indices.tolist()
+    for i, (seq, _, _) in enumerate(scored):
+        seq.prompt_logprobs.append(chosen[i])
+        n = seq.params.top_logprobs
+        seq.prompt_top.append(tuple(zip(indices[i][:n], values[i][:n])) if n else None)

@@ -55,6 +55,7 @@ class SamplingParams:
     min_tokens: int = 0  # the end tokens (EOS, stop_token_ids) are masked until this many are generated
     stop_token_ids: tuple[int, ...] = ()  # generation ends once one of these is sampled
     top_logprobs: int = 0  # alternatives reported per token (their log-probabilities), at most MAX_TOP_LOGPROBS
+    prompt_logprobs: bool = False  # each prompt token's log-probability under the model (and top_logprobs alternatives)
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -156,6 +157,10 @@ class Sequence:
     sampler: object | None = field(default=None, repr=False)  # the runner's RowSampler, kept across preemptions
     preemptions: int = 0  # times its KV was taken back to make room; it then computes it again
     constraint: object | None = field(default=None, repr=False)  # grammar.Constraint: its structured output's matcher
+    # params.prompt_logprobs: per prompt token, its log-probability under the raw model given the tokens
+    # before it (None for the first), and its top_logprobs alternatives; filled by the runner as it prefills
+    prompt_logprobs: list[float | None] = field(default_factory=list)
+    prompt_top: list[tuple[tuple[int, float], ...] | None] = field(default_factory=list)
 
 
     def __post_init__(self):
