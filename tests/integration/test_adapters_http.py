@@ -40,7 +40,7 @@ PEFT_TYPES = {"prompt": "PROMPT_TUNING", "ptuning-mlp": "P_TUNING", "ptuning-lst
 
 
 def content_version(src) -> str:
-    """What the README says an adapter's version is: sha256 over the two files' sha256 digests, 16 hex digits."""
+    """What docs/adapters.md says an adapter's version is: sha256 over the two files' sha256 digests, 16 hex digits."""
     digests = b"".join(hashlib.sha256((src / f).read_bytes()).digest() for f in (CONFIG_FILE, WEIGHTS_FILE))
     return hashlib.sha256(digests).hexdigest()[:16]
 

@@ -2,7 +2,7 @@
 steps (over HTTP, arrival timing decides the grouping). Guaranteed, and tested here: float32 on every
 path; bfloat16 on the batch-invariant path (the AVX2 linear kernel, attention on our kernel or SDPA).
 Not guaranteed: bfloat16 with oneDNN's linears (`--cpu-linear auto` on AVX-512/AMX CPUs), whose
-rounding depends on the step's row count (README, "Determinism")."""
+rounding depends on the step's row count (docs/architecture.md, "Determinism")."""
 
 from __future__ import annotations
 
