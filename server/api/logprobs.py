@@ -51,6 +51,20 @@ def completion_logprobs(events: list[TokenEvent], texts: TokenTexts, offset: int
             "top_logprobs": [{texts(t): lp for t, lp in e.top or ()} for e in events], "text_offset": offsets}
 
 
+def echoed_logprobs(seq, texts: TokenTexts, generated: dict, prompt_chars: int) -> dict:
+    """Completions' `logprobs` with echo: the prompt's tokens first (their logprobs under the model
+    alone, the first null), then `generated`'s, whose text offsets move past the prompt's text."""
+    tokens, offsets, offset = [], [], 0
+    for token_id in seq.prompt_ids:
+        tokens.append(texts(token_id))
+        offsets.append(offset)
+        offset += len(tokens[-1])
+    top = [None] + [{texts(t): lp for t, lp in alternatives or ()} for alternatives in seq.prompt_top[1:]]
+    return {"tokens": tokens + generated["tokens"], "token_logprobs": list(seq.prompt_logprobs) + generated["token_logprobs"],
+            "top_logprobs": top + generated["top_logprobs"],
+            "text_offset": offsets + [prompt_chars + o for o in generated["text_offset"]]}
+
+
 def chat_logprobs(events: list[TokenEvent], texts: TokenTexts) -> dict:
     """OpenAI chat's `choices[].logprobs` for `events`."""
     def entry(token_id: int, logprob: float) -> dict:

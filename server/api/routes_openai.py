@@ -23,7 +23,7 @@ from server.engine.request import FinishReason, InvalidRequest, SamplingParams
 
 from .errors import NoChatTemplate, to_response
 from .routes_ops import _version
-from .logprobs import chat_logprobs, completion_logprobs, token_texts
+from .logprobs import chat_logprobs, completion_logprobs, echoed_logprobs, token_texts
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .sse import Encoder, EventStream
 from .service import Job, Service
@@ -71,9 +71,12 @@ def _sse(obj) -> str:
 
 
 async def _respond(request: Request, jobs: list[Job], model: str, chat: bool, stream: bool, usage: bool = False,
-                   logprobs: bool = False, keep_stop: bool = False):
+                   logprobs: bool = False, keep_stop: bool = False, echo: list[str] | None = None,
+                   prompt_only: bool = False):
     """logprobs: each choice carries its tokens' log-probabilities (and the alternatives its
-    parameters' `top_logprobs` asks for), in the route's shape."""
+    parameters' `top_logprobs` asks for), in the route's shape. echo (completions): each job's prompt
+    text, before its completion (and with logprobs, its tokens' first); prompt_only: the prompt alone
+    (max_tokens 0), the token run with it left out."""
     service = _service(request)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
@@ -109,9 +112,16 @@ async def _respond(request: Request, jobs: list[Job], model: str, chat: bool, st
             choices.append({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                             "logprobs": chat_logprobs(result.events, texts) if logprobs else None})
         else:
-            choices.append({"index": i, "text": text, "finish_reason": finish,
-                            "logprobs": completion_logprobs(result.events, texts) if logprobs else None})
-    generated = sum(len(r.seq.output_ids) for r in results)
+            events = [] if prompt_only else result.events
+            if prompt_only:
+                text, finish = "", "length"
+            shaped = completion_logprobs(events, texts) if logprobs else None
+            if echo is not None:
+                text = echo[i] + text
+                if logprobs:
+                    shaped = echoed_logprobs(result.seq, texts, shaped, len(echo[i]))
+            choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": shaped})
+    generated = 0 if prompt_only else sum(len(r.seq.output_ids) for r in results)
     return {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": fingerprint(service),
             "adapter_version": jobs[0].adapter_version, "choices": choices, "usage": _usage(jobs, generated)}
 
@@ -221,10 +231,16 @@ async def completions(request: Request, body: CompletionRequest):
                              "one request may carry (--max-waiting)")
     adapter = await _adapter(service, body)  # once: every prompt runs with the same version
     structured = body.grammar_spec()
+    if body.echo and body.stream:
+        raise InvalidRequest("echo", "is not supported with stream: true")
     jobs = [await service.prepare("completions", p, params, adapter, grammar=structured) for p in prompts]
+    echo = None
+    if body.echo:  # the prompt as sent; token ids decoded
+        echo = [p if isinstance(p, str) else service.base.tokenizer.decode(j.prompt_ids)
+                for p, j in zip(prompts, jobs)]
     return await _respond(request, jobs, body.model or service.base.name, chat=False, stream=bool(body.stream),
                           usage=body.include_usage, logprobs=body.logprobs is not None,
-                          keep_stop=bool(body.include_stop_str_in_output))
+                          keep_stop=bool(body.include_stop_str_in_output), echo=echo, prompt_only=body.prompt_only)
 
 
 @router.post("/chat/completions")

@@ -7,11 +7,11 @@ import json
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from server.engine.request import TokenEvent
+from server.engine.request import InvalidRequest, TokenEvent
 
 from .errors import to_response
 from .logprobs import tgi_top_tokens, token_texts
-from .schemas import Details, GenerateRequest, GenerateResponse, StreamDetails, StreamResponse, Token
+from .schemas import Details, GenerateRequest, GenerateResponse, PrefillToken, StreamDetails, StreamResponse, Token
 from .service import Job, Service
 from .sse import Encoder, EventStream
 
@@ -43,6 +43,12 @@ def _top_tokens(service: Service, events: list[TokenEvent]) -> list[list[Token]]
     return [tgi_top_tokens(e, texts) for e in events]
 
 
+def _prefill(service: Service, seq) -> list[PrefillToken]:
+    """TGI's `details.prefill`: each prompt token alone, its logprob given the tokens before it."""
+    texts = token_texts(service.base.tokenizer)
+    return [PrefillToken(id=t, text=texts(t), logprob=lp) for t, lp in zip(seq.prompt_ids, seq.prompt_logprobs)]
+
+
 def _full_text(body: GenerateRequest, text: str) -> str:
     return body.inputs + text if body.parameters.return_full_text else text
 
@@ -63,6 +69,7 @@ async def _generate(request: Request, body: GenerateRequest, route: str) -> Gene
             adapter_version=job.adapter_version,
             tokens=[_token(e) for e in result.events],
             top_tokens=_top_tokens(service, result.events) if job.params.top_logprobs else None,
+            prefill=_prefill(service, result.seq) if job.params.prompt_logprobs else [],
         )
     return GenerateResponse(generated_text=_full_text(body, result.text), details=details)
 
@@ -91,6 +98,8 @@ async def compat(request: Request, body: GenerateRequest):
 async def generate_stream(request: Request, body: GenerateRequest):
     service = _service(request)
     service.authorize(request)
+    if body.parameters.decoder_input_details:
+        raise InvalidRequest("parameters.decoder_input_details", "true is not supported with streaming (as TGI)")
     job = await _job(service, request, body, "generate_stream")
     stream = service.start(job)  # Overloaded is raised here, before the response starts
 

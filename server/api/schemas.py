@@ -8,6 +8,7 @@ field not known at all is ignored, and named in one log line per request (as vLL
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, ClassVar, Literal
 
@@ -28,7 +29,7 @@ _UNSUPPORTED = {
     "use_beam_search": (None, False), "length_penalty": (None, 1.0), "allowed_token_ids": (None,),
     "bad_words": (None, []), "watermark": (None, False),
     # what the answer carries
-    "prompt_logprobs": (None,), "decoder_input_details": (None, False), "echo": (None, False), "suffix": (None, ""),
+    "prompt_logprobs": (None,), "suffix": (None, ""),
     # structured output and tools
     "guided_json": (None,), "guided_regex": (None,),
     "guided_choice": (None,), "guided_grammar": (None,), "structured_outputs": (None,), "tools": (None, []),
@@ -43,14 +44,15 @@ _OPENAI_ONLY = {"min_p": (None, 0.0), "min_tokens": (None, 0), "frequency_penalt
                 "logprobs": (None, False), "top_logprobs": (None, 0)}
 _TGI_ONLY = {"typical_p": (None, 1.0), "top_n_tokens": (None, 0)}
 _TGI_UNSUPPORTED = {**_UNSUPPORTED, **_OPENAI_ONLY, "return_k_alternatives": (None, 0)}
-_OPENAI_UNSUPPORTED = {**_UNSUPPORTED, **_TGI_ONLY, "include_stop_str_in_output": (None, False), "grammar": (None,)}
+_OPENAI_UNSUPPORTED = {**_UNSUPPORTED, **_TGI_ONLY, "include_stop_str_in_output": (None, False), "grammar": (None,),
+                       "decoder_input_details": (None, False)}
 _COMPLETION_UNSUPPORTED = {**_OPENAI_UNSUPPORTED, "top_logprobs": (None, 0),  # chat's: completions' is `logprobs`
                            "add_special_tokens": (None, True)}
 _CHAT_UNSUPPORTED = {
     **_OPENAI_UNSUPPORTED, "add_special_tokens": (None, False), "add_generation_prompt": (None, True),
     "continue_final_message": (None, False), "chat_template": (None,), "chat_template_kwargs": (None, {}),
     "documents": (None,), "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
-    "reasoning_effort": (None,),
+    "reasoning_effort": (None,), "echo": (None, False),
 }
 _MESSAGE_UNSUPPORTED = {"tool_calls": (None, []), "tool_call_id": (None,), "function_call": (None,), "audio": (None,)}
 # Known fields that change nothing in the output, accepted at any value and not logged.
@@ -112,6 +114,7 @@ class GenerateParameters(_Lenient):
     ignore_eos_token: bool | None = False  # LoRAX's: generate max_new_tokens whatever the model says
     grammar: dict | None = None  # TGI's: {"type": "json", "value": schema} or {"type": "regex", "value": pattern}
     response_format: dict | None = None  # LoRAX's: {"type": "json_object", "schema": schema}
+    decoder_input_details: bool | None = False  # TGI's: details.prefill, the prompt's tokens and their logprobs
 
     def grammar_spec(self) -> GrammarSpec | None:
         """The structured output asked for (TGI's `grammar`, or LoRAX's `response_format`), or None."""
@@ -147,6 +150,7 @@ class GenerateParameters(_Lenient):
             ignore_eos=bool(self.ignore_eos_token),
             typical_p=self.typical_p,
             top_logprobs=_top_logprobs("parameters.top_n_tokens", self.top_n_tokens),
+            prompt_logprobs=bool(self.decoder_input_details),
         )
 
 
@@ -172,6 +176,14 @@ class Token(BaseModel):
     special: bool
 
 
+class PrefillToken(BaseModel):
+    """A prompt token in TGI's `details.prefill` (decoder_input_details): the first one's logprob is null."""
+
+    id: int
+    text: str
+    logprob: float | None
+
+
 class StreamDetails(BaseModel):
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     generated_tokens: int
@@ -181,7 +193,7 @@ class StreamDetails(BaseModel):
 
 
 class Details(StreamDetails):
-    prefill: list[Token] = []
+    prefill: list[PrefillToken] = []  # the prompt's tokens, with decoder_input_details
     tokens: list[Token] = []
     top_tokens: list[list[Token]] | None = None  # per token, its top_n_tokens alternatives (when asked)
 
@@ -331,13 +343,21 @@ class CompletionRequest(_OpenAIBase):
     prompt_embeds: str | None = None  # vLLM's: base64 torch.save [n, hidden], with --allow-prompt-embeds only
 
     logprobs: int | None = None  # the chosen tokens' log-probabilities and this many alternatives each
+    echo: bool | None = False  # the prompt before the completion (with logprobs: its tokens' logprobs first)
+
+    @property
+    def prompt_only(self) -> bool:
+        """max_tokens 0 with echo: the prompt (and its logprobs) alone, as vLLM answers it."""
+        return bool(self.echo) and self.max_tokens == 0
 
     def to_sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
         if self.suffix:
             raise InvalidRequest("suffix", "text after the completion (insertion) is not supported: the models "
                                  "served here are causal and only continue the prompt")
-        return self._params(self.max_tokens if self.max_tokens is not None else 16, default_max_new_tokens,
-                            "completions", top_logprobs=_top_logprobs("logprobs", self.logprobs))
+        max_tokens = 1 if self.prompt_only else self.max_tokens  # that token is run, not answered
+        params = self._params(max_tokens if max_tokens is not None else 16, default_max_new_tokens,
+                              "completions", top_logprobs=_top_logprobs("logprobs", self.logprobs))
+        return dataclasses.replace(params, prompt_logprobs=True) if self.echo and self.logprobs is not None else params
 
 
 class ChatMessage(_Lenient):

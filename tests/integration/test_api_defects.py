@@ -106,14 +106,14 @@ def test_a_chat_template_error_is_400_naming_it(model_dir, tmp_path):
 # ---- known parameters the server cannot honour ---------------------------------------------------------
 
 TGI_REFUSED = [
-    ("best_of", 2), ("decoder_input_details", True), ("watermark", True),
+    ("best_of", 2), ("watermark", True),
     ("frequency_penalty", 0.5),
     ("return_k_alternatives", 2), ("api_token", "hf_x"), ("merged_adapters", {"ids": ["a", "b"]}),
     ("min_p", 0.1), ("min_tokens", 3), ("stop_token_ids", [5]), ("skip_special_tokens", False), ("n", 2),
     ("presence_penalty", 0.5), ("logit_bias", {"5": 10}), ("logprobs", 2),
 ]
 OPENAI_REFUSED = [
-    ("n", 2), ("best_of", 2), ("echo", True), ("suffix", "!"),
+    ("n", 2), ("best_of", 2), ("suffix", "!"),
     ("grammar", {"type": "regex", "value": "a+"}), ("top_n_tokens", 2), ("decoder_input_details", True),
     ("typical_p", 0.5), ("use_beam_search", True), ("length_penalty", 0.5), ("prompt_logprobs", 1),
     ("guided_json", {"type": "object"}), ("guided_regex", "a+"), ("guided_choice", ["a"]),

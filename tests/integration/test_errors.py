@@ -182,7 +182,7 @@ def test_unknown_adapter_is_404(client, store_dir):
 # ---- request parameters --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("param,value", [
-    ("best_of", 2), ("watermark", True), ("decoder_input_details", True),
+    ("best_of", 2), ("watermark", True),
     ("frequency_penalty", 0.5), ("adapter_source", "s3"),
 ])
 def test_unsupported_parameter_value_is_422(param, value, client, store_dir):
