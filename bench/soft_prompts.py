@@ -20,6 +20,7 @@ import argparse
 import base64
 import json
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
                 texts[name] = [o.text for o in outs]
     finally:
         server.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
     ratios = [i / u for i, u in zip(rates["inline"], rates["uploaded"])]
     agree = sum(a == b for a, b in zip(texts["inline"], texts["uploaded"]))

@@ -57,3 +57,13 @@ def test_core_split_quick_run(capsys):
     assert all(len(r) == 1 and r[0] > 0 for r in rates.values())
     out = capsys.readouterr().out
     assert "split" in out and "engine steps split:" in out
+
+
+def test_soft_prompts_bench_quick_run(capsys):
+    """bench.soft_prompts end to end: inline soft prompts and the same embeddings uploaded, one server."""
+    from bench.soft_prompts import main as soft_main
+
+    result = soft_main(["--quick", "--hidden", "128", "--layers", "2"])
+    assert result["texts_equal"] == result["requests"] == 8
+    assert result["inline_tok_s"] > 0 and result["uploaded_tok_s"] > 0
+    assert "inline / uploaded" in capsys.readouterr().out
