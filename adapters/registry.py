@@ -46,6 +46,7 @@ from .loading import (CONFIG_FILE, LIMITS, Limits, check_config, check_task, fir
                       read_adapter_dir)
 from .prefix_cache import PrefixCache
 from .prefix_file import load_prefix, save_prefix
+from .single_flight import SingleFlight
 from .spec import ModelSpec
 from .store import VERSIONS_DIR, Store, check_name
 
@@ -106,6 +107,7 @@ class AdapterRegistry:
         self._lock = threading.Lock()
         self.recheck_s = recheck_s
         self._checked: dict[str, float] = {}  # name -> when its version was last checked (monotonic)
+        self._checks = SingleFlight()  # name -> its check under way, which concurrent callers wait for
         self._listed = float("-inf")  # when the store's names were last read
         self.stats = Counter()  # "loads", "load_failures", "prefix_reads" (cold loads with no forward)
 
@@ -139,7 +141,8 @@ class AdapterRegistry:
     def get_resident(self, name: str, task: int | None = None) -> Adapter | None:
         """The materialized adapter if it is resident now, else None: never loads (so it may run on
         an event loop; `get` then loads it elsewhere). AdapterNotFound if `name` is not registered.
-        None too when the store is due to be asked about it (`get` asks, off the event loop)."""
+        None too when the store is due to be asked about it, or being asked (`get` asks, or waits for
+        that answer, off the event loop)."""
         if self._check_due(name) and (name not in self._entries or self._entries[name].stored):
             return None
         return self.cache.lookup(_task_key(self._entry(name).key, task))
@@ -289,14 +292,31 @@ class AdapterRegistry:
     def _follow_store(self, name: str, force: bool = False) -> None:
         """Follow what other servers did to `name` in the store since it was last checked (module
         docstring); at most every `recheck_s` unless `force`. A store that cannot be reached now
-        changes nothing: what is registered is served meanwhile."""
+        changes nothing: what is registered is served meanwhile.
+        Concurrent callers share one check and all return once the registry holds its answer: a name
+        is marked checked only then, so no caller reads the registry as it was before the store
+        answered (a name stored elsewhere told 'not found' while another request registers it)."""
         entry = self._entries.get(name)
         if self.store is None or (entry is not None and not entry.stored) or not (force or self._check_due(name)):
             return
-        if len(self._checked) > 100_000:  # names asked for and never found
-            self._checked.clear()
-        self._checked[name] = time.monotonic()
-        before = entry
+        if force:
+            self._check_store(name)
+        else:  # due still (marked checked only at the end of a check): join the check under way, if any
+            self._checks.run(name, lambda: self._check_store(name) if self._check_due(name) else None)
+
+    def _check_store(self, name: str) -> None:
+        """Ask the store for `name`'s version and follow it; marked checked once the registry holds the answer."""
+        try:
+            self._follow_version(name)
+        finally:
+            if len(self._checked) > 100_000:  # names asked for and never found
+                self._checked.clear()
+            self._checked[name] = time.monotonic()
+
+    def _follow_version(self, name: str) -> None:
+        before = self._entries.get(name)
+        if before is not None and not before.stored:
+            return
         try:
             check_name(name)
             token = self.store.version(name)

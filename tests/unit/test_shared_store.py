@@ -3,7 +3,9 @@ deletes, the other follows on use within `recheck_s`, and serves no deleted or o
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -50,6 +52,35 @@ def test_a_delete_elsewhere_is_followed(llama, pair):
     assert "shared" not in two and two.names() == []
     with pytest.raises(AdapterNotFound):
         two.remove("shared")
+
+
+class _SlowVersions(AdapterStore):
+    """A store whose version reads take a while (an S3 GET), so that concurrent checks overlap."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.reading = threading.Event()
+
+    def version(self, name):
+        self.reading.set()
+        time.sleep(0.3)
+        return super().version(name)
+
+
+def test_concurrent_first_uses_wait_for_the_check(llama, tmp_path):
+    """Requests for a name stored elsewhere, arriving while the store is asked about it, wait for
+    that answer (one load for them all): none is told 'not found' meanwhile."""
+    store = AdapterStore(tmp_path / "store")
+    two = AdapterRegistry(llama.spec, llama.model, _SlowVersions(store.root), recheck_s=RECHECK)
+    AdapterRegistry(llama.spec, llama.model, store, recheck_s=RECHECK).add("late", *llama.files("prefix"))
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(two.get, "late")
+        assert two.store.reading.wait(5)
+        others = [pool.submit(two.get, "late") for _ in range(3)]
+        assert two.get_resident("late") is None  # being checked: the caller goes to `get`
+        got = [future.result() for future in (first, *others)]
+    assert all(adapter is got[0] for adapter in got)
+    assert two.stats["loads"] == 1
 
 
 def test_recheck_off_keeps_the_old_behaviour(llama, tmp_path):
