@@ -96,8 +96,8 @@ class GenerateParameters(_Lenient):
 
     adapter_id: str | None = None
     adapter_source: str | None = None  # LoRAX's: where an unknown adapter comes from; null: "local"
-    soft_prompt: str | None = None  # ours: base64 safetensors [n, hidden], this request's own virtual tokens
     adapter_task: int | None = None  # which task of a multitask prompt tuning adapter (0-based)
+    soft_prompt: str | None = None  # ours: base64 safetensors [n, hidden], this request's own virtual tokens
     max_new_tokens: int | None = Field(default=20)
     do_sample: bool | None = False
     temperature: float | None = None
@@ -227,8 +227,6 @@ class _OpenAIBase(_Lenient):
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage
     skip_special_tokens: bool | None = True  # vLLM's: False keeps the special tokens' text in the output
     include_stop_str_in_output: bool | None = False  # vLLM's: the text keeps the stop sequence it ended on
-    skip_special_tokens: bool | None = True  # vLLM's: False keeps the special tokens' text in the output
-    include_stop_str_in_output: bool | None = False  # vLLM's: the text keeps the stop sequence it ended on
     adapter_task: int | None = None  # ours (extra body): which task of a multitask prompt tuning adapter
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
@@ -242,14 +240,6 @@ class _OpenAIBase(_Lenient):
     def grammar_spec(self) -> GrammarSpec | None:
         """The structured output `response_format` asks for, or None."""
         return _response_format(self.response_format, "response_format")
-    soft_prompt: str | None = None  # ours: base64 safetensors [n, hidden], this request's own virtual tokens
-    adapter_task: int | None = None  # ours (extra body): which task of a multitask prompt tuning adapter
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI's) -> bias in [-100, 100]
-    min_p: float | None = None  # vLLM's extension
-    min_tokens: int | None = None  # vLLM's extension: no stop of any kind before this many tokens
-    stop_token_ids: list[int] | None = None  # vLLM's extension
 
     @property
     def include_usage(self) -> bool:
@@ -281,24 +271,6 @@ class _OpenAIBase(_Lenient):
         )
         _log_unknown(route, unknown)
         return params
-
-
-def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
-    """OpenAI's {"token id": bias} as (id, bias) pairs (SamplingParams checks the ranges)."""
-    pairs = []
-    for key, value in (bias or {}).items():
-        try:
-            pairs.append((int(key), float(value)))
-        except ValueError:
-            raise InvalidRequest("logit_bias", f"keys must be token ids, got {key!r}") from None
-    return tuple(pairs)
-
-
-def _top_logprobs(param: str, k: int | None) -> int:
-    """The alternatives asked for per token, refused under its route's own name when out of range."""
-    if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
-        raise InvalidRequest(param, f"must be in [0, {MAX_TOP_LOGPROBS}], got {k!r}")
-    return k or 0
 
 
 def _response_format(fmt: dict | None, param: str) -> GrammarSpec | None:
