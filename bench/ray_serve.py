@@ -60,7 +60,8 @@ def measure(url: str, args) -> float:
 
 
 def flags(args) -> dict:
-    out = {"dtype": args.dtype, "device": "cpu", "kv_cache_memory": args.kv_cache_memory}
+    out = {"dtype": args.dtype, "device": "cpu", "kv_cache_memory": args.kv_cache_memory,
+           "cpu_threads": args.cpu_threads}
     if args.model:
         out["model"] = args.model
     return out
@@ -105,6 +106,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cpu-threads", default="1", help="each engine's torch threads, the same on every side "
+                        "(a Ray replica with num_cpus 1 runs one thread; a single server would take every core)")
     args = parser.parse_args()
     base = single(args)
     one = on_ray(args, 1)
