@@ -222,7 +222,7 @@ class _OpenAIBase(_Lenient):
     seed: int | None = None
     stream: bool | None = False
     repetition_penalty: float | None = None  # common extension (vLLM, TGI)
-    top_k: int | None = None  # common extension (vLLM, TGI)
+    top_k: int | None = None  # common extension (vLLM, TGI); vLLM's clients send -1 (and 0) for "off"
     ignore_eos: bool | None = False  # vLLM's extension: generate max_tokens whatever the model says
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage
     skip_special_tokens: bool | None = True  # vLLM's: False keeps the special tokens' text in the output
@@ -255,7 +255,7 @@ class _OpenAIBase(_Lenient):
             do_sample=temperature > 0,  # OpenAI: temperature 0 is greedy, anything else samples
             temperature=temperature,
             top_p=self.top_p,
-            top_k=self.top_k,
+            top_k=None if self.top_k in (-1, 0) else self.top_k,
             repetition_penalty=self.repetition_penalty,
             seed=self.seed,
             stop=tuple(stop),

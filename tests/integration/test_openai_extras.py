@@ -99,3 +99,15 @@ def test_suffix_is_refused_naming_it(oai, server):
     assert exc.value.param == "suffix" and "causal" in exc.value.message
     got = oai.completions.create(model=server.model_name, prompt=PROMPT, suffix="", max_tokens=2)
     assert len(got.choices) == 1
+
+
+def test_top_k_minus_one_means_off_as_vllm_clients_send_it(oai, server):
+    """vLLM's clients send top_k -1 (or 0) for no top-k: the same answer as without it; below -1 is refused."""
+    plain = oai.completions.create(model=server.model_name, prompt=PROMPT, max_tokens=6, temperature=0)
+    for off in (-1, 0):
+        got = oai.completions.create(model=server.model_name, prompt=PROMPT, max_tokens=6, temperature=0,
+                                     extra_body={"top_k": off})
+        assert got.choices[0].text == plain.choices[0].text
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.completions.create(model=server.model_name, prompt=PROMPT, max_tokens=6, extra_body={"top_k": -2})
+    assert "top_k" in str(refused.value)
