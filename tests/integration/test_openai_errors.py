@@ -52,7 +52,7 @@ def test_an_unknown_model_is_a_not_found_error(oai):
 
 def test_a_refused_stream_request_is_a_status_in_its_routes_shape(client):
     """Refused before its stream starts: a status, in the shape of its kind of route."""
-    r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "stream": True, "top_k": -1})
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "stream": True, "top_k": -2})
     assert assert_error(r, 400, "top_k")["param"] == "top_k"
     r = client.post("/generate", json=generate_body(PROMPT, None, 2, top_k=-1))
     assert assert_error(r, 422, "top_k")["error_type"] == "validation"
