@@ -54,12 +54,10 @@ class PrefixCache(Generic[T]):
 
     def get(self, name: str, load: Callable[[], T]) -> T:
         """The value of `name`: resident (a hit), or loaded by this call or one already under way."""
+        value = self.lookup(name)
+        if value is not None:
+            return value
         with self._lock:
-            value = self._values.get(name)
-            if value is not None:
-                self._values.move_to_end(name)
-                self.hits += 1
-                return value
             self.misses += 1
         return self._flights.run(name, lambda: self._load(name, load))
 

@@ -17,20 +17,12 @@ from server.engine import engine as engine_module
 from server.engine.engine import AsyncEngine
 from server.engine.request import GenerationFailed, SamplingParams, Sequence, TokenEvent
 from tests.conftest import PROMPTS
+from tests.unit.test_faults import _drain
+from tests.unit.test_faults import _submit as submit
 
 
-def _submit(engine, w, variant, prompt, events, max_new_tokens=4):
-    seq = Sequence(w.ids(prompt), SamplingParams(max_new_tokens=max_new_tokens), w.adapter(variant),
-                   on_token=lambda s, event: events.setdefault(s.id, []).append(event))
-    return engine.submit(seq)
-
-
-def _drain(engine, max_steps=200):
-    for _ in range(max_steps):
-        if not engine.has_work():
-            return
-        engine.step()
-    raise AssertionError("the engine does not finish")
+def _submit(engine, w, variant, prompt, events, max_new_tokens=4):  # test_faults' own, with fewer tokens
+    return submit(engine, w, variant, prompt, events, max_new_tokens)
 
 
 async def _health_now(async_engine: AsyncEngine):
