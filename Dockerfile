@@ -38,7 +38,7 @@ FROM cuda-base AS base-cu130
 
 FROM ${CPU_IMAGE} AS base-cpu
 # A C++ compiler: on CPU the server builds its attention and linear kernels at start-up (about 30 s,
-# server/engine/cpu_kernels.py; without g++ it falls back to slower attention and oneDNN, with a warning).
+# server/engine/cpu/kernels.py; without g++ it falls back to slower attention and oneDNN, with a warning).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ \

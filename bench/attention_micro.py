@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from server.engine import attention, cpu_kernels
+from server.engine import attention
+from server.engine.cpu import kernels as cpu_kernels
 from server.engine.kv_cache import GROWTH_SLOTS, KVPool
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 4, 64

@@ -11,7 +11,7 @@ import torch
 
 from bench.timing import Result, sync
 from bench.workload import World
-from server.engine import cpu_linear
+from server.engine.cpu import linear as cpu_linear
 
 
 def linear_shapes(model) -> list[tuple[str, int, int, int]]:

@@ -23,7 +23,7 @@ large=(--hidden 2048 --layers 16 --requests 128 --adapters 16 --new-tokens 128)
 run check 150 -m bench.gpu_check
 if [ "$what" = serving ]; then
   lscpu | grep -E "^(Model name|CPU\(s\)|Thread|Core|Socket|NUMA node|Flags)" | cut -c1-600 | tee "$out/cpu.txt"
-  run kernels 120 -c "from server.engine import cpu_kernels; print('CPU kernels', cpu_kernels.available())"
+  run kernels 120 -c "from server.engine.cpu import kernels as cpu_kernels; print('CPU kernels', cpu_kernels.available())"
   last=$(($(nproc) - 1))
   long=(--repeats 2 --requests 128 --new-tokens 96)
   run serving-all-auto 150 -m bench.serving "${long[@]}" --cpus "0-$last"

@@ -21,7 +21,7 @@ from adapters.prefix_file import base_model_key
 from server.api.app import create_app
 from server.api.service import Service
 from server.config import Config, load_config, parse_cpu_threads, parse_memory
-from server.engine.cpu_threads import plan_threads
+from server.engine.cpu.threads import plan_threads
 from server.engine.engine import AsyncEngine, Engine
 from server.engine.kv_cache import budget_bytes
 from server.engine.request import Overloaded

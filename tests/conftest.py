@@ -192,7 +192,7 @@ PATHS = {
 @pytest.fixture(params=list(PATHS))
 def paths(request):
     """The FastPaths of one entry of PATHS, or a skip saying why this machine cannot run it."""
-    from server.engine import cpu_linear
+    from server.engine.cpu import linear as cpu_linear
     from server.engine.fast_path import FastPaths
 
     choice = PATHS[request.param].get("linear")
@@ -226,7 +226,7 @@ def cpu_kernels_built() -> None:
 
     from torch.utils import cpp_extension
 
-    from server.engine import cpu_kernels
+    from server.engine.cpu import kernels as cpu_kernels
 
     if not cpp_extension.is_ninja_available() or not shutil.which(cpp_extension.get_cxx_compiler()):
         pytest.skip("no C++ compiler or ninja: the CPU kernels cannot be built here")

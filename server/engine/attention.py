@@ -50,7 +50,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from . import cpu_attention
+from .cpu import attention as cpu_attention
 from .kv_cache import KVPool
 
 log = logging.getLogger(__name__)

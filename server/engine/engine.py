@@ -20,7 +20,8 @@ from typing import Callable, TypeVar
 
 from adapters import Adapter, ModelSpec
 
-from . import cpu_threads, self_check
+from . import self_check
+from .cpu import threads as cpu_threads
 from .compiled import CompiledForward, warm_up
 from .detokenizer import IncrementalDetokenizer
 from .fast_path import FastPaths

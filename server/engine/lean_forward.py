@@ -13,8 +13,8 @@ Taken for the classes in SUPPORTED whose layers have exactly the modules this co
 other model keeps transformers' forward with our attention registered in it. The start-up
 self-check (`self_check.py`) compares whichever forward the runner uses against transformers' own.
 
-On CPU, a step in which every request decodes runs its layers in one C++ call (`NativeDecode`,
-csrc/forward.cpp): the same operations in the same order, so the same numbers, but without the
+On CPU, a step in which every request decodes runs its layers in one C++ call (`cpu/native_decode.py`,
+cpu/csrc/forward.cpp): the same operations in the same order, so the same numbers, but without the
 GIL. The server's event loop shares this interpreter; while it wrote a step's tokens, the engine
 thread stalled at its next operation for the GIL, and serving cost the engine as much time as the
 loop spent (bench/README.md, "Threads and cores").
@@ -28,7 +28,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import attention, cpu_attention, cpu_kernels, cpu_linear, rope
+from . import attention, rope
+from .cpu.native_decode import NativeDecode
 
 # the classes written out, each with where its attention finds its sliding window (as its own forward does)
 SUPPORTED = {
@@ -108,69 +109,6 @@ class LeanForward:
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
         logits = self.model.lm_head(self.inner.norm(h[logits_to_keep]))
         return LeanOutput(logits[None])
-
-
-@dataclass
-class NativeDecode:
-    """A decoding step's layers in one call of `torch.ops.softprompt.lean_decode`. Taken when every
-    linear layer runs on the AVX2 kernel (`cpu_linear`), the MLP's activation is SiLU, and decode
-    attention runs on the kernel (`fast_path`)."""
-
-    weights: list[torch.Tensor | None]  # per layer, in forward.cpp's `Slot` order
-    out_features: list[int]  # per layer, in forward.cpp's `Out` order
-    eps: list[float]  # per layer: the input norm's, the post-attention norm's
-    scales: list[float]
-    windows: list[int]  # 0: none
-    layer_ids: list[int]  # each layer's index in the KV pool
-    head_dim: int
-
-    @staticmethod
-    def unavailable(lean: LeanForward) -> str:
-        """Why the call cannot take this model's layers ('' when it can)."""
-        if not lean.layers or lean.layers[0].self_attn.q_proj.weight.device.type != "cpu":
-            return "the model is not on the CPU"
-        if not cpu_kernels.available():
-            return "the CPU kernels did not build"
-        for layer in lean.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-            if any(cpu_linear.kernel_weight(m) is None for m in linears):
-                return "the linear layers are not on the AVX2 kernel"
-            if type(mlp.act_fn).__name__ not in SILU:
-                return f"the MLP's activation is {type(mlp.act_fn).__name__}, not SiLU"
-        return ""
-
-    @classmethod
-    def build(cls, lean: LeanForward) -> NativeDecode:
-        """The call's arguments for `lean`'s layers; only where `unavailable` says ''."""
-        native = cls([], [], [], [], [w or 0 for w in lean.windows], [], lean.head_dim)
-        for layer in lean.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-            pairs = [[cpu_linear.kernel_weight(m), m.bias] for m in linears]
-            native.weights += [layer.input_layernorm.weight, *pairs[0], *pairs[1], *pairs[2], *pairs[3],
-                               layer.post_attention_layernorm.weight, *pairs[4], *pairs[5], *pairs[6]]
-            native.out_features += [m.out_features for m in linears]
-            native.eps += [layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon]
-            native.scales.append(attn.scaling if attn.scaling is not None else lean.head_dim ** -0.5)
-            native.layer_ids.append(attn.layer_idx)
-        return native
-
-    def takes(self, ragged: attention.RaggedStep, h: torch.Tensor) -> bool:
-        """Whether this step is one for the call: every request decoding, in a dtype the kernels take."""
-        kv = ragged.pool.kv[0]
-        return (all(n == 1 for n in ragged.q_lens) and ragged.tokens == h.shape[0]
-                and cpu_attention.supports(h, kv))
-
-    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 ragged: attention.RaggedStep) -> torch.Tensor:
-        step = attention.decoding(ragged)
-        return cpu_kernels.ops().lean_decode(
-            h, cos, sin, self.weights, self.out_features, [ragged.pool.kv[i] for i in self.layer_ids], ragged.slots,
-            step.starts, step.kv_lens, self.eps, self.scales, self.windows, self.head_dim)
-
-
-SILU = {"SiLUActivation", "SiLU"}  # transformers' "silu" and "swish"
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

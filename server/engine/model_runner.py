@@ -19,7 +19,8 @@ import torch
 
 from adapters import ModelSpec
 
-from . import attention, cpu_kernels, cpu_linear, grammar, rope
+from . import attention, grammar, rope
+from .cpu import kernels as cpu_kernels, linear as cpu_linear
 from .compiled import CompiledForward
 from .fast_path import FastPaths
 from .kv_cache import KVPool, first_capacity, growth

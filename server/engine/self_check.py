@@ -31,7 +31,7 @@ import torch
 from adapters import Adapter
 from adapters.adapter import virtual_tokens_to_kv
 
-from . import cpu_linear
+from .cpu import linear as cpu_linear
 from .fast_path import PLAIN
 from .model_runner import ModelRunner, ScheduledStep
 from .request import SamplingParams, Sequence

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from server.engine.cpu_threads import cgroup_cpu_quota
+from server.engine.cpu.threads import cgroup_cpu_quota
 
 from .conftest import PROMPT
 from .support import (
@@ -177,7 +177,7 @@ def test_dtype_auto_is_what_the_cpu_computes_natively_and_info_says_why(start_se
 ])
 def test_forced_paths_serve_the_same_tokens(start_server, client, flags, paths):
     """A server on a forced path: /info names it, and it generates what the default server does."""
-    from server.engine import cpu_linear
+    from server.engine.cpu import linear as cpu_linear
 
     if "avx2" in flags and cpu_linear.unavailable("avx2"):
         pytest.skip(f"the AVX2 linear kernel cannot run here: {cpu_linear.unavailable('avx2')}")

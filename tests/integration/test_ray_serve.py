@@ -27,7 +27,7 @@ APP = "softprompt"
 
 @pytest.fixture(scope="module")
 def ray_app(model_dir, tmp_path_factory):
-    from server.engine import cpu_kernels
+    from server.engine.cpu import kernels as cpu_kernels
     from server.ray_serve import app
 
     cpu_kernels.available()  # built here if the sources changed: the replicas then load it from the cache

@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from server.engine import attention, cpu_attention, cpu_kernels
+from server.engine import attention
+from server.engine.cpu import attention as cpu_attention, kernels as cpu_kernels
 from server.engine.kv_cache import KVPool
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server.engine import cpu_kernels
+from server.engine.cpu import kernels as cpu_kernels
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,7 +27,7 @@ def test_a_dead_builds_lock_is_removed_and_the_kernels_load(tmp_path):
     (copy / "lock").write_text("")  # what torch leaves when its build is killed
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(cache)}
     run = subprocess.run([sys.executable, "-c", "import logging; logging.basicConfig(); "
-                          "from server.engine import cpu_kernels; print(cpu_kernels.available())"],
+                          "from server.engine.cpu import kernels as cpu_kernels; print(cpu_kernels.available())"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180)  # without the fix: for ever
     assert run.stdout.strip() == "True", run.stderr[-2000:]
     assert "left by a build of the CPU kernels that did not finish" in run.stderr

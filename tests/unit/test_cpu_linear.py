@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from server.demo.tiny import seeded_init, tiny_config
-from server.engine import cpu_kernels, cpu_linear
+from server.engine.cpu import kernels as cpu_kernels, linear as cpu_linear
 
 
 def _model(arch: str):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from server.config import load_config, parse_cpu_threads
-from server.engine.cpu_threads import ThreadPlan, apply, cgroup_cpu_quota, format_cpus, plan_threads
+from server.engine.cpu.threads import ThreadPlan, apply, cgroup_cpu_quota, format_cpus, plan_threads
 
 CPUS16 = list(range(16))
 

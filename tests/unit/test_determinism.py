@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adapters import AdapterRegistry
-from server.engine import cpu_linear
+from server.engine.cpu import linear as cpu_linear
 from server.engine.engine import Engine
 from server.engine.fast_path import FastPaths
 from server.engine.request import SamplingParams, Sequence

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from adapters import Adapter, ModelSpec
 from adapters.adapter import virtual_tokens_to_kv
 from server.demo.tiny import seeded_init, tiny_config
-from server.engine import cpu_linear
+from server.engine.cpu import linear as cpu_linear
 from server.engine.fast_path import FastPaths
 from server.engine.lean_forward import LeanForward
 from server.engine.model_runner import ModelRunner, ScheduledStep

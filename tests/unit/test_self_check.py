@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from server.engine import attention, cpu_kernels, cpu_linear, lean_forward
+from server.engine import attention, lean_forward
+from server.engine.cpu import kernels as cpu_kernels, linear as cpu_linear
 from server.engine.fast_path import FastPaths
 from server.engine.kv_cache import KVPool
 from server.engine.request import SamplingParams

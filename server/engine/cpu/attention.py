@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu_kernels
+from . import kernels as cpu_kernels
 
 DTYPES = (torch.float32, torch.bfloat16)
 

@@ -49,7 +49,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import cpu_kernels
+from . import kernels as cpu_kernels
 
 log = logging.getLogger(__name__)
 

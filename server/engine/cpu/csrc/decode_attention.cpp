@@ -1,5 +1,5 @@
 // Decode attention over the KV pool: one query per request against its own segment of the pool.
-// Built by server/engine/cpu_kernels.py, called by cpu_attention.py, which documents when and why.
+// Built by server/engine/cpu/kernels.py, called by attention.py, which documents when and why.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -24,7 +24,7 @@ constexpr int64_t kLanes = 8;  // independent partial sums: vectorizable without
 
 // The code below is inlined whole into two entry points, `attend_items_baseline` (x86-64's SSE2) and
 // `attend_items_avx2` (AVX2 with FMA), one of which the CPU check picks at run time: the same loops,
-// vectorized 8 wide with fused multiply-adds where the CPU has them (no -march: see cpu_kernels.py).
+// vectorized 8 wide with fused multiply-adds where the CPU has them (no -march: see kernels.py).
 #define SP_INLINE inline __attribute__((always_inline))
 
 SP_INLINE float dot(const float* a, const float* b, int64_t n) {

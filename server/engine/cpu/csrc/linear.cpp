@@ -1,6 +1,6 @@
 // Linear layers on x86 CPUs with AVX2 and FMA: y = x W^T + b in float32, W packed once into column
 // blocks, in float32 or in bfloat16 (widened in registers as it is loaded: half the memory traffic).
-// Built by server/engine/cpu_kernels.py, called by cpu_linear.py, which documents when and why.
+// Built by server/engine/cpu/kernels.py, called by linear.py, which documents when and why.
 //
 // The packed weight is [blocks, in, 16]: block b holds output columns 16b..16b+15, one row of 16 per
 // input feature, so a block is one contiguous stream of memory (the last block zero-padded). Each

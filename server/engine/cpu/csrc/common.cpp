@@ -1,5 +1,5 @@
 // What the kernels share: work sharing (tasks handed out from a shared counter instead of split up
-// front) and the CPU feature check. Built by server/engine/cpu_kernels.py.
+// front) and the CPU feature check. Built by server/engine/cpu/kernels.py.
 //
 // ATen's parallel_for splits its range into one fixed part per thread. When the OS takes a core from
 // one of those threads (the server's event loop writing a step's tokens, a client on the same
