@@ -71,31 +71,40 @@ class Engine:
         self.emit: Callable[[list[Delivery]], None] = _call_back  # AsyncEngine: to the event loop
 
     def submit(self, seq: Sequence) -> Sequence:
-        """Queue a request; raises Overloaded when the queue is full or the engine is stopping."""
+        """Queue a request, with its siblings (`Sequence.siblings`: more answers to its prompt, forked
+        from it once its prompt is computed); raises Overloaded when the queue is full or the engine is
+        stopping. The first of a group draws with the seed, sibling i with seed + i."""
         if not self.accepting:
             raise Overloaded("the server is shutting down", retry_after=5)
-        self.check_fits(seq.prefix_length, len(seq.prompt_ids), seq.params.max_new_tokens)
+        self.check_fits(seq.prefix_length, len(seq.prompt_ids), seq.params.max_new_tokens, len(seq.group))
         seq.params.check_token_ids(self.vocab_size)
-        if seq.params.seed is not None:
-            seq.seed = seq.params.seed
-        else:
-            seq.seed = random.getrandbits(63)
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, seq.params.skip_special_tokens)
+        seed = seq.params.seed if seq.params.seed is not None else random.getrandbits(63)
+        for i, member in enumerate(seq.group):
+            member.seed = (seed + i) % 2**63
+            member.detokenizer = IncrementalDetokenizer(self.tokenizer, member.prompt_ids,
+                                                        member.params.skip_special_tokens)
         with self._lock:
             self.scheduler.add(seq)
         return seq
 
-    def check_fits(self, prefix: int, prompt: int, max_new_tokens: int) -> None:
-        """InvalidRequest if a request of these sizes could never fit in the KV pool, even alone."""
+    def check_fits(self, prefix: int, prompt: int, max_new_tokens: int, answers: int = 1, param: str = "n") -> None:
+        """InvalidRequest if a request of these sizes, asked for `answers` answers (named `param`), could
+        never run: more answers than the batch takes, or more tokens than the KV pool holds, even alone."""
+        if answers > self.scheduler.max_running:
+            raise InvalidRequest(param, f"{answers} answers to one prompt is more than the {self.scheduler.max_running} "
+                                 "requests the server decodes together (--max-batch-size)")
         total = prefix + prompt + max_new_tokens
-        if total > self.runner.pool.slots:
+        if total * answers > self.runner.pool.slots:
+            times = f" × {answers} answers" if answers > 1 else ""
             raise InvalidRequest("max_new_tokens", (
                 f"virtual tokens ({prefix}) + prompt ({prompt}) + max_new_tokens ({max_new_tokens}) = {total} "
-                f"tokens, more than the KV cache holds ({self.runner.pool.slots} tokens, --kv-cache-memory)"))
+                f"tokens{times}, more than the KV cache holds ({self.runner.pool.slots} tokens, --kv-cache-memory)"))
 
     def abort(self, seq: Sequence) -> None:
-        """Stop a request from any thread: it leaves the batch at the next step and frees its KV segment."""
-        seq.aborted = True
+        """Stop a request from any thread: it leaves the batch at the next step and frees its KV segment.
+        A request whose siblings are not forked yet takes them with it."""
+        for member in seq.group:
+            member.aborted = True
 
     def has_work(self) -> bool:
         return len(self.scheduler) > 0
@@ -114,6 +123,9 @@ class Engine:
             with self._lock:
                 step = self.scheduler.schedule()
             outputs = self._run(step)
+            if self.runner.forks:
+                with self._lock:
+                    self.scheduler.adopt(self.runner.forks)
         except Exception as exc:
             self._count_failure(exc)
             self.fail_all(GenerationFailed(f"generation failed: {exc}"))
@@ -235,7 +247,7 @@ Delivery = tuple[Sequence, "TokenEvent | Exception"]  # a request's token, or th
 def _abort(seqs: list[Sequence], error: Exception) -> list[Delivery]:
     """Mark the requests not yet ended as aborted; the error to tell each one's consumer."""
     ended = []
-    for seq in seqs:
+    for seq in (member for s in seqs for member in s.group):
         if not seq.finished and not seq.aborted:
             seq.aborted = True
             if seq.on_token:
@@ -328,11 +340,19 @@ class AsyncEngine:
                  constraint=None) -> "Stream":
         """Queue a request (Overloaded at once if it cannot be) and return the stream of its tokens.
         constraint: its own `grammar.Constraint` (structured output), or None."""
-        stream = Stream(self)
-        stream.seq = self.engine.submit(Sequence(list(prompt_ids), params, adapter, on_token=stream._push,
-                                                 constraint=constraint))
+        return self.generate_answers(prompt_ids, params, adapter, [constraint])[0]
+
+    def generate_answers(self, prompt_ids: list[int], params: SamplingParams, adapter: Adapter | None,
+                         constraints: list) -> list["Stream"]:
+        """`len(constraints)` answers to one prompt (n, best_of), its prompt computed once: a stream each,
+        answer i drawn with the seed + i. constraints: each answer's own `grammar.Constraint`, or None."""
+        streams = [Stream(self) for _ in constraints]
+        for stream, constraint in zip(streams, constraints):
+            stream.seq = Sequence(list(prompt_ids), params, adapter, on_token=stream._push, constraint=constraint)
+        streams[0].seq.siblings = [s.seq for s in streams[1:]]
+        self.engine.submit(streams[0].seq)
         self.wake()
-        return stream
+        return streams
 
     def wake(self) -> None:
         with self._wake:

@@ -138,6 +138,12 @@ class KVPool:
         self.kv[:, :, :, seg.start:seg.start + n] = prefix
         seg.length = n
 
+    def fork(self, source: Segment, target: Segment) -> None:
+        """Copy the keys and values `source` holds into the empty segment `target` (at least as large)."""
+        assert target.length == 0 and target.capacity >= source.length, (source, target)
+        self._copy(source.start, target.start, source.length)
+        target.length = source.length
+
     def _take(self, size: int, moving: Segment | None = None) -> int:
         """The start of `size` slots taken first fit, compacting when no hole is large enough.
         moving: a segment being moved, already given back but whose keys are still in place."""
@@ -232,6 +238,16 @@ def first_capacity(seq) -> int:
     (a preempted request computes them again) and room for the next ones."""
     held = seq.prefix_length + len(seq.prompt_ids) + len(seq.output_ids)
     return held + min(most_slots(seq) - held, GROWTH_SLOTS)
+
+
+def group_capacity(seq) -> int:
+    """The slots admitting `seq` takes: its first capacity, and as much for each sibling not yet forked."""
+    return first_capacity(seq) * len(seq.group)
+
+
+def held(seq) -> int:
+    """The slots `seq` and its siblings not yet forked hold."""
+    return sum(s.segment.capacity for s in seq.group if s.segment is not None)
 
 
 def growth(seq, seg: Segment) -> int:

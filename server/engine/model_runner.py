@@ -5,6 +5,11 @@ of prompt of every prefilling one (`attention.py`). A newcomer's adapter prefix 
 its pool segment before its prompt, so every adapter kind, and no adapter, share one forward: the
 prefix sits at positions 0..n-1 directly before the request's own tokens. A request samples
 when its chunk reaches the end of what it had to compute.
+
+A request asked for several answers (n, best_of) computes its prompt once. Its siblings get their
+segments at its admission; at the step that completes its prompt, its last logits row is sampled
+once for it and once for each sibling (each with its own seed and sampler), and its keys and values
+are copied into theirs (`_fork`): from the next step on they decode as requests of their own.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ class ModelRunner:
         # as the GIL is released for them): where the AsyncEngine may hand the last step's tokens over.
         self.on_layers: Callable[[], None] = _nothing
         self.eos_ids: frozenset[int] = frozenset()  # the model's end tokens (set by the engine): min_tokens masks them
+        self.forks: list[tuple[Sequence, list[Sequence]]] = []  # the last step's: (request, the siblings forked from it)
 
     def use(self, paths: FastPaths, compiled: CompiledForward | None = None) -> None:
         """Take `paths`, and run steps through `compiled`, or eager when None. On CPU, eager linears run
@@ -120,7 +126,8 @@ class ModelRunner:
     def reset(self) -> None:
         """Drop every request (after a failed step)."""
         for seq in self.seqs:
-            seq.segment = None
+            for member in seq.group:
+                member.segment = None
         self.pool.clear()
         self.seqs = []
 
@@ -128,10 +135,14 @@ class ModelRunner:
         """One step. If it raises (the forward, or sampling), the runner is left as it was before
         the step, released requests aside: the requests it ran keep their lengths, newcomers hold no KV."""
         self._release(step.release)
+        self.forks = []
         touched = [(seq, seq.segment.length if seq.segment else None) for seq in self._scheduled(step)]
         try:
             batch, logits = self.forward(step)
-            return self._sample(batch, logits) if batch else []
+            if not batch:
+                return []
+            batch, logits = _with_siblings(batch, logits)
+            outputs = self._sample(batch, logits)
         except BaseException:
             for seq, length in touched:
                 if length is None:
@@ -139,6 +150,8 @@ class ModelRunner:
                 elif seq.segment is not None:
                     seq.segment.length = length
             raise
+        self._fork(batch)
+        return outputs
 
     @torch.inference_mode()
     def forward(self, step: ScheduledStep) -> tuple[list[Sequence], torch.Tensor | None]:
@@ -165,24 +178,42 @@ class ModelRunner:
 
     def _release(self, seqs: list[Sequence]) -> None:
         held = [seq for seq in seqs if seq.segment is not None]
-        for seq in held:
-            self.pool.release(seq.segment)
-            seq.segment = None
+        for member in (member for seq in held for member in seq.group):
+            if member.segment is not None:
+                self.pool.release(member.segment)
+                member.segment = None
         if held:
             gone = {id(seq) for seq in held}
             self.seqs = [seq for seq in self.seqs if id(seq) not in gone]
 
     def _admit(self, seq: Sequence) -> None:
-        """A segment for the newcomer, its adapter's prefix written at the start."""
+        """A segment for the newcomer, its adapter's prefix written at the start; one for each sibling
+        not yet forked, empty until then."""
         seq.segment = self.pool.allocate(first_capacity(seq))
         if seq.adapter is not None:
             self.pool.write_prefix(seq.segment, seq.adapter.kv)
-        if seq.sampler is None:  # a preempted request keeps its own: its random stream goes on
-            seq.sampler = RowSampler(seq.params, seq.seed, self.spec.device, self.eos_ids)
+        for sibling in seq.siblings:
+            sibling.segment = self.pool.allocate(first_capacity(sibling))
+        for member in seq.group:
+            if member.sampler is None:  # a preempted request keeps its own: its random stream goes on
+                member.sampler = RowSampler(member.params, member.seed, self.spec.device, self.eos_ids)
         if seq.params.prompt_logprobs and not seq.prompt_logprobs:  # the first token has none
             seq.prompt_logprobs.append(None)
             seq.prompt_top.append(None)
         self.seqs.append(seq)
+
+    def _fork(self, batch: list[Sequence]) -> None:
+        """After a step sampled them: the siblings of each request whose prompt it completed take a copy
+        of its keys and values and its prompt's log-probabilities, and run from now on (`self.forks`)."""
+        for seq in batch:
+            if not seq.siblings:
+                continue
+            for sibling in seq.siblings:
+                self.pool.fork(seq.segment, sibling.segment)
+                sibling.prompt_logprobs, sibling.prompt_top = list(seq.prompt_logprobs), list(seq.prompt_top)
+            self.seqs += seq.siblings
+            self.forks.append((seq, seq.siblings))
+            seq.siblings = []
 
     def _forward(self, batch: list[Sequence], tokens: list[list[int]], sampling: list[int]) -> torch.Tensor:
         """tokens: per request, the ids it adds in this forward. Returns the last logits of the
@@ -240,6 +271,15 @@ class ModelRunner:
 
 def _nothing() -> None:
     pass
+
+
+def _with_siblings(batch: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+    """The sampling rows with each sibling not yet forked given its request's row: the request samples
+    only at the end of its prompt, where its siblings sample their first tokens from the same logits."""
+    if not any(seq.siblings for seq in batch):
+        return batch, logits
+    rows = [i for i, seq in enumerate(batch) for _ in seq.group]
+    return [member for seq in batch for member in seq.group], logits[torch.tensor(rows, device=logits.device)]
 
 
 def _prompt_rows(batch: list[Sequence], last_rows: list[int], q_lens: list[int]) -> list[tuple[Sequence, int, int]]:

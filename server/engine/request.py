@@ -161,11 +161,20 @@ class Sequence:
     # before it (None for the first), and its top_logprobs alternatives; filled by the runner as it prefills
     prompt_logprobs: list[float | None] = field(default_factory=list)
     prompt_top: list[tuple[tuple[int, float], ...] | None] = field(default_factory=list)
-
+    # n / best_of: the other answers to the same prompt, queued with this one and holding KV from its
+    # admission, not yet running; at the step that completes this one's prompt, its keys and values are
+    # copied into theirs and each samples its own first token (`ModelRunner._fork`): the prompt is
+    # computed once. Empty once forked, and for a request asked for one answer.
+    siblings: list["Sequence"] = field(default_factory=list, repr=False)
 
     def __post_init__(self):
         if not self.prompt_ids:
             raise InvalidRequest("inputs", "the prompt has no tokens")
+
+    @property
+    def group(self) -> list["Sequence"]:
+        """This request and the siblings it has not forked yet: what its admission admits."""
+        return [self, *self.siblings]
 
     @property
     def prefix_length(self) -> int:

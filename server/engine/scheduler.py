@@ -10,13 +10,18 @@ When the running requests' growth does not fit in the pool, the most recently ad
 preempted: their KV is freed and they go back to the front of the queue, to compute their prompt
 and what they had generated again when readmitted (recompute, as vLLM does). Their tokens, sampler
 state and stream are kept, so the output is the same as without the preemption.
+
+A request asked for several answers (n, best_of) is admitted with its siblings: the batch must have
+room for all of them and the pool slots for each one's segment, taken at admission; it computes the
+prompt alone, and its siblings join the running requests, right after it, at the step that forks
+them from it (`adopt`). Until then it counts as its whole group, for the batch and for preemption.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-from .kv_cache import KVPool, first_capacity, growth
+from .kv_cache import KVPool, group_capacity, growth, held
 from .model_runner import ScheduledStep
 from .request import FinishReason, Overloaded, Sequence
 
@@ -42,8 +47,9 @@ class Scheduler:
 
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep(release=self._ended())
-        free = self.pool.free_slots + sum(s.segment.capacity for s in step.release if s.segment is not None)
+        free = self.pool.free_slots + sum(held(s) for s in step.release)
         free -= self._preempt_for_growth(step, free)
+        occupied = sum(len(s.group) for s in self.running)
         budget = self.max_prefill_tokens
         decoding = set(step.decode)
         for seq in self.running:
@@ -54,17 +60,25 @@ class Scheduler:
                 break
             step.prefill.append((seq, n))
             budget -= n
-        while self.waiting and not step.preempted and budget > 0 and len(self.running) < self.max_running:
+        while self.waiting and not step.preempted and budget > 0:
             seq = self.waiting[0]
-            cost = first_capacity(seq)
-            if cost > free:
+            cost = group_capacity(seq)
+            if cost > free or occupied + len(seq.group) > self.max_running:
                 break
             free -= cost
+            occupied += len(seq.group)
             self.running.append(self.waiting.popleft())
             n = min(seq.pending, budget)
             step.prefill.append((seq, n))
             budget -= n
         return step
+
+    def adopt(self, forks: list[tuple[Sequence, list[Sequence]]]) -> None:
+        """The siblings a step forked (`ModelRunner.forks`) join the running requests, right after the
+        request they were forked from."""
+        for seq, siblings in forks:
+            at = self.running.index(seq) + 1 if seq in self.running else len(self.running)
+            self.running[at:at] = siblings
 
     def _ended(self) -> list[Sequence]:
         """Take finished and aborted requests out of the queues; they are the step's releases."""
@@ -75,8 +89,9 @@ class Scheduler:
             ended += [s for s in self.waiting if s.aborted]
             self.waiting = deque(s for s in self.waiting if not s.aborted)
         for s in ended:
-            if not s.finished:
-                s.finish_reason = FinishReason.ABORT
+            for member in s.group:  # siblings not forked end with it (their KV is released with its own)
+                if not member.finished:
+                    member.finish_reason = FinishReason.ABORT
         return ended
 
     def _preempt_for_growth(self, step: ScheduledStep, free: int) -> int:
@@ -86,7 +101,7 @@ class Scheduler:
         need = sum(decoding.values())
         while need > free and len(self.running) > 1:
             victim = self.running.pop()
-            free += victim.segment.capacity
+            free += held(victim)
             need -= decoding.pop(victim, 0)
             victim.preemptions += 1
             self.preemptions += 1

@@ -379,7 +379,9 @@ def check_memory(engine) -> int:
 
     pool = engine.runner.pool
     seqs = engine.runner.seqs
-    segments = sorted((s.segment for s in seqs), key=lambda seg: seg.start)
+    siblings = [m for s in seqs for m in s.siblings]  # n / best_of: empty segments until forked
+    assert all(m.segment is not None and m.segment.length == 0 for m in siblings)
+    segments = sorted((s.segment for s in seqs + siblings), key=lambda seg: seg.start)
     for a, b in zip(segments, segments[1:]):
         assert a.start + a.capacity <= b.start, "two requests share key/value slots"
     assert not segments or segments[-1].start + segments[-1].capacity <= pool.slots
