@@ -62,6 +62,8 @@ def fingerprint(service: Service) -> str:
 
 
 def _usage(jobs: list[Job], completion_tokens: int) -> dict:
+    """jobs: one per prompt (its n answers share its prompt tokens); completion_tokens: every answer's,
+    best_of's unreturned ones included, as OpenAI counts them."""
     prompt = sum(len(j.prompt_ids) for j in jobs)
     return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
 
@@ -73,57 +75,67 @@ def _sse(obj) -> str:
 async def _respond(request: Request, jobs: list[Job], model: str, chat: bool, stream: bool, usage: bool = False,
                    logprobs: bool = False, keep_stop: bool = False, echo: list[str] | None = None,
                    prompt_only: bool = False):
-    """logprobs: each choice carries its tokens' log-probabilities (and the alternatives its
-    parameters' `top_logprobs` asks for), in the route's shape. echo (completions): each job's prompt
-    text, before its completion (and with logprobs, its tokens' first); prompt_only: the prompt alone
-    (max_tokens 0), the token run with it left out."""
+    """jobs: one per prompt, each with its answers (n, best_of): choice i * n + j is prompt i's answer j.
+    logprobs: each choice carries its tokens' log-probabilities (and the alternatives its parameters'
+    `top_logprobs` asks for), in the route's shape. echo (completions): each job's prompt text, before
+    its completion (and with logprobs, its tokens' first); prompt_only: the prompt alone (max_tokens
+    0), the token run with it left out."""
     service = _service(request)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     obj = "chat.completion" if chat else "text_completion"
-    streams = []  # all queued before any response is sent; if one cannot be, none is left running
+    streams = []  # per job, its answers' streams; all queued before any response is sent, or none left running
     try:
         for job in jobs:
             streams.append(service.start(job))
     except Exception:
-        for s in streams:
+        for s in (s for answers in streams for s in answers):
             s.abort()
         raise
 
-    if stream:
+    if stream:  # n answers per prompt, each a choice (best_of equals n here)
         fixed = {"id": rid, "object": obj + ".chunk" if chat else obj, "created": created, "model": model,
                  "system_fingerprint": fingerprint(service), "adapter_version": jobs[0].adapter_version}
         if usage:  # OpenAI: every chunk has `usage`, null but in the last
             fixed["usage"] = None
-        return EventStream(streams, _Chunks(service, jobs, streams, fixed, chat, usage, logprobs, keep_stop))
+        flat = [s for answers in streams for s in answers]
+        return EventStream(flat, _Chunks(service, jobs, streams, fixed, chat, usage, logprobs, keep_stop))
 
-    try:
-        results = await asyncio.gather(*(service.collect(s, request) for s in streams))
-    finally:
-        for s in streams:
-            s.abort()
+    results = await service.collect_all([s for answers in streams for s in answers], request)
+    generated = 0 if prompt_only else sum(len(r.seq.output_ids) for r in results)
     choices = []
     texts = token_texts(service.base.tokenizer) if logprobs else None
-    for i, (job, result) in enumerate(zip(jobs, results)):
-        service.record(job, result.seq)
-        text = _cut_at_stop(result.text, job.params, keep_stop)
-        finish = _finish(result.finish_reason)
-        if chat:
-            choices.append({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                            "logprobs": chat_logprobs(result.events, texts) if logprobs else None})
-        else:
-            events = [] if prompt_only else result.events
-            if prompt_only:
-                text, finish = "", "length"
-            shaped = completion_logprobs(events, texts) if logprobs else None
-            if echo is not None:
-                text = echo[i] + text
-                if logprobs:
-                    shaped = echoed_logprobs(result.seq, texts, shaped, len(echo[i]))
-            choices.append({"index": i, "text": text, "finish_reason": finish, "logprobs": shaped})
-    generated = 0 if prompt_only else sum(len(r.seq.output_ids) for r in results)
+    for k, job in enumerate(jobs):
+        answers = results[:job.answers.generated]
+        results = results[job.answers.generated:]
+        for j, result in enumerate(answers):
+            service.record(job, result.seq, j)
+        if job.answers.generated > job.answers.returned:  # best_of: the most likely per token, best first
+            answers = sorted(answers, key=lambda r: r.mean_logprob, reverse=True)[:job.answers.returned]
+        for result in answers:
+            choices.append(_choice(len(choices), job, result, chat, texts, keep_stop, prompt_only,
+                                   echo[k] if echo is not None else None))
     return {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": fingerprint(service),
             "adapter_version": jobs[0].adapter_version, "choices": choices, "usage": _usage(jobs, generated)}
+
+
+def _choice(index: int, job: Job, result, chat: bool, texts, keep_stop: bool, prompt_only: bool,
+            echo: str | None) -> dict:
+    """One answer as a choice of a response not streamed; texts: token_texts when logprobs are asked."""
+    text = _cut_at_stop(result.text, job.params, keep_stop)
+    finish = _finish(result.finish_reason)
+    if chat:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                "logprobs": chat_logprobs(result.events, texts) if texts else None}
+    events = [] if prompt_only else result.events
+    if prompt_only:
+        text, finish = "", "length"
+    shaped = completion_logprobs(events, texts) if texts else None
+    if echo is not None:
+        text = echo + text
+        if texts:
+            shaped = echoed_logprobs(result.seq, texts, shaped, len(echo))
+    return {"index": index, "text": text, "finish_reason": finish, "logprobs": shaped}
 
 
 class _Chunks(Encoder):
@@ -131,17 +143,21 @@ class _Chunks(Encoder):
     out to be the start of a stop sequence, each choice's last chunk with its finish_reason, then
     (stream_options.include_usage) a chunk of usage alone, then `[DONE]`."""
 
-    def __init__(self, service: Service, jobs: list[Job], streams, fixed: dict, chat: bool, usage: bool,
+    def __init__(self, service: Service, jobs: list[Job], streams: list[list], fixed: dict, chat: bool, usage: bool,
                  logprobs: bool = False, keep_stop: bool = False):
-        self.service, self.jobs, self.streams, self.chat, self.usage = service, jobs, streams, chat, usage
+        """jobs: one per prompt; streams: per prompt, its answers' streams; choice i * n + j is the jth of
+        prompt i (the index `EventStream` gives events)."""
+        self.service, self.jobs, self.chat, self.usage = service, jobs, chat, usage
+        self.streams = [s for answers in streams for s in answers]
+        self.choices = [(job, j) for job, answers in zip(jobs, streams) for j in range(len(answers))]
         self.keep_stop = keep_stop  # vLLM's include_stop_str_in_output
         self.texts = token_texts(service.base.tokenizer) if logprobs else None  # None: no logprobs asked
-        self.unsent = [[] for _ in jobs]  # per choice, the events whose logprobs no chunk has carried yet
-        self.offsets = [0] * len(jobs)  # per choice, the text offset of its first unsent event
+        self.unsent = [[] for _ in self.streams]  # per choice, the events whose logprobs no chunk has carried yet
+        self.offsets = [0] * len(self.streams)  # per choice, the text offset of its first unsent event
         self.fixed = fixed
         self.head = json.dumps(fixed)[:-1] + ', "choices": ['  # what every chunk repeats, serialized once
-        self.emitted = [""] * len(jobs)  # text sent so far, per choice
-        self.remaining = len(jobs)
+        self.emitted = [""] * len(self.streams)  # text sent so far, per choice
+        self.remaining = len(self.streams)
 
     def _chunk(self, i: int, text: str, finish: str | None, role: bool = False) -> str:
         logprobs = None if role else self._logprobs(i)
@@ -164,13 +180,14 @@ class _Chunks(Encoder):
         return shaped
 
     def opening(self) -> str:
-        return "".join(self._chunk(i, "", None, role=True) for i in range(len(self.jobs))) if self.chat else ""
+        return "".join(self._chunk(i, "", None, role=True) for i in range(len(self.streams))) if self.chat else ""
 
     def event(self, i: int, event) -> str:
         if isinstance(event, Exception):
             self.done = True
             return _sse(json.loads(to_response(event, "/v1").body)) + "data: [DONE]\n\n"
-        seq, params = self.streams[i].seq, self.jobs[i].params
+        (job, answer), seq = self.choices[i], self.streams[i].seq
+        params = job.params
         if self.texts is not None:
             self.unsent[i].append(event)
         safe = _cut_at_stop(seq.text, params, self.keep_stop)
@@ -182,7 +199,7 @@ class _Chunks(Encoder):
         out = self._chunk(i, delta, finish) if delta or finish else ""
         if finish:
             self.remaining -= 1
-            self.service.record(self.jobs[i], seq)
+            self.service.record(job, seq, answer)
             if not self.remaining:
                 self.done = True
                 if self.usage:  # OpenAI's stream_options.include_usage: one last chunk, no choices
@@ -233,7 +250,9 @@ async def completions(request: Request, body: CompletionRequest):
     structured = body.grammar_spec()
     if body.echo and body.stream:
         raise InvalidRequest("echo", "is not supported with stream: true")
-    jobs = [await service.prepare("completions", p, params, adapter, grammar=structured) for p in prompts]
+    answers = body.answers()
+    jobs = [await service.prepare("completions", p, params, adapter, grammar=structured, answers=answers)
+            for p in prompts]
     echo = None
     if body.echo:  # the prompt as sent; token ids decoded
         echo = [p if isinstance(p, str) else service.base.tokenizer.decode(j.prompt_ids)
@@ -257,7 +276,8 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     except TemplateError as exc:  # the template's raise_exception (a role it does not allow, ...), or its own fault
         raise InvalidRequest("messages", f"the chat template of {service.base.name!r} refused them: {exc}") from None
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    jobs = [await service.prepare("chat", ids, params, await _adapter(service, body), grammar=body.grammar_spec())]
+    jobs = [await service.prepare("chat", ids, params, await _adapter(service, body), grammar=body.grammar_spec(),
+                                  answers=body.answers())]
     return await _respond(request, jobs, body.model or service.base.name, chat=True, stream=bool(body.stream),
                           usage=body.include_usage, logprobs=bool(body.logprobs),
                           keep_stop=bool(body.include_stop_str_in_output))

@@ -11,7 +11,8 @@ from server.engine.request import InvalidRequest, TokenEvent
 
 from .errors import to_response
 from .logprobs import tgi_top_tokens, token_texts
-from .schemas import Details, GenerateRequest, GenerateResponse, PrefillToken, StreamDetails, StreamResponse, Token
+from .schemas import (BestOfSequence, Details, GenerateRequest, GenerateResponse, PrefillToken, StreamDetails,
+                      StreamResponse, Token)
 from .service import Job, Service
 from .sse import Encoder, EventStream
 
@@ -25,13 +26,15 @@ def _service(request: Request) -> Service:
 async def _job(service: Service, request: Request, body: GenerateRequest, route: str) -> Job:
     p = body.parameters
     params = body.to_sampling_params(default_max_new_tokens=20, route=route)
+    answers = p.answers(params, stream=route == "generate_stream")
     if p.soft_prompt is not None:  # the request's own virtual tokens (docs/soft-prompts.md)
         adapter = await service.soft_prompt(p.soft_prompt, "parameters.soft_prompt", "parameters.adapter_id",
                                             p.adapter_id)
     else:
         adapter = await service.adapter(p.adapter_id, p.adapter_source, request, task=p.adapter_task,
                                         task_param="parameters.adapter_task")
-    return await service.prepare(route, body.inputs, params, adapter, truncate=p.truncate, grammar=p.grammar_spec())
+    return await service.prepare(route, body.inputs, params, adapter, truncate=p.truncate, grammar=p.grammar_spec(),
+                                 answers=answers)
 
 
 def _token(event: TokenEvent) -> Token:
@@ -57,26 +60,38 @@ async def _generate(request: Request, body: GenerateRequest, route: str) -> Gene
     service = _service(request)
     service.authorize(request)
     job = await _job(service, request, body, route)
-    result = await service.collect(service.start(job), request)
-    service.record(job, result.seq)
+    results = await service.collect_all(service.start(job), request)
+    for i, result in enumerate(results):
+        service.record(job, result.seq, i)
+    # best_of: the answer with the most likely tokens, the others in details.best_of_sequences (as TGI)
+    best = max(results, key=lambda r: r.mean_logprob)
     details = None
     if body.parameters.details:
-        details = Details(
-            finish_reason=result.finish_reason.value,
-            generated_tokens=len(result.seq.output_ids),
-            prompt_tokens=len(job.prompt_ids),
-            seed=result.seq.seed if job.params.sampling else None,
-            adapter_version=job.adapter_version,
-            tokens=[_token(e) for e in result.events],
-            top_tokens=_top_tokens(service, result.events) if job.params.top_logprobs else None,
-            prefill=_prefill(service, result.seq) if job.params.prompt_logprobs else [],
-        )
-    return GenerateResponse(generated_text=_full_text(body, result.text), details=details)
+        others = [BestOfSequence(generated_text=_full_text(body, r.text), **_details(service, job, r))
+                  for r in results if r is not best]
+        details = Details(**_details(service, job, best), adapter_version=job.adapter_version,
+                          prompt_tokens=len(job.prompt_ids), best_of_sequences=others or None)
+    return GenerateResponse(generated_text=_full_text(body, best.text), details=details)
+
+
+def _details(service: Service, job: Job, result) -> dict:
+    """One answer's `AnswerDetails` fields."""
+    return dict(
+        finish_reason=result.finish_reason.value,
+        generated_tokens=len(result.seq.output_ids),
+        seed=result.seq.seed if job.params.sampling else None,
+        tokens=[_token(e) for e in result.events],
+        top_tokens=_top_tokens(service, result.events) if job.params.top_logprobs else None,
+        prefill=_prefill(service, result.seq) if job.params.prompt_logprobs else [],
+    )
 
 
 def _body(response: GenerateResponse) -> dict:
     """TGI leaves `details` out unless asked for; inside it, null fields stay (`seed: null`)."""
-    return response.model_dump(exclude={"details"} if response.details is None else set())
+    if response.details is None:
+        return response.model_dump(exclude={"details"})
+    return response.model_dump(exclude={"details": {"best_of_sequences"}} if response.details.best_of_sequences is None
+                               else None)
 
 
 @router.post("/generate")
@@ -101,7 +116,7 @@ async def generate_stream(request: Request, body: GenerateRequest):
     if body.parameters.decoder_input_details:
         raise InvalidRequest("parameters.decoder_input_details", "true is not supported with streaming (as TGI)")
     job = await _job(service, request, body, "generate_stream")
-    stream = service.start(job)  # Overloaded is raised here, before the response starts
+    [stream] = service.start(job)  # Overloaded is raised here, before the response starts
 
     return EventStream([stream], _StreamMessages(service, job, body, stream))
 

@@ -24,7 +24,6 @@ log = logging.getLogger("softprompt.requests")
 # accepted. Shared by the routes; each schema adds its own below.
 _UNSUPPORTED = {
     # sampling and decoding (TGI, vLLM, OpenAI)
-    "best_of": (None, 1), "n": (None, 1),
     "skip_special_tokens": (None, True), "spaces_between_special_tokens": (None, True),
     "use_beam_search": (None, False), "length_penalty": (None, 1.0), "allowed_token_ids": (None,),
     "bad_words": (None, []), "watermark": (None, False),
@@ -43,7 +42,7 @@ _OPENAI_ONLY = {"min_p": (None, 0.0), "min_tokens": (None, 0), "frequency_penalt
                 "presence_penalty": (None, 0.0), "logit_bias": (None, {}), "stop_token_ids": (None, []),
                 "logprobs": (None, False), "top_logprobs": (None, 0)}
 _TGI_ONLY = {"typical_p": (None, 1.0), "top_n_tokens": (None, 0)}
-_TGI_UNSUPPORTED = {**_UNSUPPORTED, **_OPENAI_ONLY, "return_k_alternatives": (None, 0)}
+_TGI_UNSUPPORTED = {**_UNSUPPORTED, **_OPENAI_ONLY, "return_k_alternatives": (None, 0), "n": (None, 1)}
 _OPENAI_UNSUPPORTED = {**_UNSUPPORTED, **_TGI_ONLY, "include_stop_str_in_output": (None, False), "grammar": (None,),
                        "decoder_input_details": (None, False)}
 _COMPLETION_UNSUPPORTED = {**_OPENAI_UNSUPPORTED, "top_logprobs": (None, 0),  # chat's: completions' is `logprobs`
@@ -115,6 +114,17 @@ class GenerateParameters(_Lenient):
     grammar: dict | None = None  # TGI's: {"type": "json", "value": schema} or {"type": "regex", "value": pattern}
     response_format: dict | None = None  # LoRAX's: {"type": "json_object", "schema": schema}
     decoder_input_details: bool | None = False  # TGI's: details.prefill, the prompt's tokens and their logprobs
+    best_of: int | None = None  # TGI's: this many answers sampled, the most likely per token returned
+
+    def answers(self, params: SamplingParams, stream: bool) -> Answers:
+        """How many answers to generate and return (TGI's rules: best_of > 1 samples, and not streamed)."""
+        best_of = _count("parameters.best_of", self.best_of)
+        if best_of > 1 and not params.sampling:
+            raise InvalidRequest("parameters.best_of", "you must use sampling when `best_of` is > 1 (set do_sample, "
+                                 "or a temperature, top_k, top_p or typical_p)")
+        if best_of > 1 and stream:
+            raise InvalidRequest("parameters.best_of", "`best_of` != 1 is not supported when streaming tokens (as TGI)")
+        return Answers(1, best_of, "parameters.best_of")
 
     def grammar_spec(self) -> GrammarSpec | None:
         """The structured output asked for (TGI's `grammar`, or LoRAX's `response_format`), or None."""
@@ -192,10 +202,23 @@ class StreamDetails(BaseModel):
     adapter_version: str | None = None  # ours, not TGI's (its clients ignore it): the version that answered
 
 
-class Details(StreamDetails):
+class AnswerDetails(BaseModel):
+    """One answer's details, as TGI's `details` and its `best_of_sequences` both carry them."""
+
+    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    generated_tokens: int
+    seed: int | None
     prefill: list[PrefillToken] = []  # the prompt's tokens, with decoder_input_details
     tokens: list[Token] = []
     top_tokens: list[list[Token]] | None = None  # per token, its top_n_tokens alternatives (when asked)
+
+
+class BestOfSequence(AnswerDetails):
+    generated_text: str
+
+
+class Details(StreamDetails, AnswerDetails):
+    best_of_sequences: list[BestOfSequence] | None = None  # best_of: the answers not chosen (left out when none)
 
 
 class GenerateResponse(BaseModel):
@@ -236,10 +259,23 @@ class _OpenAIBase(_Lenient):
     stop_token_ids: list[int] | None = None  # vLLM's extension
     soft_prompt: str | None = None  # ours: base64 safetensors [n, hidden], this request's own virtual tokens
     response_format: dict | None = None  # {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}
+    n: int | None = None  # answers returned per prompt
+    best_of: int | None = None  # answers generated per prompt (>= n); the n most likely per token are returned
 
     def grammar_spec(self) -> GrammarSpec | None:
         """The structured output `response_format` asks for, or None."""
         return _response_format(self.response_format, "response_format")
+
+    def answers(self) -> Answers:
+        """How many answers to generate and return per prompt (OpenAI's rules: best_of >= n, and only n
+        is streamed)."""
+        n = _count("n", self.n)
+        best_of = _count("best_of", self.best_of) if self.best_of is not None else n
+        if best_of < n:
+            raise InvalidRequest("best_of", f"must be at least n ({n}), got {best_of}")
+        if best_of > n and self.stream:
+            raise InvalidRequest("best_of", "cannot be streamed: with stream, best_of must equal n (or be left out)")
+        return Answers(n, best_of, "best_of" if best_of > n else "n")
 
     @property
     def include_usage(self) -> bool:
@@ -271,6 +307,24 @@ class _OpenAIBase(_Lenient):
         )
         _log_unknown(route, unknown)
         return params
+
+
+@dataclasses.dataclass(frozen=True)
+class Answers:
+    """Answers per prompt: `generated` run (the prompt computed once), the `returned` most likely per
+    token kept; `param` names the field that set `generated`, for errors."""
+
+    returned: int
+    generated: int
+    param: str
+
+
+def _count(param: str, value: int | None) -> int:
+    if value is None:
+        return 1
+    if isinstance(value, bool) or value < 1:
+        raise InvalidRequest(param, f"must be a positive integer, got {value!r}")
+    return value
 
 
 def _response_format(fmt: dict | None, param: str) -> GrammarSpec | None:

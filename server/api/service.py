@@ -23,6 +23,9 @@ from server.model import BaseModel
 
 from .errors import ClientGone, Forbidden, Unauthorized
 from .metrics import Metrics
+from .schemas import Answers
+
+ONE = Answers(1, 1, "n")
 
 log = logging.getLogger("softprompt.requests")
 MAX_STOP_CHARS = 256  # longest stop sequence
@@ -39,6 +42,7 @@ class Job:
     route: str
     start: float = field(default_factory=time.monotonic)
     grammar: Grammar | None = None  # structured output: compiled; each start takes its own matcher
+    answers: Answers = ONE  # n / best_of: answers generated from the one prompt, and returned
 
     @property
     def adapter_name(self) -> str:
@@ -64,6 +68,13 @@ class Result:
     @property
     def finish_reason(self) -> FinishReason:
         return self.seq.finish_reason
+
+    @property
+    def mean_logprob(self) -> float:
+        """The mean log-probability of its tokens: how best_of ranks answers (OpenAI's "highest log
+        probability per token", TGI's choice)."""
+        logprobs = self.seq.logprobs
+        return sum(logprobs) / len(logprobs) if logprobs else float("-inf")
 
 
 class Service:
@@ -162,7 +173,7 @@ class Service:
         return self.base.tokenizer(text, add_special_tokens=True).input_ids
 
     async def prepare(self, route: str, prompt, params: SamplingParams, adapter: Adapter | None,
-                      truncate: int | None = None, grammar: GrammarSpec | None = None) -> Job:
+                      truncate: int | None = None, grammar: GrammarSpec | None = None, answers: Answers = ONE) -> Job:
         """Validate one request against the server's limits. `prompt` is text or token ids; long
         texts are tokenized on a worker thread, so they do not hold up the event loop. `adapter`
         (from `self.adapter`): the version the request runs with, whatever is uploaded meanwhile."""
@@ -196,15 +207,26 @@ class Service:
         if positions and total > positions:
             raise InvalidRequest("max_new_tokens", f"prompt ({len(ids)}) + virtual tokens + max_new_tokens "
                                  f"= {total} exceeds the model's {positions} positions")
-        self.engine.engine.check_fits(adapter.prefix_length if adapter else 0, len(ids), params.max_new_tokens)
+        self.engine.engine.check_fits(adapter.prefix_length if adapter else 0, len(ids), params.max_new_tokens,
+                                      answers.generated, answers.param)
         # Compiled here, on a worker thread (the first one also reads the vocabulary): a bad schema is
         # this request's 422, never the engine thread's fault.
         compiled = await asyncio.to_thread(self.grammars.compile, grammar) if grammar is not None else None
-        return Job(ids, params, adapter, route, grammar=compiled)
+        return Job(ids, params, adapter, route, grammar=compiled, answers=answers)
 
-    def start(self, job: Job) -> Stream:
-        constraint = job.grammar.constraint() if job.grammar is not None else None
-        return self.engine.generate(job.prompt_ids, job.params, job.adapter, constraint=constraint)
+    def start(self, job: Job) -> list[Stream]:
+        """Queue the job's answers (`job.answers.generated`, its prompt computed once): a stream each."""
+        constraints = [job.grammar.constraint() if job.grammar is not None else None
+                       for _ in range(job.answers.generated)]
+        return self.engine.generate_answers(job.prompt_ids, job.params, job.adapter, constraints)
+
+    async def collect_all(self, streams: list[Stream], request: Request | None = None) -> list[Result]:
+        """Every stream's tokens (a request's answers or prompts); all aborted if one fails or the client goes."""
+        try:
+            return list(await asyncio.gather(*(self.collect(s, request) for s in streams)))
+        finally:
+            for s in streams:
+                s.abort()
 
     async def collect(self, stream: Stream, request: Request | None = None) -> Result:
         """All of a request's tokens; aborts it if the client disconnects meanwhile."""
@@ -223,11 +245,13 @@ class Service:
                     t.cancel()
         return Result(events, stream.seq)
 
-    def record(self, job: Job, seq: Sequence) -> None:
-        """Metrics and the one log line of a finished generation request."""
+    def record(self, job: Job, seq: Sequence, answer: int = 0) -> None:
+        """Metrics and the one log line of a finished generation request (of each of its answers; the
+        prompt's tokens are counted with the first)."""
         now = time.monotonic()
         self.metrics.count_adapter(job.adapter_name, len(seq.output_ids))
-        self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+        if answer == 0:
+            self.metrics.prompt_tokens.inc(len(job.prompt_ids))
         self.metrics.generated_tokens.inc(len(seq.output_ids))
         self.metrics.latency.observe(now - job.start)
         ttft = (seq.first_token_time - seq.arrival_time) if seq.first_token_time else None

@@ -113,14 +113,14 @@ TGI_REFUSED = [
     ("presence_penalty", 0.5), ("logit_bias", {"5": 10}), ("logprobs", 2),
 ]
 OPENAI_REFUSED = [
-    ("n", 2), ("best_of", 2), ("suffix", "!"),
+    ("suffix", "!"),
     ("grammar", {"type": "regex", "value": "a+"}), ("top_n_tokens", 2), ("decoder_input_details", True),
     ("typical_p", 0.5), ("use_beam_search", True), ("length_penalty", 0.5), ("prompt_logprobs", 1),
     ("guided_json", {"type": "object"}), ("guided_regex", "a+"), ("guided_choice", ["a"]),
     ("allowed_token_ids", [5]), ("bad_words", ["x"]), ("spaces_between_special_tokens", False),
     ("truncate_prompt_tokens", 3), ("add_special_tokens", False), ("top_logprobs", 2),
 ]
-CHAT_REFUSED = [("n", 3), ("tools", [{"type": "function", "function": {
+CHAT_REFUSED = [("tools", [{"type": "function", "function": {
     "name": "f", "parameters": {}}}]), ("tool_choice", "required"), ("echo", True),
     ("add_generation_prompt", False), ("continue_final_message", True), ("chat_template", "{{ x }}")]
 

@@ -141,9 +141,10 @@ def test_unknown_model_is_404(oai):
 
 def test_unsupported_parameter_is_400(oai, uploaded):
     with pytest.raises(openai.BadRequestError) as exc:
-        oai.completions.create(model=uploaded["prompt"], prompt=PROMPT, max_tokens=2, temperature=0, n=2)
-    assert "n: 2 is not supported" in exc.value.message
-    assert (exc.value.param, exc.value.type) == ("n", "invalid_request_error")
+        oai.completions.create(model=uploaded["prompt"], prompt=PROMPT, max_tokens=2, temperature=0,
+                               extra_body={"use_beam_search": True})
+    assert "use_beam_search: True is not supported" in exc.value.message
+    assert (exc.value.param, exc.value.type) == ("use_beam_search", "invalid_request_error")
     # the off values of such parameters are accepted
     got = oai.completions.create(model=uploaded["prompt"], prompt=PROMPT, max_tokens=2, temperature=0, n=1,
                                  presence_penalty=0.0, frequency_penalty=0.0, echo=False)
