@@ -102,9 +102,24 @@ def to_response(exc: Exception, path: str = "") -> JSONResponse:
             if isinstance(exc, Unauthorized):
                 headers = {"WWW-Authenticate": "Bearer"}
             param = getattr(exc, "param", None) or ("model" if isinstance(exc, AdapterNotFound) else None)
-            return error_response(status, str(exc), error_type, headers, path, param)
+            message = str(exc)
+            if is_openai(path) and param in ENGINE_NAMES:  # the engine's names, as the client sent them
+                param, message = _openai_names(param, message, path)
+            return error_response(status, message, error_type, headers, path, param)
     log.exception("unexpected error", exc_info=exc)
     return error_response(500, f"internal error: {type(exc).__name__}", "internal", path=path)
+
+
+ENGINE_NAMES = {"max_new_tokens": "max_tokens", "inputs": "prompt"}  # the engine's (TGI's) names -> OpenAI's
+
+
+def _openai_names(param: str, message: str, path: str) -> tuple[str, str]:
+    """An engine error's parameter, and its mentions in the message, under OpenAI's names (chat's prompt
+    is its `messages`)."""
+    names = {**ENGINE_NAMES, "inputs": "messages" if path.startswith("/v1/chat") else "prompt"}
+    for engine_name, openai_name in names.items():
+        message = message.replace(engine_name, openai_name)
+    return names[param], message
 
 
 def install(app: FastAPI) -> None:

@@ -78,3 +78,18 @@ def test_auth_errors_through_the_client(model_dir, tmp_path):
             assert r.headers["www-authenticate"].lower().startswith("bearer")
         with openai.OpenAI(base_url=f"{s.url}/v1", api_key="k", max_retries=0, timeout=60) as good:
             assert good.models.list().data
+
+
+def test_limits_are_named_as_the_client_sent_them(oai):
+    """The engine's limits say max_new_tokens and inputs (TGI's names); on /v1 the error names
+    max_tokens, and the prompt (completions) or the messages (chat)."""
+    with pytest.raises(openai.BadRequestError) as exc:
+        oai.completions.create(model=None, prompt=PROMPT, max_tokens=10**6)
+    assert exc.value.param == "max_tokens" and "max_new_tokens" not in exc.value.message
+    assert "- max_tokens: " in exc.value.message
+    with pytest.raises(openai.BadRequestError) as exc:
+        oai.chat.completions.create(model=None, messages=[{"role": "user", "content": "x" * 100_000}], max_tokens=2)
+    assert exc.value.param == "messages" and "inputs" not in exc.value.message, exc.value.message
+    with pytest.raises(openai.BadRequestError) as exc:
+        oai.completions.create(model=None, prompt="x" * 100_000, max_tokens=2)
+    assert exc.value.param == "prompt" and "- prompt: " in exc.value.message, exc.value.message
