@@ -133,6 +133,12 @@ class AdapterRegistry:
         self._check_task(entry, task)
         return self.cache.get(_task_key(entry.key, task), lambda: self._materialize(entry, task))
 
+    def get_stored(self, name: str, task: int | None = None) -> Adapter:
+        """`get`, after asking the store about `name` now: one another server stored is registered as the
+        store's, and followed from then on like those found at start-up."""
+        self._follow_store(name, force=True)
+        return self.get(name, task)
+
     def resident(self, name: str) -> bool:
         """Whether its KV prefix is materialized on the model's device now (a request for it needs no load)."""
         entry = self._entries.get(name)

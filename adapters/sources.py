@@ -110,7 +110,7 @@ class AdapterSources:
         try:
             if store is not None and store.exists(name):  # stored already, by this server or another
                 where = f"adapter {name!r} in the store {store.url}"
-                return _naming(where, lambda: self.registry.add_dir(name, store.path(name), source=source))
+                return _naming(where, lambda: self.registry.get_stored(name))
             if source == "s3":
                 raise AdapterNotFound(f"adapter {name!r} not found in the adapter store {store.url}")
             files = self._download_hub(adapter_id)

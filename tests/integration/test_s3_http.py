@@ -57,6 +57,19 @@ def test_servers_share_an_s3_store(start_server, s3_endpoint, bucket, tmp_path, 
         assert_error(c2.post("/generate", json=generate_body(PROMPT, "nowhere", 2, adapter_source="s3")), 404,
                      "nowhere", f"s3://{bucket}/models/tiny")
 
+        # first asked for with adapter_source "s3": registered as the store's, so a replace and a delete
+        # through the first server are followed as for any stored adapter
+        assert upload(c1, "fetched", adapter_srcs["prompt"]).status_code == 201
+        r = c2.post("/generate", json=generate_body(PROMPT, "fetched", MAX_NEW, adapter_source="s3"))
+        assert token_ids(r.json()) == reference("prompt", PROMPT, MAX_NEW)
+        assert c2.get("/adapters/fetched").json()["source"] == "s3"
+        files = {f: (f, (adapter_srcs["ptuning-lstm"] / f).read_bytes()) for f in (CONFIG_FILE, WEIGHTS_FILE)}
+        replaced = c1.put("/adapters/fetched", files=files).json()["version"]
+        assert _within(2.0, lambda: generate(c2, PROMPT, "fetched", 2)["details"]["adapter_version"] == replaced)
+        assert token_ids(generate(c2, PROMPT, "fetched", MAX_NEW)) == reference("ptuning-lstm", PROMPT, MAX_NEW)
+        assert c1.delete("/adapters/fetched").status_code == 204
+        assert _within(2.0, lambda: c2.post("/generate", json=generate_body(PROMPT, "fetched", 2)).status_code == 404)
+
         # a delete on one server removes it from the store, and the other stops serving it within 2 s
         assert c1.delete("/adapters/late").status_code == 204
         assert not any("late" in o["Key"] for o in client(s3_endpoint).list_objects_v2(Bucket=bucket)["Contents"])
