@@ -306,15 +306,14 @@ def load_adapter(
 ) -> Adapter:
     """Validate PEFT's two files and materialize them for `model`. Raises InvalidAdapter, and
     InvalidTask when `task` does not fit the adapter (`check_task`).
-    saved_kv(version, num_virtual_tokens): the prefix materialized before for these files, if any
-    (then no encoder and no model forward run; the adapter has no embeddings). Never asked for a
-    task's prefix: one file per adapter cannot tell the tasks apart."""
+    saved_kv(version, num_virtual_tokens): the prefix materialized before for these files (and `task`),
+    if any (then no encoder and no model forward run; the adapter has no embeddings)."""
     config = parse_config(config_raw)
     kind = check_config(config, spec, limits)
     check_weights(kind, config, read_header(weights_raw), spec)
     check_task(name, kind, config, task)
     version = content_version(config_raw, weights_raw)
-    kv = saved_kv(version, config["num_virtual_tokens"]) if saved_kv and task is None else None
+    kv = saved_kv(version, config["num_virtual_tokens"]) if saved_kv else None
     embeddings = None
     if kv is None:
         table = read_table(kind, config, parse_weights(weights_raw), spec, task)

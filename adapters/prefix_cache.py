@@ -2,7 +2,8 @@
 
 `get(name, load)` returns the resident value or runs `load()` once, however many threads ask for
 the same name at the same time: the others wait for that load and share its result (or its
-error). Pinned names are never evicted. A value evicted while a request still holds it stays
+error). Pinned names are never evicted, nor the parts of one: a name `K@part` (a task's prefix
+of the adapter version K) is pinned with K. A value evicted while a request still holds it stays
 alive with that request (the cache only drops its own reference), so eviction is always safe;
 the bound is on what the cache keeps.
 """
@@ -103,11 +104,14 @@ class PrefixCache(Generic[T]):
             (self.pinned.add if pinned else self.pinned.discard)(name)
             self._evict()
 
+    def _pinned(self, name: str) -> bool:
+        return name in self.pinned or name.partition("@")[0] in self.pinned
+
     def _insert(self, name: str, value: T) -> None:
         old = self._values.pop(name, None)
         if old is not None:
             self.bytes -= self._size(old)
-        if self._size(value) > self.capacity and name not in self.pinned:
+        if self._size(value) > self.capacity and not self._pinned(name):
             return  # served to whoever asked, never kept: it would push everything else out
         self._values[name] = value
         self.bytes += self._size(value)
@@ -118,7 +122,7 @@ class PrefixCache(Generic[T]):
         for name in [n for n in self._values if n != keep] + ([keep] if keep in self._values else []):
             if self.bytes <= self.capacity:
                 return
-            if name in self.pinned:
+            if self._pinned(name):
                 continue
             self.bytes -= self._size(self._values.pop(name))
             self.evictions += 1

@@ -61,11 +61,17 @@ def weights_fingerprint(model: torch.nn.Module, samples: int = FINGERPRINT_SAMPL
     return h.hexdigest()[:24]
 
 
-def save_prefix(directory: Path, kv: torch.Tensor, key: str, version: str) -> None:
+def prefix_path(directory: Path, task: int | None = None) -> Path:
+    """Where an adapter's saved prefix is: `prefix.safetensors`, or `prefix.task{N}.safetensors` for
+    task N of an adapter with tasks (multitask prompt tuning: a prefix per task)."""
+    return Path(directory) / (PREFIX_FILE if task is None else f"prefix.task{task}.safetensors")
+
+
+def save_prefix(directory: Path, kv: torch.Tensor, key: str, version: str, task: int | None = None) -> None:
     """Write atomically (a temporary file renamed into place); a failure is logged, never raised:
     the prefix can always be computed again."""
-    target = Path(directory) / PREFIX_FILE
-    tmp = target.with_name(f".{PREFIX_FILE}.{uuid.uuid4().hex}")
+    target = prefix_path(directory, task)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
     try:
         save_file({"kv": kv.detach().to("cpu").contiguous()}, str(tmp), metadata={"model_key": key, "version": version})
         os.replace(tmp, target)
@@ -74,10 +80,11 @@ def save_prefix(directory: Path, kv: torch.Tensor, key: str, version: str) -> No
         tmp.unlink(missing_ok=True)
 
 
-def load_prefix(directory: Path, key: str, version: str, spec: ModelSpec, n: int) -> torch.Tensor | None:
-    """The saved prefix on the model's device, if it was computed for this model and version and has
-    the shape `n` virtual tokens give; else None."""
-    path = Path(directory) / PREFIX_FILE
+def load_prefix(directory: Path, key: str, version: str, spec: ModelSpec, n: int,
+                task: int | None = None) -> torch.Tensor | None:
+    """The saved prefix (of `task`) on the model's device, if it was computed for this model and version
+    and has the shape `n` virtual tokens give; else None."""
+    path = prefix_path(directory, task)
     if not path.is_file():
         return None
     want = (spec.num_layers, 2, spec.num_kv_heads, n, spec.head_dim)

@@ -280,7 +280,7 @@ class AdapterRegistry:
         failed = []
         for name in sorted(self.pinned & set(self._entries)):
             try:
-                self._get_first_task(name)
+                self._get_every_task(name)
             except AdapterError as exc:
                 failed.append(name)
                 log.error("pinned adapter %r failed to load: %s", name, exc)
@@ -370,12 +370,14 @@ class AdapterRegistry:
             for name in stored - set(self._entries):
                 self._add_entry(self._stored_entry(name))
 
-    def _get_first_task(self, name: str) -> Adapter:
-        """`get`, of task 0 for an adapter with tasks (what a pinned one keeps materialized)."""
+    def _get_every_task(self, name: str) -> None:
+        """`get`, of each task for an adapter with tasks: what a pinned one keeps materialized."""
         try:
-            return self.get(name)
+            self.get(name)
         except InvalidTask:
-            return self.get(name, 0)
+            self.get(name, 0)  # and now its tasks are known
+            for task in range(1, self._about[self._entry(name).key]["num_tasks"]):
+                self.get(name, task)
 
     def _register(self, loaded: tuple[Adapter, bool], source: str, directory: Path | None, files,
                   persist_prefix: bool = True, stored: bool = False) -> Adapter:
@@ -407,8 +409,8 @@ class AdapterRegistry:
 
     def _materialize(self, entry: _Entry, task: int | None = None) -> Adapter:
         """A cold load: the entry's files read again (a remote store downloads them to its disk
-        cache), validated, and its saved prefix used when it matches, else materialized and saved
-        (a task's prefix is neither read nor saved: one file cannot tell the tasks apart)."""
+        cache), validated, and its saved prefix (each task's its own) used when it matches, else
+        materialized and saved."""
         adapter = self._cold_load(entry, task)
         if self._entries.get(entry.name) is not None and self._entries[entry.name].key == entry.key:
             self._about[entry.key] = _about(adapter)
@@ -417,7 +419,7 @@ class AdapterRegistry:
     def _cold_load(self, entry: _Entry, task: int | None) -> Adapter:
         if entry.directory is None and entry.files is None:
             entry = dataclasses.replace(entry, directory=self.store.path(entry.name))
-        adapter = self._from_saved_prefix(entry) if task is None else None
+        adapter = self._from_saved_prefix(entry, task)
         if adapter is not None:
             return adapter
         try:
@@ -431,7 +433,7 @@ class AdapterRegistry:
         self.stats["loads"] += 1
         return adapter
 
-    def _from_saved_prefix(self, entry: _Entry) -> Adapter | None:
+    def _from_saved_prefix(self, entry: _Entry, task: int | None = None) -> Adapter | None:
         """The fast cold load: in the local store a version's directory is named by its version
         and its files never change, so a prefix saved there for this model is read with the config
         alone (the weights neither read nor hashed again, no model forward)."""
@@ -441,20 +443,21 @@ class AdapterRegistry:
         try:
             config = parse_config((entry.directory / CONFIG_FILE).read_bytes())
             kind = check_config(config, self.spec, self.limits)
-        except (OSError, InvalidAdapter):
+            check_task(entry.name, kind, config, task)
+        except (OSError, InvalidAdapter, InvalidTask):
             return None  # the full load says what is wrong
         kv = self._run(lambda: load_prefix(entry.directory, self.model_key, version, self.spec,
-                                           config["num_virtual_tokens"]))
+                                           config["num_virtual_tokens"], task))
         if kv is None:
             return None
         self.stats["prefix_reads"] += 1
         self.stats["loads"] += 1
         return Adapter(entry.name, kind.peft_type, config["num_virtual_tokens"], entry.source, time.time(), config,
-                       kv, None, version)
+                       kv, None, version, task)
 
     def _save_prefix(self, entry: _Entry, adapter: Adapter, computed: bool) -> None:
-        if computed and entry.directory is not None and entry.persist_prefix and self.model_key and adapter.task is None:
-            save_prefix(entry.directory, adapter.kv, self.model_key, adapter.version)
+        if computed and entry.directory is not None and entry.persist_prefix and self.model_key:
+            save_prefix(entry.directory, adapter.kv, self.model_key, adapter.version, adapter.task)
 
     def _load(self, name: str, config_raw: bytes, weights_raw: bytes, source: str,
               directory: Path | None = None, task: int | None = None) -> tuple[Adapter, bool]:
@@ -463,7 +466,7 @@ class AdapterRegistry:
         read = []
 
         def saved_kv(version: str, n: int):
-            kv = load_prefix(directory, self.model_key, version, self.spec, n)
+            kv = load_prefix(directory, self.model_key, version, self.spec, n, task)
             read.append(kv is not None)
             return kv
 

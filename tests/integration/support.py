@@ -220,9 +220,11 @@ def assert_unharmed(client: httpx.Client, store_dir: Path, expected: list[str], 
     assert leftovers(store_dir) == []
     names = stored(store_dir)
     assert set(names) <= set(expected), f"store holds {names}, registry {expected}"
-    for name in names:  # PEFT's two files, and the prefix materialized from them once used
-        assert sorted(os.listdir(Path(store_dir) / name)) in ([CONFIG_FILE, WEIGHTS_FILE],
-                                                              [CONFIG_FILE, WEIGHTS_FILE, PREFIX_FILE])
+    for name in names:  # PEFT's two files, and the prefix materialized from them once used (a task's: its own)
+        files = set(os.listdir(Path(store_dir) / name))
+        assert {CONFIG_FILE, WEIGHTS_FILE} <= files, files
+        assert all(f == PREFIX_FILE or re.fullmatch(r"prefix\.task\d+\.safetensors", f)
+                   for f in files - {CONFIG_FILE, WEIGHTS_FILE}), files
     r = client.post("/generate", json=generate_body("ok", max_new_tokens=3), **kwargs)
     assert r.status_code == 200, r.text
     assert r.json()["details"]["generated_tokens"] == 3

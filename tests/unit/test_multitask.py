@@ -63,8 +63,9 @@ def test_task_for_an_adapter_without_tasks(registry):
 
 
 def test_cold_load_of_each_task_from_the_store(llama, multitask_dir, tmp_path):
-    """Registered from the store at start-up (nothing read), then each task loaded on first use; no
-    prefix is saved for a task (one file per version cannot tell tasks apart), so none is mixed up."""
+    """Registered from the store at start-up (nothing read), then each task loaded on first use and
+    its prefix saved in a file of its own; another server's cold load of each task reads its file
+    (no encoder, no forward) and gets that task's prefix, none mixed up."""
     store = AdapterStore(tmp_path / "store")
     store.save("mt", (multitask_dir / "adapter_config.json").read_bytes(),
                (multitask_dir / "adapter_model.safetensors").read_bytes())
@@ -73,10 +74,27 @@ def test_cold_load_of_each_task_from_the_store(llama, multitask_dir, tmp_path):
     with pytest.raises(InvalidTask):
         registry.get("mt")
     kvs = [registry.get("mt", task).kv for task in (2, 0, 1)]
+    saved = sorted(p.name for p in store.path("mt").iterdir() if p.name.startswith("prefix"))
+    assert saved == [f"prefix.task{t}.safetensors" for t in range(NUM_TASKS)]
     other = AdapterRegistry(llama.spec, llama.model, store, model_key="k")
     other.load_store()
     for kv, task in zip(kvs, (2, 0, 1)):
-        torch.testing.assert_close(other.get("mt", task).kv, kv, rtol=0, atol=0)
+        again = other.get("mt", task)
+        assert again.task == task and again.embeddings is None  # read, not computed
+        torch.testing.assert_close(again.kv, kv, rtol=0, atol=0)
+    assert other.stats["prefix_reads"] == NUM_TASKS
+
+
+def test_a_pinned_multitask_adapter_keeps_every_task_resident(llama, multitask_dir, tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    for name, src in (("mt", multitask_dir), ("a", llama.adapter_dirs["prompt"]), ("b", llama.adapter_dirs["prefix"])):
+        store.save(name, (src / "adapter_config.json").read_bytes(), (src / "adapter_model.safetensors").read_bytes())
+    registry = AdapterRegistry(llama.spec, llama.model, store, model_key="k", pinned=frozenset({"mt"}), cache_bytes=1)
+    assert registry.load_store() == []
+    assert all(registry.get_resident("mt", task) is not None for task in range(NUM_TASKS))
+    registry.get("a"), registry.get("b")  # more than the cache holds: the unpinned are not kept
+    assert registry.get_resident("a") is None
+    assert all(registry.get_resident("mt", task) is not None for task in range(NUM_TASKS))
 
 
 def test_replace_drops_every_task(registry, llama, multitask_dir, tmp_path):
