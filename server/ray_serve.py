@@ -22,8 +22,9 @@ which validates, materializes and stores them once; every replica sees the store
 use within about a second (the registry checks the stored version, `AdapterRegistry.recheck_s`).
 
 Every response carries `x-replica`: the Serve replica that answered. A replica that dies with
-requests in flight gives them a 503 (before their response started; a stream already started just
-ends), Serve restarts it, and later requests go to the others meanwhile.
+requests in flight gives them a 503 (before their response started; a stream already started ends
+with an error event in its route's format, as the single server ends a stream that fails), Serve
+restarts it, and later requests go to the others meanwhile.
 
 Nothing here knows the routes' insides: auth, limits, errors and metrics are the single server's.
 `/metrics` and `/info` answer for the one replica the request reached.
@@ -163,6 +164,16 @@ def _joined(headers: list[tuple[str, str]]) -> dict[str, str]:
     return out
 
 
+STOPPED = "the engine replica serving this request stopped; retry"
+
+
+def _unavailable_body(path: str, message: str) -> dict:
+    """An `unavailable` error in the shape of `path`'s API (OpenAI's on /v1, else TGI's)."""
+    if path.startswith("/v1/"):
+        return {"error": {"message": message, "type": "server_error", "param": None, "code": "unavailable"}}
+    return {"error": message, "error_type": "unavailable"}
+
+
 ingress_app = FastAPI(title="softprompt-server on Ray Serve")
 
 
@@ -189,7 +200,7 @@ class Ingress:
             return self.unavailable(path, RuntimeError("the replica sent no response"))
         response_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in head["headers"]]
         if not any(k.lower() == "content-length" for k, _ in response_headers):
-            return StreamingResponse(self.rest(chunks), status_code=head["status"],
+            return StreamingResponse(self.rest(chunks, path), status_code=head["status"],
                                      headers=_joined(response_headers))
         try:  # a whole body: collected, so that a replica dying now still gets a clean 503
             content = b"".join([chunk async for chunk in chunks])
@@ -199,24 +210,24 @@ class Ingress:
         response.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response_headers]
         return response
 
-    async def rest(self, chunks) -> AsyncIterator[bytes]:
+    async def rest(self, chunks, path: str) -> AsyncIterator[bytes]:
+        """The rest of a stream; a replica that dies meanwhile ends it with an error event (the status
+        is sent already), in the route's format: TGI's error message, or OpenAI's and `[DONE]`."""
         try:
             async for chunk in chunks:
                 yield chunk
-        except (RayActorError, ActorUnavailableError) as exc:  # the status is sent: the stream just ends
-            log.warning("a replica died during a stream: %s", type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - whatever ended it (the actor died, its task failed, ...)
+            log.warning("a stream from a replica failed: %s: %s", type(exc).__name__, exc)
+            event = f"data: {json.dumps(_unavailable_body(path, STOPPED))}\n\n"
+            yield (event + ("data: [DONE]\n\n" if path.startswith("/v1/") else "")).encode()
 
     def unavailable(self, path: str, exc: Exception) -> JSONResponse:
         died = isinstance(exc, (ActorDiedError, RayActorError, ActorUnavailableError))
-        message = ("the engine replica serving this request stopped; retry" if died
-                   else f"no engine replica can take the request now ({type(exc).__name__})")
+        message = STOPPED if died else f"no engine replica can take the request now ({type(exc).__name__})"
         log.warning("503: %s: %s", message, exc)
         headers = {"Retry-After": "1", REPLICA_HEADER: self.replica}
-        if path.startswith("/v1/"):
-            content = {"error": {"message": message, "type": "server_error", "param": None, "code": "unavailable"}}
-        else:
-            content = {"error": message, "error_type": "unavailable"}
-        return JSONResponse(content, status_code=503, headers=headers)
+        return JSONResponse(_unavailable_body(path, message), status_code=503, headers=headers)
+
 
 
 def config_from(args: dict) -> Config:

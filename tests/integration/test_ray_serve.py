@@ -183,18 +183,42 @@ def test_a_killed_replica_gives_clean_503s_and_the_others_serve(ray_app, client,
     victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
     names = [list(uploaded)[i % len(uploaded)] for i in range(24)]
 
+    async def stream(c, route: str, body: dict) -> list:
+        async with c.stream("POST", route, json=body) as r:
+            assert r.status_code in (200, 503)
+            return sse_events([line async for line in r.aiter_lines()]) if r.status_code == 200 else [r.status_code]
+
     async def during():
         async with httpx.AsyncClient(base_url=ray_app, timeout=60) as c:
             pending = [asyncio.ensure_future(c.post("/generate", json=generate_body(PROMPT, n, 64)))
                        for n in names]
-            await asyncio.sleep(0.3)
+            streams = [asyncio.ensure_future(stream(c, "/generate_stream", generate_body(PROMPT, n, 200)))
+                       for n in names[:6]]
+            streams += [asyncio.ensure_future(stream(c, "/v1/completions", {
+                "model": n, "prompt": PROMPT, "max_tokens": 200, "stream": True})) for n in names[6:12]]
+            await asyncio.sleep(1.0)
             ray.kill(victim)
-            return await asyncio.gather(*pending)
+            return await asyncio.gather(*pending), await asyncio.gather(*streams)
 
-    for r in asyncio.run(during()):
+    answers, streams = asyncio.run(during())
+    for r in answers:
         assert r.status_code in (200, 503), r.text
         if r.status_code == 503:
             assert r.json()["error_type"] == "unavailable" and r.headers["x-replica"]
+    cut = 0
+    for i, events in enumerate(streams):  # every stream ends: its last token, or an error event; never cut short
+        if events == [503]:
+            continue
+        openai_route = i >= 6
+        last = events[-2] if openai_route else events[-1]
+        if openai_route:
+            assert events[-1] == "[DONE]", events[-3:]
+        if "error" in last:
+            cut += 1
+            assert (last["error"]["code"] if openai_route else last["error_type"]) == "unavailable", last
+        else:
+            assert (last["choices"][0]["finish_reason"] if openai_route else last["details"]["finish_reason"]), last
+    print(f"{cut} of {len(streams)} streams ended by the killed replica's error event")
     deadline = time.monotonic() + 30
     while True:  # Serve's routers drop the dead replica
         outcomes = [(r.status_code, r.text) for r in
