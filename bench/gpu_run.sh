@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks in one run (CI has no GPU): bash bench/gpu_run.sh [OUT_DIR] [all|compile|serving]
-#   all      gpu_check, the engine benchmark in fp32 and bf16, the KV budget benchmark in bf16
+# The GPU checks and benchmarks in one run (CI has no GPU): bash bench/gpu_run.sh [OUT_DIR] [all|compile|serving|roofline]
+#   all      gpu_check, the engine benchmark in fp32 and bf16, the KV budget benchmark in bf16, and the
+#            decode roofline: a ~1B Llama in bf16 at batches 1, 16, 64 and 256, as a fraction of HBM bandwidth
+#   roofline gpu_check, then the decode roofline alone
 #   compile  gpu_check, then the compiled forward against eager in bf16 on the larger model
 #   serving  gpu_check, then the serving path (HTTP against in-process) on the host's CPUs, which are
 #            more than CI's: bench.serving on all of them with --cpu-threads auto (one CPU left to the
@@ -32,6 +34,10 @@ if [ "$what" = serving ]; then
   run serving-cpus-0-7 150 -m bench.serving "${long[@]}" --cpus 0-7
   exit 0
 fi
+if [ "$what" = roofline ]; then
+  run roofline-bf16 300 -m bench.roofline --device cuda --dtype bfloat16
+  exit 0
+fi
 if [ "$what" = compile ]; then
   run compile-bf16 230 -m bench.compile_bench --device cuda --dtype bfloat16 "${large[@]}" --peft-subset 8 --repeats 1
   exit 0
@@ -39,3 +45,4 @@ fi
 run engine-fp32 120 -m bench.bench_engine --device cuda --dtype float32
 run engine-bf16 150 -m bench.bench_engine --device cuda --dtype bfloat16 "${large[@]}" --peft-subset 8
 run kv-bf16 150 -m bench.kv_budget --device cuda --dtype bfloat16 "${large[@]}"
+run roofline-bf16 300 -m bench.roofline --device cuda --dtype bfloat16

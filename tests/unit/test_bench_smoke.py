@@ -67,3 +67,13 @@ def test_soft_prompts_bench_quick_run(capsys):
     assert result["texts_equal"] == result["requests"] == 8
     assert result["inline_tok_s"] > 0 and result["uploaded_tok_s"] > 0
     assert "inline / uploaded" in capsys.readouterr().out
+
+
+def test_roofline_quick_run(capsys):
+    from bench.roofline import main as roofline_main
+
+    rows = roofline_main(["--device", "cpu", "--quick", "--dtype", "float32"])
+    assert [r["batch"] for r in rows] == [1, 4]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["fraction"] for r in rows)
+    assert rows[1]["kv_gb"] > rows[0]["kv_gb"] > 0  # four requests' keys read, against one's
+    assert "roofline" in capsys.readouterr().out
