@@ -8,6 +8,7 @@ the adapter that answered, null for the base model.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import time
@@ -99,7 +100,8 @@ async def _respond(request: Request, jobs: list[Job], model: str, chat: bool, st
         if usage:  # OpenAI: every chunk has `usage`, null but in the last
             fixed["usage"] = None
         flat = [s for answers in streams for s in answers]
-        return EventStream(flat, _Chunks(service, jobs, streams, fixed, chat, usage, logprobs, keep_stop))
+        return EventStream(flat, _Chunks(service, jobs, streams, fixed, chat, usage, logprobs, keep_stop, echo,
+                                         prompt_only))
 
     results = await service.collect_all([s for answers in streams for s in answers], request)
     generated = 0 if prompt_only else sum(len(r.seq.output_ids) for r in results)
@@ -141,15 +143,20 @@ def _choice(index: int, job: Job, result, chat: bool, texts, keep_stop: bool, pr
 class _Chunks(Encoder):
     """A completion's stream chunks, OpenAI's: text as it comes, held back while it could still turn
     out to be the start of a stop sequence, each choice's last chunk with its finish_reason, then
-    (stream_options.include_usage) a chunk of usage alone, then `[DONE]`."""
+    (stream_options.include_usage) a chunk of usage alone, then `[DONE]`. With echo, a choice's first
+    chunk starts with its prompt (and, with logprobs, the prompt's tokens), as vLLM streams it."""
 
     def __init__(self, service: Service, jobs: list[Job], streams: list[list], fixed: dict, chat: bool, usage: bool,
-                 logprobs: bool = False, keep_stop: bool = False):
+                 logprobs: bool = False, keep_stop: bool = False, echo: list[str] | None = None,
+                 prompt_only: bool = False):
         """jobs: one per prompt; streams: per prompt, its answers' streams; choice i * n + j is the jth of
-        prompt i (the index `EventStream` gives events)."""
+        prompt i (the index `EventStream` gives events). echo: per prompt, its text (completions);
+        prompt_only: the prompt alone is the answer (max_tokens 0 with echo)."""
         self.service, self.jobs, self.chat, self.usage = service, jobs, chat, usage
         self.streams = [s for answers in streams for s in answers]
         self.choices = [(job, j) for job, answers in zip(jobs, streams) for j in range(len(answers))]
+        self.echo = None if echo is None else [text for text, answers in zip(echo, streams) for _ in answers]
+        self.prompt_only = prompt_only
         self.keep_stop = keep_stop  # vLLM's include_stop_str_in_output
         self.texts = token_texts(service.base.tokenizer) if logprobs else None  # None: no logprobs asked
         self.unsent = [[] for _ in self.streams]  # per choice, the events whose logprobs no chunk has carried yet
@@ -161,6 +168,12 @@ class _Chunks(Encoder):
 
     def _chunk(self, i: int, text: str, finish: str | None, role: bool = False) -> str:
         logprobs = None if role else self._logprobs(i)
+        if self.echo is not None and self.echo[i] is not None:  # its first chunk: the prompt before the text
+            echo, self.echo[i] = self.echo[i], None
+            text = echo + text
+            if logprobs is not None:
+                logprobs = echoed_logprobs(self.streams[i].seq, self.texts, logprobs, len(echo))
+                self.offsets[i] += len(echo)
         if self.chat:
             delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
             choice = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
@@ -188,22 +201,29 @@ class _Chunks(Encoder):
             return _sse(json.loads(to_response(event, "/v1").body)) + "data: [DONE]\n\n"
         (job, answer), seq = self.choices[i], self.streams[i].seq
         params = job.params
-        if self.texts is not None:
-            self.unsent[i].append(event)
-        safe = _cut_at_stop(seq.text, params, self.keep_stop)
+        if self.prompt_only:  # the prompt alone: the one token run with it is not part of the answer
+            if event.finish_reason is None:
+                return ""
+            event = dataclasses.replace(event, finish_reason=FinishReason.LENGTH)
+            seq_text = ""
+        else:
+            seq_text = seq.text
+            if self.texts is not None:
+                self.unsent[i].append(event)
+        safe = _cut_at_stop(seq_text, params, self.keep_stop)
         if event.finish_reason is None and params.stop:
             hold = max(len(s) for s in params.stop) - 1
             safe = safe[: max(len(self.emitted[i]), len(safe) - hold)]
         delta, self.emitted[i] = safe[len(self.emitted[i]):], safe
         finish = _finish(event.finish_reason)
-        out = self._chunk(i, delta, finish) if delta or finish else ""
+        out = self._chunk(i, delta, finish) if delta or finish or (self.echo and self.echo[i]) else ""
         if finish:
             self.remaining -= 1
             self.service.record(job, seq, answer)
             if not self.remaining:
                 self.done = True
                 if self.usage:  # OpenAI's stream_options.include_usage: one last chunk, no choices
-                    generated = sum(len(s.seq.output_ids) for s in self.streams)
+                    generated = 0 if self.prompt_only else sum(len(s.seq.output_ids) for s in self.streams)
                     out += _sse({**self.fixed, "choices": [], "usage": _usage(self.jobs, generated)})
                 out += "data: [DONE]\n\n"
         return out
@@ -248,8 +268,6 @@ async def completions(request: Request, body: CompletionRequest):
                              "one request may carry (--max-waiting)")
     adapter = await _adapter(service, body)  # once: every prompt runs with the same version
     structured = body.grammar_spec()
-    if body.echo and body.stream:
-        raise InvalidRequest("echo", "is not supported with stream: true")
     answers = body.answers()
     jobs = [await service.prepare("completions", p, params, adapter, grammar=structured, answers=answers)
             for p in prompts]

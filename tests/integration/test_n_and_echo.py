@@ -84,3 +84,26 @@ def test_echo_with_logprobs_as_lm_eval_asks(oai, chunked, model_dir, adapter_src
     echoed = oai.completions.create(model=model, prompt=LONG, echo=True, max_tokens=3, temperature=0)
     plain = oai.completions.create(model=model, prompt=LONG, max_tokens=3, temperature=0)
     assert echoed.choices[0].text == LONG + plain.choices[0].text and echoed.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("max_tokens", [0, 4])
+def test_echo_streamed_equals_echo_answered_whole(oai, max_tokens):
+    """echo with stream (as vLLM): each choice's first chunk starts with its prompt, its logprobs with
+    the prompt's tokens; joined, the chunks give the answer not streamed, offsets and all."""
+    asked = dict(model="ad-prefix", prompt=[LONG, "over the"], echo=True, logprobs=2, max_tokens=max_tokens,
+                 temperature=0, n=2)
+    whole = oai.completions.create(**asked)
+    texts, logprobs = {}, {}
+    for chunk in oai.completions.create(stream=True, **asked):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            got = logprobs.setdefault(choice.index, {"tokens": [], "token_logprobs": [], "text_offset": []})
+            for key in got:
+                got[key] += getattr(choice.logprobs, key) if choice.logprobs else []
+    assert len(whole.choices) == 4
+    for choice in whole.choices:
+        assert texts[choice.index] == choice.text
+        assert logprobs[choice.index]["tokens"] == choice.logprobs.tokens
+        assert logprobs[choice.index]["text_offset"] == choice.logprobs.text_offset
+        assert logprobs[choice.index]["token_logprobs"] == pytest.approx(choice.logprobs.token_logprobs, abs=1e-6)
+    assert whole.choices[0].text.startswith(LONG) and whole.choices[2].text.startswith("over the")
