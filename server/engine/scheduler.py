@@ -4,26 +4,29 @@ Every step, each running request either decodes (feeds back its last token) or c
 chunk of prompt: a long prompt is prefilled over several steps, at most `max_prefill_tokens`
 prompt tokens a step, alongside the decodes, so running streams keep their pace. Waiting requests
 are admitted in arrival order while the batch has room, the prefill budget lasts, and the pool has
-free slots for the newcomer's prefix, prompt and first growth; the oldest is never passed over.
+free slots for the newcomer's prompt and first growth, and for its adapter's prefix unless a running
+request already holds that (`kv_cache.Ledger`: a shared prefix is counted once); the oldest is
+never passed over.
 
 When the running requests' growth does not fit in the pool, the most recently admitted are
-preempted: their KV is freed and they go back to the front of the queue, to compute their prompt
-and what they had generated again when readmitted (recompute, as vLLM does). Their tokens, sampler
-state and stream are kept, so the output is the same as without the preemption.
+preempted: their KV is freed (their prefix's too, when no other running request reads it) and
+they go back to the front of the queue, to compute their prompt and what they had generated
+again when readmitted (recompute, as vLLM does). Their tokens, sampler state and stream are
+kept, so the output is the same as without the preemption.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-from .kv_cache import KVPool, first_capacity, growth
+from .kv_cache import KVPool, Ledger, growth
 from .model_runner import ScheduledStep
 from .request import FinishReason, Overloaded, Sequence
 
 
 class Scheduler:
     def __init__(self, max_running: int, max_waiting: int, max_prefill_tokens: int, pool: KVPool):
-        """pool: read for its free slots only; the runner allocates."""
+        """pool: read for its size only; the runner allocates."""
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.max_prefill_tokens = max_prefill_tokens
@@ -42,8 +45,8 @@ class Scheduler:
 
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep(release=self._ended())
-        free = self.pool.free_slots + sum(s.segment.capacity for s in step.release if s.segment is not None)
-        free -= self._preempt_for_growth(step, free)
+        ledger = Ledger(self.pool.slots, self.running)
+        ledger.free -= self._preempt_for_growth(step, ledger)
         budget = self.max_prefill_tokens
         decoding = set(step.decode)
         for seq in self.running:
@@ -56,10 +59,9 @@ class Scheduler:
             budget -= n
         while self.waiting and not step.preempted and budget > 0 and len(self.running) < self.max_running:
             seq = self.waiting[0]
-            cost = first_capacity(seq)
-            if cost > free:
+            if ledger.admission(seq) > ledger.free:
                 break
-            free -= cost
+            ledger.admit(seq)
             self.running.append(self.waiting.popleft())
             n = min(seq.pending, budget)
             step.prefill.append((seq, n))
@@ -79,14 +81,14 @@ class Scheduler:
                 s.finish_reason = FinishReason.ABORT
         return ended
 
-    def _preempt_for_growth(self, step: ScheduledStep, free: int) -> int:
+    def _preempt_for_growth(self, step: ScheduledStep, ledger: Ledger) -> int:
         """Choose the decoding requests (into step.decode), preempting the most recently admitted
-        until their growth fits in `free`. Returns the slots the growth takes."""
+        until their growth fits in `ledger.free`. Returns the slots the growth takes."""
         decoding = {s: growth(s, s.segment) for s in self.running if s.output_ids and s.pending == 1}
         need = sum(decoding.values())
-        while need > free and len(self.running) > 1:
+        while need > ledger.free and len(self.running) > 1:
             victim = self.running.pop()
-            free += victim.segment.capacity
+            ledger.drop(victim)
             need -= decoding.pop(victim, 0)
             victim.preemptions += 1
             self.preemptions += 1
