@@ -86,7 +86,8 @@ class Engine:
         return seq
 
     def check_fits(self, prefix: int, prompt: int, max_new_tokens: int) -> None:
-        """InvalidRequest if a request of these sizes could never fit in the KV pool, even alone."""
+        """InvalidRequest if a request of these sizes could never fit in the KV pool, even alone (then
+        its adapter's prefix is in the pool for it alone: shared or not, it counts here in full)."""
         total = prefix + prompt + max_new_tokens
         if total > self.runner.pool.slots:
             raise InvalidRequest("max_new_tokens", (

@@ -24,8 +24,10 @@ total, the segments, shared ones included, are compacted to the pool's start.
 On CPU the pool is `torch.empty`, so the operating system commits its pages only as they are
 first written: an idle server with a large budget costs nothing.
 
-Measured with `python -m bench.kv_budget --shared` (64 requests over 4 prompt-tuning adapters of 128
-virtual tokens, 64 tokens each): see bench/README.md.
+Measured with `python -m bench.kv_budget --shared` (64 requests x 64 tokens over 4 adapters of 128
+virtual tokens, the bench model in float32): 9,135 slots (142.7 MiB) held at the peak, 512 of them
+prefixes, against 16,815 (262.7 MiB, 8,192) with a copy per request; 4 prefixes written instead of
+64; the same tokens. Throughput and the decode kernel's time: bench/README.md.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ DEFAULT_KV_CACHE_BYTES = 2 * 1024**3  # on CPU; on a GPU the server's default is
 
 
 class Segment:
-    """One request's slots: `[start, start + capacity)`, of which the first `length` are written.
+    """One request's own slots, or a shared prefix's: `[start, start + capacity)`, of which the first `length`
+    are written.
 
     Setting `length` keeps its pool's count of written slots (`KVPool.written`) up to date, so that
     another thread (a /metrics scrape) reads one number instead of walking the segments as the
@@ -138,7 +141,11 @@ class KVPool:
         shared = self.prefixes.get(key)
         if shared is None:
             seg = self.allocate(prefix.shape[3])
-            self.write_prefix(seg, prefix)
+            try:
+                self.write_prefix(seg, prefix)
+            except BaseException:
+                self.release(seg)
+                raise
             shared = self.prefixes[key] = SharedPrefix(key, seg)
         shared.refs += 1
         return shared

@@ -67,3 +67,14 @@ def test_soft_prompts_bench_quick_run(capsys):
     assert result["texts_equal"] == result["requests"] == 8
     assert result["inline_tok_s"] > 0 and result["uploaded_tok_s"] > 0
     assert "inline / uploaded" in capsys.readouterr().out
+
+
+def test_shared_prefix_bench_quick_run(capsys):
+    """bench.kv_budget --shared: a prefix per adapter held and written once, against a copy per request."""
+    from bench.kv_budget import main as kv_main
+
+    out = kv_main(["--shared", "--quick", "--repeats", "1", "--threads", "1"])["shared"]
+    assert out["shared"]["peak_prefix"] < out["copies"]["peak_prefix"]
+    assert out["shared"]["prefix_writes"] == 4 and out["copies"]["prefix_writes"] == 8  # --quick: 8 requests, 4 adapters
+    assert out["identical"] == 8
+    assert "shared / copies" in capsys.readouterr().out

@@ -267,3 +267,28 @@ def test_a_replaced_adapter_serves_its_running_requests_the_version_they_started
 
     unversioned = [dataclasses.replace(old, version="") for _ in range(2)]
     assert unversioned[0].prefix_key != unversioned[1].prefix_key
+
+
+def test_registry_replace_and_delete_while_requests_run(llama, store_registry):
+    """Through the registry: an adapter replaced (other files) while two requests run on it, then
+    deleted while its replacement's requests run; each request keeps the version it started with,
+    one prefix segment per version while used, none left; re-adding the first files shares again."""
+    registry, _ = store_registry
+    registry.add("tenant", *llama.files("prompt"))
+    engine = llama.engine()
+    params = SamplingParams(max_new_tokens=MAX_NEW)
+    first = [engine.submit(Sequence(llama.ids(PROMPTS[i]), params, registry.get("tenant"))) for i in range(2)]
+    engine.step()
+    registry.replace("tenant", *llama.files("prefix"))
+    second = [engine.submit(Sequence(llama.ids(PROMPTS[i]), params, registry.get("tenant"))) for i in range(2)]
+    engine.step()
+    keys = set(engine.runner.pool.prefixes)
+    assert len(keys) == 2 and {k[0] for k in keys} == {"tenant"}
+    assert {s.adapter.version for s in first} != {s.adapter.version for s in second}
+    registry.remove("tenant")
+    _drain(engine, on_step=lambda _: check_memory(engine))
+    assert (engine.runner.pool.held, engine.runner.pool.prefixes) == (0, {})
+    for s, variant in [(s, "prompt") for s in first] + [(s, "prefix") for s in second]:
+        assert s.output_ids == llama.reference(variant, s.prompt_ids), variant
+    again = registry.add("tenant", *llama.files("prompt"))
+    assert again.prefix_key == first[0].adapter.prefix_key  # the same files: the same prefix, shared
