@@ -28,6 +28,14 @@ class Adapter:
         return self.kv.shape[3]
 
     @property
+    def prefix_key(self) -> tuple:
+        """What identifies its prefix's contents, for the engine's shared KV segments: name, version (a
+        hash of its files) and task; one built in memory (no version) is itself alone."""
+        if self.version:
+            return self.name, self.version, self.task, self.prefix_length
+        return self.name, "", self.task, id(self)
+
+    @property
     def prefix_bytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 

@@ -173,7 +173,8 @@ def inline_adapters(embeddings: list[torch.Tensor], spec: ModelSpec, model) -> l
         rows = torch.stack([e.to(spec.device, spec.dtype) for e in chunk])  # [b, n, hidden]
         kv = virtual_tokens_to_kv(model, rows)  # [b, layers, 2, kv_heads, n, head_dim]
         for e, row in zip(chunk, kv):
-            digest = hashlib.sha256(e.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+            # its dtype too: the engine shares one KV prefix between requests of one version (Adapter.prefix_key)
+            digest = hashlib.sha256(str(e.dtype).encode() + e.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
             adapters.append(Adapter(NAME, PEFT_TYPE, n, NAME, time.time(), {"peft_type": PEFT_TYPE,
                                     "num_virtual_tokens": n}, row.clone(), None, f"{NAME}-{digest[:16]}"))
     return adapters

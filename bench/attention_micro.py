@@ -7,6 +7,11 @@ against its SDPA loop, in alternating rounds, and prints the median and the fast
 (the fastest is the steadier figure on a machine others are using).
 
     python -m bench.attention_micro                  # float32 and bfloat16, 2 threads
+    python -m bench.attention_micro --prefix 128     # also: the kernel over 4 shared prefixes vs copies
+
+With `--prefix N`, each request's keys also start with an adapter prefix of N keys, one of
+`--adapters` prefixes: the kernel is timed reading them from one shared segment per adapter (as the
+pool holds them now) against a copy at the start of each request's own segment (as it did before).
 """
 
 from __future__ import annotations
@@ -26,16 +31,24 @@ HEADS, KV_HEADS, HEAD_DIM = 8, 4, 64
 MIN_KEYS, MAX_KEYS = 40, 200
 
 
-def build_step(requests: int, dtype, seed: int = 0):
-    """A decode-only step over a random pool: (step, query [1, heads, requests, head_dim], kv of the layer)."""
+def build_step(requests: int, dtype, seed: int = 0, prefix: int = 0, adapters: int = 4, shared: bool = True):
+    """A decode-only step over a random pool: (step, query [1, heads, requests, head_dim], kv of the layer).
+    prefix: keys each request reads first, from one of `adapters` shared segments, or (shared False)
+    copied at the start of its own segment."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     kv_lens = [rng.randint(MIN_KEYS, MAX_KEYS) for _ in range(requests)]
-    pool = KVPool(1, KV_HEADS, HEAD_DIM, "cpu", dtype, slots=sum(kv_lens) + GROWTH_SLOTS * requests)
-    starts = [pool.allocate(n + rng.randrange(GROWTH_SLOTS)).start for n in kv_lens]
+    copied = 0 if shared else prefix
+    pool = KVPool(1, KV_HEADS, HEAD_DIM, "cpu", dtype,
+                  slots=sum(kv_lens) + (GROWTH_SLOTS + copied) * requests + prefix * adapters)
+    prefixes = [pool.allocate(prefix).start for _ in range(adapters)] if prefix and shared else [0]
+    starts = [pool.allocate(copied + n + rng.randrange(GROWTH_SLOTS)).start for n in kv_lens]
     pool.kv.normal_()
     order = rng.sample(range(requests), requests)  # packing order is not pool order after a while
-    step = attention.RaggedStep.build(pool, [starts[i] for i in order], [1] * requests, [kv_lens[i] for i in order])
+    prefix_lens = [prefix if shared else 0] * requests
+    step = attention.RaggedStep.build(pool, [starts[i] for i in order], [1] * requests,
+                                      [prefix + kv_lens[i] for i in order], True,
+                                      [prefixes[i % len(prefixes)] for i in order], prefix_lens)
     query = torch.randn(requests, HEADS, HEAD_DIM).to(dtype)  # [tokens, heads, head_dim], as `attention.attend` takes it
     return step, query, pool.kv[0]
 
@@ -60,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1000, help="calls timed per path and dtype")
+    parser.add_argument("--prefix", type=int, default=0, help="adapter prefix keys per request (0: none)")
+    parser.add_argument("--adapters", type=int, default=4, help="adapters the requests' prefixes are of")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not cpu_kernels.available():
@@ -88,6 +103,31 @@ def main(argv: list[str] | None = None) -> dict:
             first = f"{name:9s} {read / 1e6:7.1f}MB" if i == 0 else " " * 19
             sdpa_s, kernel_s = t["sdpa"][i], t["kernel"][i]
             print(f"  {first} {stat:7s} {sdpa_s * 1e3:7.3f}ms {kernel_s * 1e3:7.3f}ms {kernel_s / sdpa_s:6.2f}")
+    if args.prefix:
+        results["prefix"] = _prefix_figures(args, scale)
+    return results
+
+
+def _prefix_figures(args, scale: float) -> dict:
+    """The kernel with every request's first `args.prefix` keys in one of `args.adapters` shared
+    segments, against the same keys copied into each request's segment."""
+    print(f"the kernel with a prefix of {args.prefix} keys per request, of {args.adapters} adapters:")
+    print(f"  {'dtype':9s} {'':7s} {'copies':>9s} {'shared':>9s} {'ratio':>6s}")
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        calls = {}
+        for shared in (False, True):
+            step, query, kv = build_step(args.requests, dtype, prefix=args.prefix, adapters=args.adapters,
+                                         shared=shared)
+            calls["shared" if shared else "copies"] = (
+                lambda step=step, query=query, kv=kv: attention._per_request(step, query, kv, scale, None))
+        t = time_calls(calls, args.repeats, rounds=10)
+        name = str(dtype).removeprefix("torch.")
+        results[name] = t
+        for i, stat in enumerate(("median", "fastest")):
+            copies_s, shared_s = t["copies"][i], t["shared"][i]
+            print(f"  {name if i == 0 else '':9s} {stat:7s} {copies_s * 1e3:7.3f}ms {shared_s * 1e3:7.3f}ms "
+                  f"{shared_s / copies_s:6.2f}")
     return results
 
 

@@ -54,7 +54,7 @@ def profile_engine(world: World) -> None:
             shape["tokens fed (prompts + fed-back)"] += sum(len(t) for t in tokens)
             shape["largest forward (tokens)"] = max(shape["largest forward (tokens)"], sum(len(t) for t in tokens))
             shape["keys attended (sum over forwards and requests)"] += sum(
-                seq.segment.length + len(t) for seq, t in zip(batch, tokens))
+                seq.prefix_length + seq.segment.length + len(t) for seq, t in zip(batch, tokens))
             out = forward(batch, tokens, sampling)
             shape["pool (slots)"] = runner.pool.slots
             shape["most slots held"] = max(shape["most slots held"], runner.pool.held)

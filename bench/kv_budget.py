@@ -4,17 +4,23 @@ without chunked prefill. Same model, adapters and requests as `bench.bench_engin
 
     python -m bench.kv_budget              # the default workload (a few minutes on 2 CPU cores)
     python -m bench.kv_budget --quick      # a small config, well under a minute
+    python -m bench.kv_budget --shared     # only 4. below, on its own workload (see SHARED)
 
 Prints, in one run:
   1. ours-mixed with no limit and with half the peak need, best of --repeats each, alternating:
      tokens/s, ratio (goal >= 0.8), preemptions, compactions; the budget checked at every step.
-  2. the memory one shared prefix per adapter would save at the peak (item 6 of the issue).
+  2. the shared prefixes' slots at the peak, and what per-request copies would have held.
   3. --streams requests decoding while --long-prompts prompts of --long-tokens tokens arrive:
      the streams' inter-token latency p50/p99 and the long prompts' TTFT, for each prefill chunk size.
+  4. (--shared) one prefix per adapter in the pool against a copy per request, as the pool held
+     them before they were shared: the KV slots and bytes held at the peak, the prefixes written, and
+     tokens per second of wall time and of the process's CPU time (steadier on a shared machine),
+     best of --repeats rounds each, alternating, with the range; whether every request's tokens agree.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
 import sys
@@ -28,22 +34,33 @@ from bench.systems import run_ours
 from bench.timing import sync
 from bench.workload import FIRST_ID, World, build_world
 from server.engine.engine import Engine
-from server.engine.kv_cache import KVPool
+from server.engine.kv_cache import DEFAULT_KV_CACHE_BYTES, KVPool
 from server.engine.request import SamplingParams, Sequence
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     extra = [a for a in argv if a.startswith(("--streams", "--long-", "--chunks"))]
+    shared = "--shared" in argv
+    if shared:  # its workload's defaults, before the flags given (which win)
+        argv = [f"--{k.replace('_', '-')}={v}" for k, v in SHARED.items()] + [a for a in argv if a != "--shared"]
     args = parse_args([a for a in argv if a not in extra])
     opts = _own_flags(extra, quick=args.quick)
     with quiet(), torch_threads(args.threads), tempfile.TemporaryDirectory(prefix="bench-kv-") as tmp:
         world = build_world(args, args.workdir or Path(tmp))
         print(f"model hidden {args.hidden}, {args.layers} layers; {len(world.requests)} requests x "
-              f"{args.new_tokens} tokens, {args.adapters} adapters, {args.dtype} on {world.device}")
+              f"{args.new_tokens} tokens, {args.adapters} adapters of {args.min_virtual}-{args.max_virtual} "
+              f"virtual tokens, {args.dtype} on {world.device}")
+        if shared:
+            return {"shared": shared_prefixes(world, args.repeats)}
         out = {"budget": budget_throughput(world, args.repeats)}
         out["itl"] = chunked_prefill_latency(world, **opts)
     return out
+
+
+# --shared: 64 requests x 64 tokens over 4 adapters of 128 virtual tokens (prompt tuning, two p-tuning
+# encoders, prefix tuning: `workload.VARIANTS` in order), the engine benchmark's model and prompts
+SHARED = {"requests": 64, "new_tokens": 64, "adapters": 4, "min_virtual": 128, "max_virtual": 128, "repeats": 3}
 
 
 def _own_flags(extra: list[str], quick: bool) -> dict:
@@ -74,7 +91,7 @@ def budget_throughput(world: World, repeats: int) -> dict:
             if engine.runner.pool.held > peak["held"]:
                 peak["held"] = engine.runner.pool.held
                 peak["prefix"] = sum(s.prefix_length for s in seqs)
-                peak["shared_prefix"] = sum({id(s.adapter): s.prefix_length for s in seqs if s.adapter}.values())
+                peak["shared_prefix"] = sum({s.adapter.prefix_key: s.prefix_length for s in seqs if s.adapter}.values())
             return outputs
         engine.step = watched
 
@@ -108,10 +125,83 @@ def budget_throughput(world: World, repeats: int) -> dict:
     print(f"  half the peak / no limit = {ratio:.2f}   goal >= 0.8   {'PASS' if ratio >= 0.8 else 'MISS'}"
           f"   (requests with identical tokens: {same}/{len(full.outputs)})")
     saved = (peak["prefix"] - peak["shared_prefix"]) * slot_bytes
-    print(f"  one shared prefix per adapter would hold {peak['shared_prefix']} prefix slots at the peak instead of "
-          f"{peak['prefix']}: {saved / 2**20:.2f} MiB saved, {saved / (peak['held'] * slot_bytes):.0%} of the peak")
+    print(f"  the shared prefixes (one per adapter) held {peak['shared_prefix']} slots at the peak; a copy per "
+          f"request would have held {peak['prefix']}: {saved / 2**20:.2f} MiB more, "
+          f"{saved / (peak['held'] * slot_bytes):.0%} of the peak")
     return {"no_limit": full.tokens_per_s, "half": limited.tokens_per_s, "ratio": ratio, "identical": same,
             "preemptions": limited.extra["preemptions"], "peak_slots": peak["held"], "prefix_saved_bytes": saved}
+
+
+def shared_prefixes(world: World, repeats: int) -> dict:
+    """The world's requests with one prefix per adapter in the pool ("shared"), and with a copy per
+    request ("copies": each request given its own in-memory copy of its adapter, a version-less
+    `Adapter` that nothing shares, so the pool writes and holds its prefix per request, as before
+    prefixes were shared). Alternating rounds after a warm-up of each; the peak of slots held."""
+    adapters = {
+        "copies": [dataclasses.replace(world.adapters[r.adapter], version="") for r in world.requests],
+        "shared": [world.adapters[r.adapter] for r in world.requests],
+    }
+    slot_bytes = _slot_bytes(world)
+    runs: dict[str, list[dict]] = {name: [] for name in adapters}
+    for round_ in range(max(repeats, 1) + 1):
+        for name, per_request in adapters.items():
+            result = _serve(world, per_request)
+            if round_:  # the first round warms up
+                runs[name].append(result)
+    print(f"\n{len(world.requests)} requests x {world.args.new_tokens} tokens over {len(world.adapters)} adapters "
+          f"({', '.join(f'{v} {n}' for v, n in zip(world.variants, world.virtual))} virtual tokens), "
+          f"best of {len(runs['shared'])} alternating rounds")
+    print(f"{'prefixes':<10}{'peak slots':>11}{'of them prefix':>15}{'peak KV MiB':>12}{'prefix writes':>14}"
+          f"{'tokens/s':>10}{'range':>16}{'tokens/CPU s':>13}{'range':>16}")
+    rows = {}
+    for name, results in runs.items():
+        best = max(results, key=lambda r: r["tokens_per_s"])
+        wall = [r["tokens_per_s"] for r in results]
+        cpu = [r["tokens_per_cpu_s"] for r in results]
+        rows[name] = {**best, "tokens_per_s_range": (min(wall), max(wall)), "tokens_per_cpu_s": max(cpu),
+                      "tokens_per_cpu_s_range": (min(cpu), max(cpu)), "peak_bytes": best["peak_held"] * slot_bytes}
+        print(f"{name:<10}{best['peak_held']:>11}{best['peak_prefix']:>15}{best['peak_held'] * slot_bytes / 2**20:>12.1f}"
+              f"{best['prefix_writes']:>14}{max(wall):>10.1f}{f'{min(wall):.1f}-{max(wall):.1f}':>16}"
+              f"{max(cpu):>13.1f}{f'{min(cpu):.1f}-{max(cpu):.1f}':>16}")
+    copies, shared = rows["copies"], rows["shared"]
+    same = sum(copies["outputs"][i] == shared["outputs"][i] for i in range(len(world.requests)))
+    print(f"  shared / copies, best of each: KV held at the peak {shared['peak_held'] / copies['peak_held']:.2f}, "
+          f"tokens/s {shared['tokens_per_s'] / copies['tokens_per_s']:.2f}, "
+          f"tokens/CPU s {shared['tokens_per_cpu_s'] / copies['tokens_per_cpu_s']:.2f}; "
+          f"requests with identical tokens: {same}/{len(world.requests)}")
+    return {name: {k: v for k, v in row.items() if k != "outputs"} for name, row in rows.items()} | {"identical": same}
+
+
+def _serve(world: World, adapters: list) -> dict:
+    """All of the world's requests at once, request i on adapters[i]; the peak of the pool's slots."""
+    base = world.base
+    engine = Engine(base.model, base.tokenizer, base.spec, max_batch_size=len(world.requests),
+                    max_waiting=max(256, len(world.requests)), max_prefill_tokens=world.args.max_prefill_tokens,
+                    kv_cache_bytes=DEFAULT_KV_CACHE_BYTES)
+    pool = engine.runner.pool
+    params = SamplingParams(max_new_tokens=world.args.new_tokens, ignore_eos=True)
+    peak = {"peak_held": 0, "peak_prefix": 0, "prefix_writes": 0}
+    write_prefix = pool.write_prefix
+
+    def counted(seg, prefix):
+        peak["prefix_writes"] += 1
+        write_prefix(seg, prefix)
+
+    pool.write_prefix = counted
+    sync(world.device)
+    start, cpu = time.perf_counter(), time.process_time()
+    seqs = [engine.submit(Sequence(list(r.prompt), params, adapter)) for r, adapter in zip(world.requests, adapters)]
+    while engine.has_work():
+        engine.step()
+        if pool.held > peak["peak_held"]:  # a host integer: no cost worth timing
+            peak["peak_held"] = pool.held
+            peak["peak_prefix"] = sum(p.segment.capacity for p in pool.prefixes.values())
+    sync(world.device)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    assert all(len(s.output_ids) == world.args.new_tokens for s in seqs)
+    tokens = sum(len(s.output_ids) for s in seqs)
+    return {**peak, "wall_s": wall, "tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu,
+            "outputs": [list(s.output_ids) for s in seqs]}
 
 
 def chunked_prefill_latency(world: World, streams: int, long_prompts: int, long_tokens: int, chunks: list[int]) -> list:

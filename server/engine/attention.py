@@ -4,16 +4,20 @@ The engine runs the model on `input_ids [1, tokens]`: one token per decoding req
 whole prompt of each newcomer, back to back with no padding. This module registers an attention
 implementation with transformers that, given a `RaggedStep` in the forward's keyword arguments,
 writes each layer's new keys/values into the requests' pool segments and attends each request's
-queries to its own segment only (causal, aligned to the segment's end). Forwards without a
-`RaggedStep` (adapter materialization, plain `generate`) run transformers' own SDPA attention.
+queries to its own keys only (causal, aligned to their end). Forwards without a `RaggedStep`
+(adapter materialization, plain `generate`) run transformers' own SDPA attention.
 
-Each request attends over exactly its prefix + prompt + generated keys, so no compute or memory
+A request's keys are two ranges of the pool (`ragged.py`): its adapter's prefix, written once and
+shared by every running request on that adapter version (`kv_cache.SharedPrefix`), then its own
+segment (prompt + generated). Each request attends over exactly those keys, so no compute or memory
 goes to padding. On CPU the step's decoding requests go to one call of a small C++ kernel
-(`cpu_attention`, float32 and bfloat16, when it builds) and each prefilling request to one SDPA call;
-without the kernel every request takes one SDPA call (measured at 64 decoding requests: about 0.7 of
-the time of one batched call over a padded window). On CUDA with half precision the whole step is
-one variable-length flash attention call (aten's FlashAttention-2 op), used once a self-check
-on first use shows it matches the per-request path.
+(`cpu_attention`, float32 and bfloat16, when it builds; it reads both ranges in place) and each
+prefilling request to one SDPA call over its prefix and own keys, concatenated (a copy of the prefix
+per prefill chunk and layer, small beside the chunk's compute); without the kernel every request
+takes one SDPA call (measured at 64 decoding requests: about 0.7 of the time of one batched call over
+a padded window). On CUDA with half precision the whole step is variable-length flash attention
+(`flash_varlen.py`: own segments and prefixes in two calls, merged by their log-sum-exps), used once
+a self-check on first use shows it matches the per-request path.
 
 What the project relies on in transformers beyond its documented API, and the test guarding each
 (`self_check.py` also checks the whole packed forward against transformers' own at every start):
@@ -39,9 +43,7 @@ What the project relies on in transformers beyond its documented API, and the te
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -50,54 +52,16 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from . import flash_varlen
 from .cpu import attention as cpu_attention
-from .kv_cache import KVPool
+from .ragged import RaggedStep, decoding, keys
+
+__all__ = ["NAME", "NO_MASK", "RaggedStep", "attend", "decoding", "install", "ragged_attention"]
 
 log = logging.getLogger(__name__)
 
 NAME = "softprompt_ragged"
 NO_MASK = torch.empty(1, 1, 0, 0)  # a 4-D mask: transformers passes it through untouched, we ignore it
-
-
-@dataclass
-class RaggedStep:
-    """Where one packed forward's tokens go in the pool. Host lists, so no device syncs per layer."""
-
-    pool: KVPool
-    slots: torch.Tensor  # [tokens] the pool slot each packed token's key/value is written to
-    starts: list[int]  # per request: its segment's first slot
-    q_lens: list[int]  # per request: its tokens in this forward (1 when decoding, the prompt when new)
-    kv_lens: list[int]  # per request: its segment's written length after this forward
-    pieces: list[int]  # per request: the index of its segment in `split_sizes`' pieces
-    split_sizes: list[int]  # the pool's slots cut into segments and the gaps between them
-    kernels: bool = True  # whether attention may take a kernel (CPU decode, CUDA varlen); else SDPA per request
-    rope_lens: list[int] | None = None  # per request: the length its length-dependent RoPE sees (`rope.py`); None: kv_lens
-    _varlen: dict | None = None  # device tensors for the flash path, built on first use
-    _decoding: _Decoding | None = None  # the decoding requests' view of the step, built on first use
-    _masks: dict[tuple, torch.Tensor] = field(default_factory=dict)  # per (prefilling request, window): its mask
-
-    @property
-    def tokens(self) -> int:
-        """The step's tokens (a forward padded for a CUDA graph runs more)."""
-        return self.slots.shape[0]
-
-    @classmethod
-    def build(cls, pool: KVPool, starts: list[int], q_lens: list[int], kv_lens: list[int],
-              kernels: bool = True) -> RaggedStep:
-        """starts, q_lens, kv_lens: per request, in packing order; segments must not overlap.
-        kernels: False keeps attention to one SDPA call per request (`fast_path`)."""
-        slots = []
-        for start, q, kv in zip(starts, q_lens, kv_lens):
-            slots.extend(range(start + kv - q, start + kv))
-        pieces = [0] * len(starts)
-        sizes, at = [], 0
-        for i in sorted(range(len(starts)), key=starts.__getitem__):
-            sizes.append(starts[i] - at)
-            pieces[i] = len(sizes)
-            sizes.append(kv_lens[i])
-            at = starts[i] + kv_lens[i]
-        sizes.append(pool.slots - at)
-        return cls(pool, torch.tensor(slots, device=pool.device), starts, q_lens, kv_lens, pieces, sizes, kernels)
 
 
 def ragged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, ragged=None,
@@ -127,12 +91,12 @@ def attend(ragged: RaggedStep, layer: int, q, k, v, scaling, window) -> torch.Te
     kv[1].index_copy_(1, ragged.slots, v.transpose(0, 1))
     q = q.contiguous()
     out = None
-    if ragged.kernels and _use_varlen(q, kv.shape[1], window):
+    if ragged.kernels and flash_varlen.usable(q, kv.shape[1], window):
         try:
-            out = _varlen(ragged, q, kv, scaling)
+            out = flash_varlen.attend(ragged, q, kv, scaling)
         except Exception as exc:  # a shape or length the kernel refuses: per request from now on
             log.warning("variable-length flash attention failed (%s); attending per request from now on", exc)
-            _VARLEN_OK[_varlen_key(q, kv.shape[1])] = False
+            flash_varlen.disable(q, kv.shape[1])
     if out is None:
         out = _per_request(ragged, q, kv, scaling, window)
     if padded != tokens:
@@ -142,7 +106,7 @@ def attend(ragged: RaggedStep, layer: int, q, k, v, scaling, window) -> torch.Te
 
 def _per_request(ragged: RaggedStep, q, kv, scaling, window) -> torch.Tensor:
     """[tokens, heads, head_dim]: each request's queries (q [tokens, heads, head_dim], contiguous) against
-    its own segment, in packing order. The decoding requests take one call for all: the `cpu_attention`
+    its prefix and own segment, in packing order. The decoding requests take one call for all: the `cpu_attention`
     kernel on CPU when it handles the tensors, one padded SDPA call on an accelerator; prefilling
     requests one SDPA call each."""
     if q.device.type == "cpu":
@@ -160,11 +124,12 @@ _ACCELERATOR_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
 def _kernel_and_sdpa(ragged: RaggedStep, q, kv, scaling, window) -> torch.Tensor:
     step = decoding(ragged)
     decode = cpu_attention.decode if q.device.type == "cpu" else functools.partial(_padded_decode, step.max_kv)
+    ranges = step.starts, step.kv_lens, step.prefix_starts, step.prefix_lens
     if not step.prefills:
-        return decode(q, kv, step.starts, step.kv_lens, scaling, window)
+        return decode(q, kv, *ranges, scaling, window)
     out = torch.empty_like(q)
     if len(step.decode_rows):
-        decoded = decode(q[step.decode_rows], kv, step.starts, step.kv_lens, scaling, window)
+        decoded = decode(q[step.decode_rows], kv, *ranges, scaling, window)
         out.index_copy_(0, step.decode_rows, decoded)
     out.index_copy_(0, step.prefill_rows, torch.cat(_sdpa_each(ragged, q, kv, scaling, window, step.prefills)))
     return out
@@ -173,10 +138,11 @@ def _kernel_and_sdpa(ragged: RaggedStep, q, kv, scaling, window) -> torch.Tensor
 PADDED_DECODE_ELEMENTS = 1 << 26  # keys gathered per call at most (x2 for values): bounds the transient copy
 
 
-def _padded_decode(max_kv: int, q, kv, starts, kv_lens, scaling, window) -> torch.Tensor:
+def _padded_decode(max_kv: int, q, kv, starts, kv_lens, prefix_starts, prefix_lens, scaling, window) -> torch.Tensor:
     """One decoding query per request, as `cpu_attention.decode`, on any device: each request's keys
-    gathered into a window of the longest segment's length, masked, one SDPA call (per group of
-    requests, so the gathered copy stays under PADDED_DECODE_ELEMENTS). q: [requests, heads, head_dim]."""
+    (prefix, then own segment) gathered into a window of the longest one's length, masked, one SDPA call
+    (per group of requests, so the gathered copy stays under PADDED_DECODE_ELEMENTS).
+    q: [requests, heads, head_dim]; the rest as `cpu_attention.decode`'s."""
     requests, heads, head_dim = q.shape
     kv_heads = kv.shape[1]
     offsets = torch.arange(max_kv, device=q.device)  # [max_kv]
@@ -184,8 +150,9 @@ def _padded_decode(max_kv: int, q, kv, starts, kv_lens, scaling, window) -> torc
     outs = []
     for first in range(0, requests, per_call):
         rows = slice(first, first + per_call)
-        lens = kv_lens[rows, None]  # [n, 1]
-        slots = (starts[rows, None] + offsets).clamp_(max=kv.shape[2] - 1)  # [n, max_kv]
+        lens, pre = kv_lens[rows, None], prefix_lens[rows, None]  # [n, 1]
+        slots = torch.where(offsets < pre, prefix_starts[rows, None] + offsets, starts[rows, None] + offsets - pre)
+        slots = slots.clamp_(min=0, max=kv.shape[2] - 1)  # [n, max_kv]
         keep = offsets < lens  # [n, max_kv]
         if window:
             keep &= offsets >= lens - window
@@ -201,20 +168,17 @@ def _sdpa_each(ragged: RaggedStep, step_q, kv, scaling, window, requests) -> lis
     """One SDPA call per request of `requests` (indices); step_q: [tokens, heads, head_dim], the whole step's.
     Returns each one's [n, heads, head_dim]."""
     heads, kv_heads, head_dim = step_q.shape[1], kv.shape[1], step_q.shape[2]
-    keys = kv[0:1].split(ragged.split_sizes, dim=2)  # pieces [1, kv_heads, n, head_dim]
-    values = kv[1:2].split(ragged.split_sizes, dim=2)
     queries = step_q.split(ragged.q_lens)  # [n, heads, head_dim] each
     outs = []
     for i in requests:
-        q, piece, kv_len = queries[i], ragged.pieces[i], ragged.kv_lens[i]
-        k, v = keys[piece], values[piece]
+        q, kv_len = queries[i], ragged.kv_lens[i]
         n = q.shape[0]
         if n == 1:  # decoding: the query heads of a kv head group become its query rows, no mask needed
-            if window and kv_len > window:
-                k, v = k[:, :, -window:], v[:, :, -window:]
+            k, v = keys(ragged, kv, i, kv_len - window if window and kv_len > window else 0)
             o = F.scaled_dot_product_attention(q.view(1, kv_heads, heads // kv_heads, head_dim), k, v, scale=scaling)
             outs.append(o.reshape(1, heads, head_dim))  # CUDA's memory-efficient kernel returns it strided
         else:
+            k, v = keys(ragged, kv, i)
             mask = ragged._masks.get((i, window))  # built at the first layer with this window, kept for the others
             if mask is None:
                 mask = ragged._masks[i, window] = _causal_mask(n, kv_len, window, q.device)
@@ -241,35 +205,6 @@ def _exact_prefill(q, k, v, mask, scaling, gqa: bool) -> torch.Tensor:
     return o.to(q.dtype)
 
 
-@dataclass
-class _Decoding:
-    """A step split for the CPU kernel: decoding requests (one query each) and prefilling ones."""
-
-    decode_rows: torch.Tensor  # [decoding] int64, the decoding requests' token rows in the packed step
-    starts: torch.Tensor  # [decoding] int64, their segments' first slots
-    kv_lens: torch.Tensor  # [decoding] int64, their segments' written lengths
-    max_kv: int  # the longest of kv_lens (0 when none decodes)
-    prefills: list[int]  # the prefilling requests, by index
-    prefill_rows: torch.Tensor  # [prefill tokens] int64, their token rows, in packing order
-
-
-def decoding(ragged: RaggedStep) -> _Decoding:
-    """The step's split, built at its first layer and kept for the others."""
-    if ragged._decoding is None:
-        decoding = [i for i, n in enumerate(ragged.q_lens) if n == 1]
-        prefills = [i for i, n in enumerate(ragged.q_lens) if n > 1]
-        first_rows = list(itertools.accumulate(ragged.q_lens, initial=0))
-        longs = functools.partial(torch.tensor, dtype=torch.long, device=ragged.pool.device)
-        ragged._decoding = _Decoding(
-            decode_rows=longs([first_rows[i] for i in decoding]),
-            starts=longs([ragged.starts[i] for i in decoding]),
-            kv_lens=longs([ragged.kv_lens[i] for i in decoding]),
-            max_kv=max((ragged.kv_lens[i] for i in decoding), default=0),
-            prefills=prefills,
-            prefill_rows=longs([row for i in prefills for row in range(first_rows[i], first_rows[i + 1])]))
-    return ragged._decoding
-
-
 def _causal_mask(n: int, kv_len: int, window: int | None, device) -> torch.Tensor:
     """[n, kv_len] bool: query i (the (kv_len - n + i)-th key) sees keys up to itself, within `window`."""
     q_pos = torch.arange(kv_len - n, kv_len, device=device)[:, None]
@@ -278,76 +213,6 @@ def _causal_mask(n: int, kv_len: int, window: int | None, device) -> torch.Tenso
     if window:
         mask &= k_pos > q_pos - window
     return mask
-
-
-# ----------------------------------------------------------------------------------------------
-# CUDA, half precision: one variable-length flash attention call per layer
-
-
-_VARLEN_OK: dict[tuple, bool] = {}
-
-
-def _varlen_key(q, kv_heads: int) -> tuple:
-    return q.device, q.dtype, q.shape[1], kv_heads, q.shape[2]
-
-
-def _use_varlen(q, kv_heads: int, window) -> bool:
-    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16) or window:
-        return False
-    key = _varlen_key(q, kv_heads)
-    if key not in _VARLEN_OK:
-        _VARLEN_OK[key] = _varlen_self_check(*key)
-    return _VARLEN_OK[key]
-
-
-def _varlen(ragged: RaggedStep, q, kv, scaling) -> torch.Tensor:
-    """FlashAttention-2's variable-length forward, as aten has it (the op under `torch.nn.attention.varlen`,
-    whose wrapper in torch 2.11 takes neither GQA nor `seqused_k`): each request's queries against the
-    first `seqused_k` keys of its segment, causal aligned to their end; GQA native, no copies."""
-    if ragged._varlen is None:
-        device = q.device
-        starts, at = [], 0
-        for size in ragged.split_sizes:
-            starts.append(at)
-            at += size
-        cu_q = [0]
-        for n in ragged.q_lens:
-            cu_q.append(cu_q[-1] + n)
-        k_starts = [starts[p] for p in ragged.pieces]
-        ragged._varlen = dict(
-            cu_seq_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
-            cu_seq_k=torch.tensor(k_starts + [ragged.pool.slots], dtype=torch.int32, device=device),
-            seqused_k=torch.tensor(ragged.kv_lens, dtype=torch.int32, device=device),
-            max_q=max(ragged.q_lens), max_k=max(ragged.kv_lens))
-    k, v = kv[0].transpose(0, 1), kv[1].transpose(0, 1)  # [slots, kv_heads, head_dim]
-    step = ragged._varlen
-    return _FLASH_VARLEN(q, k, v, step["cu_seq_q"], step["cu_seq_k"], step["max_q"], step["max_k"], 0.0, True, False,
-                         scale=scaling, seqused_k=step["seqused_k"])[0]
-
-
-_FLASH_VARLEN = torch.ops.aten._flash_attention_forward  # a name of ours, so that tests put a CPU reference here
-
-
-def _varlen_self_check(device, dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
-    """Run both paths on small random steps, prefill and decode mixed, then decode only with keys
-    longer than a kernel block; use the flash path only if it works and agrees."""
-    try:
-        for q_lens, kv_lens in (([1, 7, 1], [17, 20, 50]), ([1, 1, 1], [300, 1, 41])):
-            pool = KVPool(1, kv_heads, head_dim, device, dtype, slots=512)
-            segs = [pool.allocate(n + 8) for n in kv_lens][::-1]  # out of packing order, as in a long run
-            for seg in segs:
-                pool.kv[:, :, :, seg.start:seg.start + seg.capacity].normal_()
-            step = RaggedStep.build(pool, [s.start for s in segs], q_lens, kv_lens[::-1])
-            q = torch.randn(sum(q_lens), heads, head_dim, device=device, dtype=dtype)
-            fast = _varlen(step, q, pool.kv[0], None).float()
-            slow = _per_request(step, q, pool.kv[0], None, None).float()
-            if not torch.allclose(fast, slow, atol=2e-2, rtol=2e-2):
-                log.warning("variable-length flash attention disagrees with the reference; attending per request")
-                return False
-    except Exception as exc:  # an older GPU or a build without flash attention
-        log.warning("variable-length flash attention unavailable (%s); attending per request", exc)
-        return False
-    return True
 
 
 def install(model) -> None:

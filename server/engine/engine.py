@@ -89,16 +89,18 @@ class Engine:
 
     def check_fits(self, prefix: int, prompt: int, max_new_tokens: int, answers: int = 1, param: str = "n") -> None:
         """InvalidRequest if a request of these sizes, asked for `answers` answers (named `param`), could
-        never run: more answers than the batch takes, or more tokens than the KV pool holds, even alone."""
+        never run: more answers than the batch takes, or more tokens than the KV pool holds, even alone
+        (its adapter's prefix then in the pool for it alone, once: its answers share it)."""
         if answers > self.scheduler.max_running:
             raise InvalidRequest(param, f"{answers} answers to one prompt is more than the {self.scheduler.max_running} "
                                  "requests the server decodes together (--max-batch-size)")
-        total = prefix + prompt + max_new_tokens
-        if total * answers > self.runner.pool.slots:
-            times = f" × {answers} answers" if answers > 1 else ""
+        own = prompt + max_new_tokens
+        if prefix + own * answers > self.runner.pool.slots:
+            sizes = f"prompt ({prompt}) + max_new_tokens ({max_new_tokens})"
+            sizes = f"({sizes}) × {answers} answers" if answers > 1 else sizes
             raise InvalidRequest("max_new_tokens", (
-                f"virtual tokens ({prefix}) + prompt ({prompt}) + max_new_tokens ({max_new_tokens}) = {total} "
-                f"tokens{times}, more than the KV cache holds ({self.runner.pool.slots} tokens, --kv-cache-memory)"))
+                f"virtual tokens ({prefix}) + {sizes} = {prefix + own * answers} tokens, more than the KV cache "
+                f"holds ({self.runner.pool.slots} tokens, --kv-cache-memory)"))
 
     def abort(self, seq: Sequence) -> None:
         """Stop a request from any thread: it leaves the batch at the next step and frees its KV segment.

@@ -1,10 +1,11 @@
 """Runs the frozen model over the running requests: one packed forward per step. No queues.
 
 A step's forward holds, back to back, one token for every decoding request and the next chunk
-of prompt of every prefilling one (`attention.py`). A newcomer's adapter prefix is copied into
-its pool segment before its prompt, so every adapter kind, and no adapter, share one forward: the
-prefix sits at positions 0..n-1 directly before the request's own tokens. A request samples
-when its chunk reaches the end of what it had to compute.
+of prompt of every prefilling one (`attention.py`). A newcomer's adapter prefix is written once into
+a shared pool segment (`KVPool.acquire_prefix`), or found there when a running request on the same
+adapter version brought it in, so every adapter kind, and no adapter, share one forward: the
+prefix sits at positions 0..n-1, attention reads it and then the request's own segment (its
+tokens at positions n..). A request samples when its chunk reaches the end of what it had to compute.
 
 A request asked for several answers (n, best_of) computes its prompt once. Its siblings get their
 segments at its admission; at the step that completes its prompt, its last logits row is sampled
@@ -28,7 +29,7 @@ from . import attention, grammar, rope
 from .cpu import kernels as cpu_kernels, linear as cpu_linear
 from .compiled import CompiledForward
 from .fast_path import FastPaths
-from .kv_cache import KVPool, first_capacity, growth
+from .kv_cache import KVPool, first_capacity, growth, prefix_key
 from .lean_forward import LeanForward
 from .request import Sequence
 from .sampler import RowSampler, sample
@@ -127,7 +128,7 @@ class ModelRunner:
         """Drop every request (after a failed step)."""
         for seq in self.seqs:
             for member in seq.group:
-                member.segment = None
+                member.segment = member.shared_prefix = None
         self.pool.clear()
         self.seqs = []
 
@@ -177,21 +178,24 @@ class ModelRunner:
         return step.decode + [seq for seq, _ in step.prefill]
 
     def _release(self, seqs: list[Sequence]) -> None:
-        held = [seq for seq in seqs if seq.segment is not None]
+        held = [seq for seq in seqs if seq.segment is not None or seq.shared_prefix is not None]
         for member in (member for seq in held for member in seq.group):
             if member.segment is not None:
                 self.pool.release(member.segment)
-                member.segment = None
+            if member.shared_prefix is not None:
+                self.pool.release_prefix(member.shared_prefix)
+            member.segment = member.shared_prefix = None
         if held:
             gone = {id(seq) for seq in held}
             self.seqs = [seq for seq in self.seqs if id(seq) not in gone]
 
     def _admit(self, seq: Sequence) -> None:
-        """A segment for the newcomer, its adapter's prefix written at the start; one for each sibling
-        not yet forked, empty until then."""
+        """A segment for the newcomer, and its adapter's shared prefix (written in if no one holds it); for
+        each sibling not yet forked, a hold on that prefix and a segment, empty until then."""
+        for member in seq.group:
+            if member.adapter is not None:
+                member.shared_prefix = self.pool.acquire_prefix(prefix_key(member), member.adapter.kv)
         seq.segment = self.pool.allocate(first_capacity(seq))
-        if seq.adapter is not None:
-            self.pool.write_prefix(seq.segment, seq.adapter.kv)
         for sibling in seq.siblings:
             sibling.segment = self.pool.allocate(first_capacity(sibling))
         for member in seq.group:
@@ -221,9 +225,12 @@ class ModelRunner:
         log-probabilities also keep the rows of their chunk's prompt tokens (`_score_prompts`)."""
         q_lens = [len(t) for t in tokens]
         segments = [seq.segment for seq in batch]
-        kv_lens = [seg.length + n for seg, n in zip(segments, q_lens)]
+        prefixes = [seq.shared_prefix.segment if seq.shared_prefix is not None else None for seq in batch]
+        prefix_lens = [0 if p is None else p.length for p in prefixes]
+        done = [p + seg.length for p, seg in zip(prefix_lens, segments)]  # keys before this forward, prefix included
+        kv_lens = [d + n for d, n in zip(done, q_lens)]
         ids = [t for chunk in tokens for t in chunk]
-        positions = [p for seg, n in zip(segments, kv_lens) for p in range(seg.length, n)]
+        positions = [p for d, n in zip(done, kv_lens) for p in range(d, n)]
         last_rows = list(itertools.accumulate(q_lens))
         keep = [last_rows[i] - 1 for i in sampling]
         scored = _prompt_rows(batch, last_rows, q_lens)
@@ -234,9 +241,10 @@ class ModelRunner:
             positions += [0] * (len(ids) - len(positions))
             keep += [0] * (self.compiled.pad(len(keep)) - len(keep))
         ragged = attention.RaggedStep.build(self.pool, [seg.start for seg in segments], q_lens, kv_lens,
-                                            self.attention_kernels)
+                                            self.attention_kernels,
+                                            [0 if p is None else p.start for p in prefixes], prefix_lens)
         if self.rope:  # a prompt in chunks is rotated for its whole length, as transformers rotates it alone
-            ragged.rope_lens = [seg.length + seq.pending for seg, seq in zip(segments, batch)]
+            ragged.rope_lens = [d + seq.pending for d, seq in zip(done, batch)]
         device = self.spec.device
         started = time.perf_counter()
         hook = {"on_layers": self.on_layers} if forward is self.lean else {}
@@ -253,8 +261,8 @@ class ModelRunner:
                 **hook,
             )
         self.forward_seconds += time.perf_counter() - started
-        for seg, n in zip(segments, kv_lens):
-            seg.length = n
+        for seg, n in zip(segments, q_lens):
+            seg.length += n
         if scored:
             _score_prompts(scored, out.logits[0, len(sampling):len(sampling) + len(scored)])
         return out.logits[0, :len(sampling)]  # [sampling rows, vocab]

@@ -154,6 +154,7 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     segment: object | None = field(default=None, repr=False)  # the runner's kv_cache.Segment while it holds KV
+    shared_prefix: object | None = field(default=None, repr=False)  # the runner's kv_cache.SharedPrefix of its adapter, meanwhile
     sampler: object | None = field(default=None, repr=False)  # the runner's RowSampler, kept across preemptions
     preemptions: int = 0  # times its KV was taken back to make room; it then computes it again
     constraint: object | None = field(default=None, repr=False)  # grammar.Constraint: its structured output's matcher
@@ -182,13 +183,13 @@ class Sequence:
 
     @property
     def token_ids(self) -> list[int]:
-        """Prompt and generated tokens: what its KV holds after the prefix, once computed."""
+        """Prompt and generated tokens: what its own segment holds (after the shared prefix), once computed."""
         return self.prompt_ids + self.output_ids
 
     @property
     def computed(self) -> int:
         """Tokens of `token_ids` whose keys and values its segment holds."""
-        return 0 if self.segment is None else self.segment.length - self.prefix_length
+        return 0 if self.segment is None else self.segment.length
 
     def next_ids(self, n: int) -> list[int]:
         """The next `n` pending token ids (no copy of the whole history for a decoding request)."""

@@ -4,12 +4,15 @@ Every step, each running request either decodes (feeds back its last token) or c
 chunk of prompt: a long prompt is prefilled over several steps, at most `max_prefill_tokens`
 prompt tokens a step, alongside the decodes, so running streams keep their pace. Waiting requests
 are admitted in arrival order while the batch has room, the prefill budget lasts, and the pool has
-free slots for the newcomer's prefix, prompt and first growth; the oldest is never passed over.
+free slots for the newcomer's prompt and first growth, and for its adapter's prefix unless a running
+request already holds that (`kv_cache.Ledger`: a shared prefix is counted once); the oldest is
+never passed over.
 
 When the running requests' growth does not fit in the pool, the most recently admitted are
-preempted: their KV is freed and they go back to the front of the queue, to compute their prompt
-and what they had generated again when readmitted (recompute, as vLLM does). Their tokens, sampler
-state and stream are kept, so the output is the same as without the preemption.
+preempted: their KV is freed (their prefix's too, when no other running request reads it) and
+they go back to the front of the queue, to compute their prompt and what they had generated
+again when readmitted (recompute, as vLLM does). Their tokens, sampler state and stream are
+kept, so the output is the same as without the preemption.
 
 A request asked for several answers (n, best_of) is admitted with its siblings: the batch must have
 room for all of them and the pool slots for each one's segment, taken at admission; it computes the
@@ -21,14 +24,14 @@ from __future__ import annotations
 
 from collections import deque
 
-from .kv_cache import KVPool, group_capacity, growth, held
+from .kv_cache import KVPool, Ledger, growth
 from .model_runner import ScheduledStep
 from .request import FinishReason, Overloaded, Sequence
 
 
 class Scheduler:
     def __init__(self, max_running: int, max_waiting: int, max_prefill_tokens: int, pool: KVPool):
-        """pool: read for its free slots only; the runner allocates."""
+        """pool: read for its size only; the runner allocates."""
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.max_prefill_tokens = max_prefill_tokens
@@ -47,9 +50,9 @@ class Scheduler:
 
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep(release=self._ended())
-        free = self.pool.free_slots + sum(held(s) for s in step.release)
-        free -= self._preempt_for_growth(step, free)
-        occupied = sum(len(s.group) for s in self.running)
+        ledger = Ledger(self.pool.slots, self.running)
+        ledger.free -= self._preempt_for_growth(step, ledger)
+        occupied = sum(len(s.group) for s in self.running)  # siblings not yet forked count
         budget = self.max_prefill_tokens
         decoding = set(step.decode)
         for seq in self.running:
@@ -62,10 +65,9 @@ class Scheduler:
             budget -= n
         while self.waiting and not step.preempted and budget > 0:
             seq = self.waiting[0]
-            cost = group_capacity(seq)
-            if cost > free or occupied + len(seq.group) > self.max_running:
+            if ledger.admission(seq) > ledger.free or occupied + len(seq.group) > self.max_running:
                 break
-            free -= cost
+            ledger.admit(seq)
             occupied += len(seq.group)
             self.running.append(self.waiting.popleft())
             n = min(seq.pending, budget)
@@ -94,14 +96,14 @@ class Scheduler:
                     member.finish_reason = FinishReason.ABORT
         return ended
 
-    def _preempt_for_growth(self, step: ScheduledStep, free: int) -> int:
+    def _preempt_for_growth(self, step: ScheduledStep, ledger: Ledger) -> int:
         """Choose the decoding requests (into step.decode), preempting the most recently admitted
-        until their growth fits in `free`. Returns the slots the growth takes."""
+        until their growth fits in `ledger.free`. Returns the slots the growth takes."""
         decoding = {s: growth(s, s.segment) for s in self.running if s.output_ids and s.pending == 1}
         need = sum(decoding.values())
-        while need > free and len(self.running) > 1:
+        while need > ledger.free and len(self.running) > 1:
             victim = self.running.pop()
-            free += held(victim)
+            ledger.drop(victim)
             need -= decoding.pop(victim, 0)
             victim.preemptions += 1
             self.preemptions += 1

@@ -122,6 +122,8 @@ def test_aborting_before_the_fork_ends_every_answer_and_frees_their_memory(llama
     first = engine.submit(_group(llama, "prefix", LONG_PROMPT, 4, **SAMPLED))
     engine.step()  # part of the prompt: the siblings hold empty segments
     assert first.segment is not None and all(s.segment is not None for s in first.siblings)
+    [shared] = engine.runner.pool.prefixes.values()  # the adapter's prefix, once, held by every answer
+    assert shared.refs == 4 and all(s.shared_prefix is shared for s in first.group)
     check_memory(engine)
     engine.abort(first)
     _drain(engine)
@@ -162,7 +164,7 @@ def test_more_answers_than_fit_are_refused(llama):
         engine.submit(_group(llama, None, PROMPTS[0], 5))
     assert refused.value.param == "n" and "--max-batch-size" in str(refused.value)
     slots = engine.runner.pool.slots
-    with pytest.raises(InvalidRequest, match="answers, more than the KV cache holds"):
+    with pytest.raises(InvalidRequest, match="× 2 answers = .* tokens, more than the KV cache holds"):
         engine.check_fits(0, slots // 2, 10, answers=2)
     engine.check_fits(0, slots // 2 - 10, 10, answers=2)
 

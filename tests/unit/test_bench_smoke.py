@@ -77,3 +77,14 @@ def test_roofline_quick_run(capsys):
     assert all(r["tokens_per_s"] > 0 and 0 < r["fraction"] for r in rows)
     assert rows[1]["kv_gb"] > rows[0]["kv_gb"] > 0  # four requests' keys read, against one's
     assert "roofline" in capsys.readouterr().out
+
+
+def test_shared_prefix_bench_quick_run(capsys):
+    """bench.kv_budget --shared: a prefix per adapter held and written once, against a copy per request."""
+    from bench.kv_budget import main as kv_main
+
+    out = kv_main(["--shared", "--quick", "--repeats", "1", "--threads", "1"])["shared"]
+    assert out["shared"]["peak_prefix"] < out["copies"]["peak_prefix"]
+    assert out["shared"]["prefix_writes"] == 4 and out["copies"]["prefix_writes"] == 8  # --quick: 8 requests, 4 adapters
+    assert out["identical"] == 8
+    assert "shared / copies" in capsys.readouterr().out

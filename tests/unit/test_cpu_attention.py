@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from server.engine import attention
 from server.engine.cpu import attention as cpu_attention, kernels as cpu_kernels
@@ -16,19 +17,42 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 DECODE_LENS = [1, 300, 57, 2, 129, 16, 17, 64]  # keys per decoding request: 1, long, around a window of 16
 
 
-def _step(heads, kv_heads, head_dim, dtype, q_lens, kv_lens, seed=0):
+PREFIX_LENS = [0, 40, 5, 0, 40, 2, 16, 40]  # per DECODE_LENS request: one prefix of 40 shared by three, none, short
+
+
+def _step(heads, kv_heads, head_dim, dtype, q_lens, kv_lens, seed=0, prefix_lens=None):
     """A one-layer pool of random keys/values (gaps included) whose segments lie out of packing order with
-    unwritten slots between them; returns the step and its queries [tokens, heads, head_dim]."""
+    unwritten slots between them; returns the step and its queries [tokens, heads, head_dim].
+    prefix_lens: per request, the part of its kv_len read from a shared prefix segment (requests with
+    one length share one), allocated between the requests' own segments."""
     torch.manual_seed(seed)
+    prefix_lens = prefix_lens or [0] * len(kv_lens)
     pool = KVPool(1, kv_heads, head_dim, "cpu", dtype, slots=sum(kv_lens) + 8 * len(kv_lens) + 16)
-    segs = [pool.allocate(kv + 8) for kv in kv_lens]
+    segs, prefixes = [], {}
+    for kv, p in zip(kv_lens, prefix_lens):
+        segs.append(pool.allocate(kv - p + 8))
+        if p and p not in prefixes:
+            prefixes[p] = pool.allocate(p).start
     pool.kv.normal_()
     order = list(range(len(kv_lens)))
     random.Random(seed).shuffle(order)
     step = attention.RaggedStep.build(pool, [segs[i].start for i in order], [q_lens[i] for i in order],
-                                      [kv_lens[i] for i in order])
+                                      [kv_lens[i] for i in order], True,
+                                      [prefixes.get(prefix_lens[i], 0) for i in order],
+                                      [prefix_lens[i] for i in order])
     query = torch.randn(sum(q_lens), heads, head_dim).to(dtype)
     return step, query
+
+
+def _joined(step, query, i) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Request i's query [n, heads, head_dim] and its keys and values [kv_heads, kv_len, head_dim] copied
+    out of the pool by hand: the prefix range, then the own segment's."""
+    kv, p, own = step.pool.kv[0], step.prefix_lens[i], step.kv_lens[i] - step.prefix_lens[i]
+    ps, s = step.prefix_starts[i], step.starts[i]
+    k = torch.cat([kv[0, :, ps:ps + p], kv[0, :, s:s + own]], dim=1)
+    v = torch.cat([kv[1, :, ps:ps + p], kv[1, :, s:s + own]], dim=1)
+    first = sum(step.q_lens[:i])
+    return query[first:first + step.q_lens[i]], k, v
 
 
 def _sdpa(step, query, scale, window) -> torch.Tensor:
@@ -40,8 +64,10 @@ def _sdpa(step, query, scale, window) -> torch.Tensor:
 @pytest.mark.parametrize("heads, kv_heads", [(8, 4), (8, 8), (8, 1)], ids=["gqa", "mha", "mqa"])
 @pytest.mark.parametrize("head_dim", [64, 40, 17])
 @pytest.mark.parametrize("window", [None, 16])
-def test_decode_matches_sdpa(cpu_kernels_built, dtype, heads, kv_heads, head_dim, window):
-    step, query = _step(heads, kv_heads, head_dim, dtype, [1] * len(DECODE_LENS), DECODE_LENS)
+@pytest.mark.parametrize("prefixes", [None, PREFIX_LENS], ids=["own", "prefixed"])
+def test_decode_matches_sdpa(cpu_kernels_built, dtype, heads, kv_heads, head_dim, window, prefixes):
+    step, query = _step(heads, kv_heads, head_dim, dtype, [1] * len(DECODE_LENS), DECODE_LENS,
+                        prefix_lens=prefixes and [min(p, kv - 1) for p, kv in zip(prefixes, DECODE_LENS)])
     scale = 0.3
     out = attention._per_request(step, query, step.pool.kv[0], scale, window)
     assert out.dtype == dtype and out.shape == (len(DECODE_LENS), heads, head_dim)
@@ -67,14 +93,16 @@ def test_decode_does_not_depend_on_how_the_work_is_shared(cpu_kernels_built):
 @pytest.mark.parametrize("heads, kv_heads", [(8, 4), (8, 1)], ids=["gqa", "mqa"])
 @pytest.mark.parametrize("window", [None, 16])
 @pytest.mark.parametrize("per_call", [None, 3], ids=["one-call", "groups-of-3"])
-def test_padded_decode_matches_sdpa(monkeypatch, dtype, heads, kv_heads, window, per_call):
+@pytest.mark.parametrize("prefixes", [None, PREFIX_LENS], ids=["own", "prefixed"])
+def test_padded_decode_matches_sdpa(monkeypatch, dtype, heads, kv_heads, window, per_call, prefixes):
     """The accelerators' decode (a padded gather, one SDPA call per group of requests) on CPU tensors."""
     if per_call:
         monkeypatch.setattr(attention, "PADDED_DECODE_ELEMENTS", per_call * max(DECODE_LENS) * kv_heads * 40)
-    step, query = _step(heads, kv_heads, 40, dtype, [1] * len(DECODE_LENS), DECODE_LENS)
+    step, query = _step(heads, kv_heads, 40, dtype, [1] * len(DECODE_LENS), DECODE_LENS,
+                        prefix_lens=prefixes and [min(p, kv - 1) for p, kv in zip(prefixes, DECODE_LENS)])
     decoding = attention.decoding(step)
-    out = attention._padded_decode(decoding.max_kv, query, step.pool.kv[0], decoding.starts, decoding.kv_lens, 0.3,
-                                   window)
+    out = attention._padded_decode(decoding.max_kv, query, step.pool.kv[0], decoding.starts, decoding.kv_lens,
+                                   decoding.prefix_starts, decoding.prefix_lens, 0.3, window)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out, _sdpa(step, query, 0.3, window), atol=tol, rtol=tol)
 
@@ -117,7 +145,11 @@ def test_default_scale_and_bounds(cpu_kernels_built):
     q = query
     slots = step.pool.slots
     with pytest.raises(RuntimeError, match="not in the pool"):
-        cpu_attention.decode(q, step.pool.kv[0], torch.tensor([0, slots - 5]), torch.tensor([9, 30]), None, None)
+        cpu_attention.decode(q, step.pool.kv[0], torch.tensor([0, slots - 5]), torch.tensor([9, 30]),
+                             torch.tensor([0, 0]), torch.tensor([0, 0]), None, None)
+    with pytest.raises(RuntimeError, match="prefix keys .* are not in the pool"):
+        cpu_attention.decode(q, step.pool.kv[0], torch.tensor([0, 0]), torch.tensor([9, 30]),
+                             torch.tensor([0, slots - 2]), torch.tensor([0, 4]), None, None)
 
 
 def test_unavailable_kernel_falls_back_with_one_warning(monkeypatch, caplog):
@@ -143,3 +175,43 @@ def test_other_dtypes_and_devices_are_not_taken():
     assert not cpu_attention.supports(torch.zeros(1, 8, 16, dtype=torch.float16), kv.half())
     assert not cpu_attention.supports(torch.zeros(1, 8, 16), kv.bfloat16())
     assert not cpu_attention.supports(torch.zeros(1, 8, 16, device="meta"), kv.to("meta"))
+
+
+def _copied(step, query) -> attention.RaggedStep:
+    """The step as the pool held it before prefixes were shared: each request's prefix copied into
+    the start of its own segment (a pool of its own, segments in packing order)."""
+    pool = KVPool(1, step.pool.kv.shape[2], step.pool.kv.shape[4], "cpu", step.pool.dtype,
+                  slots=sum(step.kv_lens) + 4 * len(step.kv_lens))
+    starts = []
+    for i, kv_len in enumerate(step.kv_lens):
+        seg = pool.allocate(kv_len + 4)
+        _, k, v = _joined(step, query, i)
+        pool.kv[0, 0, :, seg.start:seg.start + kv_len] = k
+        pool.kv[0, 1, :, seg.start:seg.start + kv_len] = v
+        starts.append(seg.start)
+    return attention.RaggedStep.build(pool, starts, step.q_lens, step.kv_lens)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "sdpa"])
+def test_a_shared_prefix_reads_as_a_copied_one(cpu_kernels_built, monkeypatch, dtype, window, kernel):
+    """Decoding and prefilling requests, some on one shared prefix, some on their own, some with none:
+    the same outputs, bit for bit, as with each prefix copied before the request's own keys (the
+    layout before prefixes were shared), through the C++ decode kernel and through SDPA alone."""
+    q_lens, kv_lens = [1, 5, 1, 1, 9, 1, 3], [40, 12, 41, 300, 20, 7, 3]
+    prefix_lens = [30, 7, 30, 0, 8, 6, 0]  # 30 shared by a decoding pair; 7 and 8 (prefilling), 6 alone
+    if not kernel:
+        monkeypatch.setattr(cpu_attention, "supports", lambda query, kv: False)
+    step, query = _step(8, 4, 64, dtype, q_lens, kv_lens, seed=3, prefix_lens=prefix_lens)
+    shared = attention._per_request(step, query, step.pool.kv[0], 0.125, window)
+    copied = _copied(step, query)
+    assert torch.equal(shared, attention._per_request(copied, query, copied.pool.kv[0], 0.125, window))
+    for i in range(len(q_lens)):  # and both are attention over prefix + own keys
+        q, k, v = _joined(step, query, i)
+        first = sum(step.q_lens[:i])
+        mask = attention._causal_mask(q.shape[0], k.shape[1], window, "cpu")
+        expected = F.scaled_dot_product_attention(q.transpose(0, 1).float(), k.float(), v.float(), attn_mask=mask,
+                                                  scale=0.125, enable_gqa=True).transpose(0, 1)
+        tol = TOLERANCE[dtype]
+        torch.testing.assert_close(shared[first:first + q.shape[0]].float(), expected, atol=tol, rtol=tol)

@@ -372,26 +372,36 @@ def test_rows_freed_after_everything_finishes(llama):
 
 
 def check_memory(engine) -> int:
-    """Every running request holds one segment of at most prefix + prompt + generated slots (plus
-    the growth chunk not yet written); segments do not overlap; the pool's bytes never change.
-    Returns the slots held."""
+    """Every running request holds one segment of at most prompt + generated slots (plus the growth
+    chunk not yet written), and a share of its adapter's prefix segment: one per adapter version in
+    use, counted by exactly the requests holding it, none idle; segments do not overlap; the pool's
+    bytes never change. Returns the slots held."""
+    from collections import Counter
+
     from server.engine.kv_cache import GROWTH_SLOTS
 
     pool = engine.runner.pool
     seqs = engine.runner.seqs
     siblings = [m for s in seqs for m in s.siblings]  # n / best_of: empty segments until forked
     assert all(m.segment is not None and m.segment.length == 0 for m in siblings)
-    segments = sorted((s.segment for s in seqs + siblings), key=lambda seg: seg.start)
+    holders = Counter(s.shared_prefix for s in seqs + siblings if s.shared_prefix is not None)
+    shared = [p.segment for p in holders]
+    segments = sorted([s.segment for s in seqs + siblings] + shared, key=lambda seg: seg.start)
     for a, b in zip(segments, segments[1:]):
-        assert a.start + a.capacity <= b.start, "two requests share key/value slots"
+        assert a.start + a.capacity <= b.start, "two segments share key/value slots"
     assert not segments or segments[-1].start + segments[-1].capacity <= pool.slots
     for s in seqs:
         seg = s.segment
-        assert seg.length == s.prefix_length + s.computed
+        assert (s.shared_prefix is None) == (s.adapter is None)
+        if s.shared_prefix is not None:
+            assert s.shared_prefix.key == s.adapter.prefix_key and pool.prefixes[s.shared_prefix.key] is s.shared_prefix
+            assert s.shared_prefix.segment.length == s.shared_prefix.segment.capacity == s.prefix_length
         assert s.computed <= len(s.prompt_ids) + max(len(s.output_ids) - 1, 0) or s.preemptions
-        assert seg.capacity <= s.prefix_length + len(s.prompt_ids) + len(s.output_ids) + GROWTH_SLOTS
+        assert seg.capacity <= len(s.prompt_ids) + len(s.output_ids) + GROWTH_SLOTS
+    assert {p: p.refs for p in pool.prefixes.values()} == dict(holders), "a shared prefix miscounted or idle"
     held = sum(seg.capacity for seg in segments)
     assert pool.held == held and set(pool.segments) == set(segments)
+    assert pool.written == sum(seg.length for seg in segments)
     return held
 
 

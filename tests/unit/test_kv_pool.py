@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.engine import attention
+from server.engine import attention, flash_varlen
 from server.engine.kv_cache import KVPool
 
 LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 8
@@ -129,7 +129,7 @@ def test_random_traffic_never_overlaps_or_loses_keys():
     assert pool.compactions > 0
 
 
-def _reference(q, k, v, window=None):
+def _reference(q, k, v, window=None, scale=None):
     """q: [n, heads, d] the last n of k/v's positions; k, v: [kv_heads, L, d]. Plain masked softmax."""
     n, heads, _ = q.shape
     rep = heads // k.shape[0]
@@ -140,7 +140,7 @@ def _reference(q, k, v, window=None):
     allowed = k_pos <= q_pos
     if window:
         allowed &= k_pos > q_pos - window
-    scores = torch.einsum("nhd,hld->hnl", q, k) / q.shape[-1] ** 0.5
+    scores = torch.einsum("nhd,hld->hnl", q, k) * (scale or q.shape[-1] ** -0.5)
     scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.einsum("hnl,hld->nhd", scores.softmax(-1), v)
 
@@ -236,7 +236,8 @@ def test_sliding_window_model_matches_transformers(tmp_path, layers):
 def _flash_varlen_reference(bottom_right: bool):
     """aten's `_flash_attention_forward` in its variable-length form, on CPU: sequence i's queries are
     q[cu_seq_q[i]:cu_seq_q[i+1]], its keys the `seqused_k[i]` rows from k[cu_seq_k[i]], query heads
-    sharing kv heads (GQA); causal aligned to the end of the keys, as flash attention does (or to the start)."""
+    sharing kv heads (GQA); causal aligned to the end of the keys, as flash attention does (or to the
+    start). Returns the output and the log-sum-exp of each row's scaled scores [heads, total_q], float32."""
 
     def flash_forward(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, dropout_p, is_causal, return_debug_mask, *,
                       scale=None, seqused_k=None):
@@ -244,32 +245,60 @@ def _flash_varlen_reference(bottom_right: bool):
         assert dropout_p == 0.0 and not return_debug_mask
         assert cu_seq_q.dtype == cu_seq_k.dtype == seqused_k.dtype == torch.int32
         assert len(cu_seq_k) == len(cu_seq_q) == len(seqused_k) + 1
-        outs = []
+        outs, lses = [], []
         for i in range(len(cu_seq_q) - 1):
             qs, qe, ks, n = int(cu_seq_q[i]), int(cu_seq_q[i + 1]), int(cu_seq_k[i]), int(seqused_k[i])
-            assert qe - qs <= max_q and n <= max_k and ks + n <= k.shape[0]
+            assert qe - qs <= max_q and n <= max_k and ks + n <= k.shape[0] and n > 0
             qi, ki, vi = q[qs:qe].transpose(0, 1), k[ks:ks + n].transpose(0, 1), v[ks:ks + n].transpose(0, 1)
             offset = n - (qe - qs) if bottom_right else 0
             mask = torch.arange(n)[None] <= torch.arange(qe - qs)[:, None] + offset
             if not is_causal:
-                mask = None
+                mask = torch.ones_like(mask)
             o = F.scaled_dot_product_attention(qi[None], ki[None], vi[None], attn_mask=mask, scale=scale,
                                                enable_gqa=q.shape[1] != k.shape[1])
             outs.append(o[0].transpose(0, 1))
-        return torch.cat(outs), None, None, None, None
+            ki = ki.repeat_interleave(q.shape[1] // k.shape[1], dim=0)  # [heads, n, head_dim]
+            scores = (qi.float() @ ki.float().transpose(1, 2)) * (scale or q.shape[-1] ** -0.5)
+            lses.append(torch.logsumexp(scores.masked_fill(~mask, float("-inf")), dim=-1))  # [heads, rows]
+        return torch.cat(outs), torch.cat(lses, dim=1), None, None, None
 
     return flash_forward
 
 
 def test_varlen_path_builds_flash_arguments_right(monkeypatch):
     """The CUDA path's bookkeeping (per-request key starts out of order, used lengths, GQA, causal
-    alignment), checked on CPU against a reference of flash attention's varlen semantics; and the
-    start-up self-check rejects a kernel that aligns the causal mask differently."""
-    monkeypatch.setattr(attention, "_FLASH_VARLEN", _flash_varlen_reference(bottom_right=True))
-    assert attention._varlen_self_check(torch.device("cpu"), torch.float32, 4, 2, HEAD_DIM)
-    assert attention._varlen_self_check(torch.device("cpu"), torch.float32, 4, 4, HEAD_DIM)
-    monkeypatch.setattr(attention, "_FLASH_VARLEN", _flash_varlen_reference(bottom_right=False))
-    assert not attention._varlen_self_check(torch.device("cpu"), torch.float32, 4, 2, HEAD_DIM)
+    alignment, prefixes shared and absent merged by their log-sum-exps), checked on CPU against a
+    reference of flash attention's varlen semantics; and the start-up self-check rejects a kernel
+    that aligns the causal mask differently."""
+    monkeypatch.setattr(flash_varlen, "_FLASH_VARLEN", _flash_varlen_reference(bottom_right=True))
+    assert flash_varlen.self_check(torch.device("cpu"), torch.float32, 4, 2, HEAD_DIM)
+    assert flash_varlen.self_check(torch.device("cpu"), torch.float32, 4, 4, HEAD_DIM)
+    monkeypatch.setattr(flash_varlen, "_FLASH_VARLEN", _flash_varlen_reference(bottom_right=False))
+    assert not flash_varlen.self_check(torch.device("cpu"), torch.float32, 4, 2, HEAD_DIM)
+
+
+def test_varlen_merge_of_a_shared_prefix_equals_attention_over_both(monkeypatch):
+    """Two requests on one shared prefix, one on none, prefilling and decoding: the two flash calls
+    merged equal SDPA over the prefix and own keys joined, request by request."""
+    monkeypatch.setattr(flash_varlen, "_FLASH_VARLEN", _flash_varlen_reference(bottom_right=True))
+    torch.manual_seed(2)
+    pool = KVPool(1, KV_HEADS, HEAD_DIM, "cpu", torch.float32, slots=256)
+    prefix = pool.allocate(20)
+    segs = [pool.allocate(n) for n in (40, 12, 30)]
+    pool.kv.normal_()
+    q_lens, kv_lens, prefix_lens = [1, 6, 3], [20 + 33, 20 + 6, 25], [20, 20, 0]
+    step = attention.RaggedStep.build(pool, [s.start for s in segs], q_lens, kv_lens, True,
+                                      [prefix.start, prefix.start, 0], prefix_lens)
+    q = torch.randn(sum(q_lens), 4, HEAD_DIM)
+    out = flash_varlen.attend(step, q, pool.kv[0], 0.2)
+    at = 0
+    for seg, n, kv_len, p in zip(segs, q_lens, kv_lens, prefix_lens):
+        own = kv_len - p
+        k = torch.cat([pool.kv[0, 0, :, prefix.start:prefix.start + p], pool.kv[0, 0, :, seg.start:seg.start + own]], 1)
+        v = torch.cat([pool.kv[0, 1, :, prefix.start:prefix.start + p], pool.kv[0, 1, :, seg.start:seg.start + own]], 1)
+        expected = _reference(q[at:at + n], k, v, None, scale=0.2)
+        torch.testing.assert_close(out[at:at + n], expected, atol=1e-5, rtol=1e-5)
+        at += n
 
 
 def test_last_segment_grows_in_place():
@@ -308,12 +337,12 @@ def test_varlen_failing_at_run_time_falls_back_to_per_request(monkeypatch, caplo
     def refuses(*args):
         raise RuntimeError("max_seqlen_k exceeds the kernel's limit")
 
-    monkeypatch.setattr(attention, "_use_varlen", lambda *args: True)
-    monkeypatch.setattr(attention, "_varlen", refuses)
-    monkeypatch.setattr(attention, "_VARLEN_OK", {})
+    monkeypatch.setattr(flash_varlen, "usable", lambda *args: True)
+    monkeypatch.setattr(flash_varlen, "attend", refuses)
+    monkeypatch.setattr(flash_varlen, "_OK", {})
     out, _ = attention.ragged_attention(_Layer(), query, key, value, attention.NO_MASK, ragged=step)
     torch.testing.assert_close(out, expected)
-    assert list(attention._VARLEN_OK.values()) == [False]
+    assert list(flash_varlen._OK.values()) == [False]
     assert "attending per request from now on" in caplog.text
 
 

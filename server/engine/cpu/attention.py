@@ -1,7 +1,8 @@
 """Decode attention on CPU in one small C++ kernel: every decoding request of a step in one call.
 
 `decode` computes, for each request, softmax(q K^T * scale) V of its one query (all heads) against
-keys/values 0..kv_len-1 of its own pool segment (the last `window` of them with a sliding window),
+its keys/values 0..kv_len-1: its adapter's shared prefix, then its own pool segment, read in place
+(the last `window` of them with a sliding window),
 query head h reading kv head h // (heads // kv_heads). Float32 and bfloat16, accumulated in float32,
 with the softmax's maximum subtracted. The kernel (csrc/decode_attention.cpp) shares the (request,
 kv head) tasks among torch's threads (csrc/common.cpp) and takes a kv head's query heads together,
@@ -35,15 +36,18 @@ def supports(query: torch.Tensor, kv: torch.Tensor) -> bool:
 
 
 def decode(query: torch.Tensor, kv: torch.Tensor, starts: torch.Tensor, kv_lens: torch.Tensor,
-           scale: float | None, window: int | None) -> torch.Tensor:
-    """One decoding query per request against its own pool segment.
+           prefix_starts: torch.Tensor, prefix_lens: torch.Tensor, scale: float | None,
+           window: int | None) -> torch.Tensor:
+    """One decoding query per request against its prefix, then its own pool segment.
 
     query: [requests, heads, head_dim] contiguous; kv: [2, kv_heads, slots, head_dim] contiguous (a layer
-    of the pool); starts, kv_lens: [requests] int64, each request's first slot and written keys.
+    of the pool); starts, kv_lens, prefix_starts, prefix_lens: [requests] int64: each request's own
+    segment's first slot, its keys (prefix included), its shared prefix's first slot and length (0: none).
     scale: None for 1 / sqrt(head_dim); window: None or 0 for no sliding window.
     Returns [requests, heads, head_dim] in query's dtype.
     """
     if scale is None:
         scale = query.shape[-1] ** -0.5
-    return cpu_kernels.ops().decode_attention(query, kv, starts, kv_lens, scale, window or 0)
+    return cpu_kernels.ops().decode_attention(query, kv, starts, kv_lens, prefix_starts, prefix_lens, scale,
+                                              window or 0)
 

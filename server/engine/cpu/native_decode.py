@@ -72,7 +72,7 @@ class NativeDecode:
         step = attention.decoding(ragged)
         return cpu_kernels.ops().lean_decode(
             h, cos, sin, self.weights, self.out_features, [ragged.pool.kv[i] for i in self.layer_ids], ragged.slots,
-            step.starts, step.kv_lens, self.eps, self.scales, self.windows, self.head_dim)
+            step.starts, step.kv_lens, step.prefix_starts, step.prefix_lens, self.eps, self.scales, self.windows, self.head_dim)
 
 
 SILU = {"SiLUActivation", "SiLU"}  # transformers' "silu" and "swish"

@@ -1,4 +1,5 @@
-// Decode attention over the KV pool: one query per request against its own segment of the pool.
+// Decode attention over the KV pool: one query per request against its keys, two ranges of the pool:
+// its adapter's shared prefix, then its own segment.
 // Built by server/engine/cpu/kernels.py, called by attention.py, which documents when and why.
 
 #include <ATen/Parallel.h>
@@ -45,11 +46,13 @@ SP_INLINE const float* as_float(const c10::BFloat16* row, int64_t n, float* buf)
   return buf;
 }
 
-// One request, one kv head: its `group` query heads against keys [lo, len) of its segment.
-// q, out: [group, dim]; k, v: [len, dim], rows contiguous.
+// One request, one kv head: its `group` query heads against keys [lo, len), keys 0..prefix-1 being
+// rows of `pk`, `pv` (its shared prefix) and the rest rows of `k`, `v` (its own segment, from key
+// `prefix` on). q, out: [group, dim]; pk, pv, k, v: rows contiguous.
 template <typename T>
-SP_INLINE void attend_group(const T* q, const T* k, const T* v, int64_t lo, int64_t len, int64_t group,
-                            int64_t dim, float scale, T* out, std::vector<float>& work) {
+SP_INLINE void attend_group(const T* q, const T* pk, const T* pv, int64_t prefix, const T* k, const T* v,
+                            int64_t lo, int64_t len, int64_t group, int64_t dim, float scale, T* out,
+                            std::vector<float>& work) {
   const int64_t n = len - lo;
   work.resize(group * (2 * dim + n + 1) + dim);
   float* qf = work.data();        // [group, dim] scaled queries
@@ -57,12 +60,15 @@ SP_INLINE void attend_group(const T* q, const T* k, const T* v, int64_t lo, int6
   float* p = acc + group * dim;   // [group, n] scores, then unnormalized probabilities
   float* total = p + group * n;   // [group] sums of p
   float* row = total + group;     // [dim] a bfloat16 key or value row as float
+  auto key_row = [&](const T* shared, const T* own, int64_t j) {  // key j's row (of keys or of values)
+    return j < prefix ? shared + j * dim : own + (j - prefix) * dim;
+  };
   for (int64_t i = 0; i < group * dim; ++i) {
     qf[i] = static_cast<float>(q[i]) * scale;
     acc[i] = 0.f;
   }
   for (int64_t j = 0; j < n; ++j) {
-    const float* key = as_float(k + (lo + j) * dim, dim, row);
+    const float* key = as_float(key_row(pk, k, lo + j), dim, row);
     for (int64_t h = 0; h < group; ++h) p[h * n + j] = dot(qf + h * dim, key, dim);
   }
   for (int64_t h = 0; h < group; ++h) {
@@ -76,7 +82,7 @@ SP_INLINE void attend_group(const T* q, const T* k, const T* v, int64_t lo, int6
     total[h] = sum;
   }
   for (int64_t j = 0; j < n; ++j) {
-    const float* value = as_float(v + (lo + j) * dim, dim, row);
+    const float* value = as_float(key_row(pv, v, lo + j), dim, row);
     for (int64_t h = 0; h < group; ++h) {
       const float w = p[h * n + j];
       float* a = acc + h * dim;
@@ -95,6 +101,8 @@ struct Batch {
   T* out;
   const int64_t* start;
   const int64_t* len;
+  const int64_t* prefix_start;
+  const int64_t* prefix_len;
   int64_t heads, kv_heads, slots, dim, window;
   float scale;
 };
@@ -110,7 +118,10 @@ SP_INLINE void attend_items(const Batch<T>& b, int64_t begin, int64_t end) {
     const int64_t q_at = (r * b.heads + g * group) * b.dim;
     const T* k = b.pool + (g * b.slots + b.start[r]) * b.dim;
     const T* v = b.pool + ((b.kv_heads + g) * b.slots + b.start[r]) * b.dim;
-    attend_group(b.q + q_at, k, v, lo, b.len[r], group, b.dim, b.scale, b.out + q_at, work);
+    const T* pk = b.pool + (g * b.slots + b.prefix_start[r]) * b.dim;
+    const T* pv = b.pool + ((b.kv_heads + g) * b.slots + b.prefix_start[r]) * b.dim;
+    attend_group(b.q + q_at, pk, pv, b.prefix_len[r], k, v, lo, b.len[r], group, b.dim, b.scale, b.out + q_at,
+                 work);
   }
 }
 
@@ -127,32 +138,49 @@ template <typename T>
 void attend_items_avx2(const Batch<T>& b, int64_t begin, int64_t end) { attend_items(b, begin, end); }
 #endif
 
-// query: [requests, heads, dim]; kv: [2, kv_heads, slots, dim]; starts, kv_lens: [requests] int64.
-// window > 0: each request attends only to its last `window` keys. Returns [requests, heads, dim].
+// query: [requests, heads, dim]; kv: [2, kv_heads, slots, dim]; starts, kv_lens, prefix_starts,
+// prefix_lens: [requests] int64. Request r's keys: prefix_lens[r] slots from prefix_starts[r] (its
+// shared prefix, none when 0), then kv_lens[r] - prefix_lens[r] from starts[r] (its own segment).
+// window > 0: each request attends only to its last `window` keys (prefix included in the count).
+// Returns [requests, heads, dim].
 at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& kv, const at::Tensor& starts,
-                            const at::Tensor& kv_lens, double scale, int64_t window) {
+                            const at::Tensor& kv_lens, const at::Tensor& prefix_starts, const at::Tensor& prefix_lens,
+                            double scale, int64_t window) {
   TORCH_CHECK(query.dim() == 3 && kv.dim() == 4 && kv.size(0) == 2, "query [requests, heads, dim] and "
               "kv [2, kv_heads, slots, dim] expected");
   TORCH_CHECK(query.is_contiguous() && kv.is_contiguous(), "query and kv must be contiguous");
   TORCH_CHECK(query.device().is_cpu() && kv.device().is_cpu(), "CPU tensors expected");
   TORCH_CHECK(query.scalar_type() == kv.scalar_type(), "query and kv must have one dtype");
-  TORCH_CHECK(starts.scalar_type() == at::kLong && kv_lens.scalar_type() == at::kLong, "int64 starts, kv_lens");
+  TORCH_CHECK(starts.scalar_type() == at::kLong && kv_lens.scalar_type() == at::kLong &&
+                  prefix_starts.scalar_type() == at::kLong && prefix_lens.scalar_type() == at::kLong,
+              "int64 starts, kv_lens, prefix_starts, prefix_lens");
   const int64_t requests = query.size(0), heads = query.size(1), dim = query.size(2);
   const int64_t kv_heads = kv.size(1), slots = kv.size(2);
   TORCH_CHECK(kv.size(3) == dim && heads % kv_heads == 0, "head dims or head counts do not match");
-  TORCH_CHECK(starts.numel() == requests && kv_lens.numel() == requests, "one start and kv_len per request");
+  TORCH_CHECK(starts.numel() == requests && kv_lens.numel() == requests && prefix_starts.numel() == requests &&
+                  prefix_lens.numel() == requests,
+              "one start, kv_len, prefix start and prefix length per request");
   const at::Tensor starts_c = starts.contiguous(), lens_c = kv_lens.contiguous();
+  const at::Tensor prefix_starts_c = prefix_starts.contiguous(), prefix_lens_c = prefix_lens.contiguous();
   const int64_t* start = starts_c.data_ptr<int64_t>();
   const int64_t* len = lens_c.data_ptr<int64_t>();
-  for (int64_t r = 0; r < requests; ++r)
-    TORCH_CHECK(len[r] > 0 && start[r] >= 0 && start[r] + len[r] <= slots, "request ", r, ": keys [",
-                start[r], ", ", start[r] + len[r], ") are not in the pool's ", slots, " slots");
+  const int64_t* prefix_start = prefix_starts_c.data_ptr<int64_t>();
+  const int64_t* prefix_len = prefix_lens_c.data_ptr<int64_t>();
+  for (int64_t r = 0; r < requests; ++r) {
+    const int64_t own = len[r] - prefix_len[r];
+    TORCH_CHECK(own > 0 && start[r] >= 0 && start[r] + own <= slots, "request ", r, ": keys [", start[r], ", ",
+                start[r] + own, ") are not in the pool's ", slots, " slots");
+    TORCH_CHECK(prefix_len[r] >= 0 && prefix_start[r] >= 0 && prefix_start[r] + prefix_len[r] <= slots, "request ",
+                r, ": prefix keys [", prefix_start[r], ", ", prefix_start[r] + prefix_len[r],
+                ") are not in the pool's ", slots, " slots");
+  }
   at::Tensor out = at::empty_like(query);
 
   const bool avx2 = softprompt::cpu_has_avx2_fma();
   auto run = [&](auto* q, auto* pool, auto* o) {
     const Batch<std::remove_const_t<std::remove_pointer_t<decltype(q)>>> batch{
-        q, pool, o, start, len, heads, kv_heads, slots, dim, window, static_cast<float>(scale)};
+        q, pool, o, start, len, prefix_start, prefix_len, heads, kv_heads, slots, dim, window,
+        static_cast<float>(scale)};
     softprompt::shared_for(requests * kv_heads, [&](int64_t begin, int64_t end) {
       avx2 ? attend_items_avx2(batch, begin, end) : attend_items_baseline(batch, begin, end);
     });
@@ -170,7 +198,9 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& kv, const
 }  // namespace
 
 TORCH_LIBRARY(softprompt, m) {
-  m.def("decode_attention(Tensor query, Tensor kv, Tensor starts, Tensor kv_lens, float scale, int window) -> Tensor");
+  m.def(
+      "decode_attention(Tensor query, Tensor kv, Tensor starts, Tensor kv_lens, Tensor prefix_starts, "
+      "Tensor prefix_lens, float scale, int window) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(softprompt, CPU, m) { m.impl("decode_attention", decode_attention); }

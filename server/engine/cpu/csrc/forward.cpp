@@ -32,12 +32,13 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const st
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& starts,
-                            const at::Tensor& kv_lens, double scale, int64_t window) {
+                            const at::Tensor& kv_lens, const at::Tensor& prefix_starts, const at::Tensor& prefix_lens,
+                            double scale, int64_t window) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("softprompt::decode_attention", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         double, int64_t)>();
-  return op.call(q, kv, starts, kv_lens, scale, window);
+                                         const at::Tensor&, const at::Tensor&, double, int64_t)>();
+  return op.call(q, kv, starts, kv_lens, prefix_starts, prefix_lens, scale, window);
 }
 
 // cpu_linear._kernel_forward: bfloat16 rows and bias computed in float32, the result rounded back.
@@ -74,12 +75,14 @@ at::Tensor need(const c10::List<std::optional<at::Tensor>>& weights, int64_t i) 
 }
 
 // h: [requests, hidden], every row a decoding request's one new token; cos, sin: [requests, 1, head_dim];
-// kv: one [2, kv_heads, slots, head_dim] per layer; slots: each row's new slot; starts, kv_lens: each
-// request's pool segment (the new key included). Returns h after the last layer (before the final norm).
+// kv: one [2, kv_heads, slots, head_dim] per layer; slots: each row's new slot; starts, kv_lens, prefix_starts,
+// prefix_lens: each request's keys, as decode_attention takes them (the new key included). Returns h after the
+// last layer (before the final norm).
 at::Tensor lean_decode(at::Tensor h, const at::Tensor& cos, const at::Tensor& sin,
                        const c10::List<std::optional<at::Tensor>>& weights, std::vector<int64_t> out_features,
                        std::vector<at::Tensor> kv, const at::Tensor& slots, const at::Tensor& starts,
-                       const at::Tensor& kv_lens, std::vector<double> eps, std::vector<double> scales,
+                       const at::Tensor& kv_lens, const at::Tensor& prefix_starts, const at::Tensor& prefix_lens,
+                       std::vector<double> eps, std::vector<double> scales,
                        std::vector<int64_t> windows, int64_t head_dim) {
   const int64_t layers = static_cast<int64_t>(kv.size());
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * kSlots && static_cast<int64_t>(out_features.size()) ==
@@ -101,7 +104,8 @@ at::Tensor lean_decode(at::Tensor h, const at::Tensor& cos, const at::Tensor& si
     k = rotate(k, cos, sin);
     kv[l][0].index_copy_(1, slots, k.transpose(0, 1));
     kv[l][1].index_copy_(1, slots, v.transpose(0, 1));
-    const at::Tensor attended = decode_attention(q.contiguous(), kv[l], starts, kv_lens, scales[l], windows[l]);
+    const at::Tensor attended = decode_attention(q.contiguous(), kv[l], starts, kv_lens, prefix_starts, prefix_lens,
+                                                 scales[l], windows[l]);
     h = h + proj(attended.reshape({tokens, -1}), kO, kOOut);
     x = rms_norm(h, need(weights, w + kPostNorm), eps[2 * l + 1]);
     h = h + proj(at::silu(proj(x, kGate, kGateOut)) * proj(x, kUp, kUpOut), kDown, kDownOut);
@@ -114,7 +118,7 @@ at::Tensor lean_decode(at::Tensor h, const at::Tensor& cos, const at::Tensor& si
 TORCH_LIBRARY_FRAGMENT(softprompt, m) {
   m.def(
       "lean_decode(Tensor h, Tensor cos, Tensor sin, Tensor?[] weights, int[] out_features, Tensor[] kv, "
-      "Tensor slots, Tensor starts, Tensor kv_lens, float[] eps, float[] scales, int[] windows, int head_dim) "
+      "Tensor slots, Tensor starts, Tensor kv_lens, Tensor prefix_starts, Tensor prefix_lens, float[] eps, float[] scales, int[] windows, int head_dim) "
       "-> Tensor");
 }
 
