@@ -3,6 +3,8 @@
   1. the start-up self-check of the packed forward on CUDA, fp32 and bf16;
   2. fp32: every request of a mixed-adapter batch gets the tokens it gets alone;
   3. bf16: whether the variable-length flash path is in use, and how many requests agree with fp32;
+  3b. decode steps from CUDA graphs: the batch sizes recorded, tokens equal to the eager steps' (fp32,
+      and bf16 as far as bf16 agrees with itself), and both throughputs;
   4. the default KV budget (0.9 of free memory) allocated and serving;
   5. fp32 under half the peak KV need: preemptions happen and every request keeps its tokens.
 Prints PASS/FAIL per line; exits non-zero on a FAIL.
@@ -21,7 +23,8 @@ from bench.bench_engine import parse_args
 from bench.process import quiet
 from bench.systems import run_ours
 from bench.workload import build_world
-from server.engine import attention
+from server.engine import flash_varlen
+from server.engine.fast_path import FastPaths
 from server.engine.engine import Engine
 from server.engine.kv_cache import KVPool, budget_bytes
 from server.engine.request import SamplingParams
@@ -59,7 +62,16 @@ def main(argv: list[str]) -> int:
         bf16 = run_ours(worlds["bfloat16"], True)
         agree = sum(bf16.outputs[i] == mixed.outputs[i] for i in alone)
         print(f"info  bf16 vs fp32 greedy tokens, whole requests identical: {agree}/{len(alone)}; varlen flash "
-              f"in use: {attention._VARLEN_OK}")
+              f"in use: {flash_varlen._OK}")
+
+        for dtype, graphed in (("float32", mixed), ("bfloat16", bf16)):
+            eager = run_ours(worlds[dtype], True, paths=FastPaths(cuda_graphs="off"))
+            same = sum(eager.outputs[i] == graphed.outputs[i] for i in alone)
+            recorded = Engine(worlds[dtype].base.model, worlds[dtype].base.tokenizer, worlds[dtype].base.spec,
+                              max_batch_size=len(alone), kv_cache_bytes=2**28).runner.describe()["cuda_graphs"]
+            ok = recorded is not None and (same == len(alone) or dtype == "bfloat16")
+            report(ok, f"{dtype} decode from CUDA graphs {recorded}: requests identical to eager {same}/{len(alone)}; "
+                   f"{graphed.tokens_per_s:.0f} tok/s against {eager.tokens_per_s:.0f} eager")
 
         spec = world.base.spec
         t = time.perf_counter()

@@ -18,6 +18,7 @@ import torch
 from bench.timing import Result, sync
 from bench.workload import Request, World
 from server.engine.engine import Engine
+from server.engine.fast_path import FastPaths
 from server.engine.kv_cache import DEFAULT_KV_CACHE_BYTES
 from server.engine.request import SamplingParams, Sequence
 
@@ -27,13 +28,13 @@ from server.engine.request import SamplingParams, Sequence
 
 def run_ours(world: World, with_adapters: bool, requests: list[Request] | None = None, new_tokens: int | None = None,
              name: str = "", instrument=None, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
-             compile: bool = False) -> Result:
+             compile: bool = False, paths: FastPaths = FastPaths()) -> Result:
     requests = world.requests if requests is None else requests
     new_tokens = world.args.new_tokens if new_tokens is None else new_tokens
     base = world.base
     engine = Engine(base.model, base.tokenizer, base.spec, max_batch_size=len(requests),
                     max_waiting=max(256, len(requests)), max_prefill_tokens=world.args.max_prefill_tokens,
-                    kv_cache_bytes=kv_cache_bytes, compile=compile)
+                    kv_cache_bytes=kv_cache_bytes, compile=compile, paths=paths)
     if instrument is not None:
         instrument(engine)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.engine.fast_path import ATTENTION, LINEAR, NATIVE_DECODE, FastPaths
+from server.engine.fast_path import ATTENTION, CUDA_GRAPHS, LINEAR, NATIVE_DECODE, FastPaths
 
 ENV_PREFIX = "SOFTPROMPT_"
 
@@ -38,6 +38,7 @@ class Config:
     cpu_linear: str = "auto"  # auto | avx2 | onednn | torch: the CPU linear layers' backend
     native_decode: str = "auto"  # auto | on | off: a CPU decoding step's layers in one C++ call
     attention_kernel: str = "auto"  # auto | kernel | sdpa: decoding attention in one kernel call, or SDPA per request
+    cuda_graphs: str = "auto"  # auto | on | off: decoding steps replayed from CUDA graphs recorded at start-up
     kv_cache_memory: str = "auto"  # the KV pool: bytes ("4GiB") or a fraction of free device memory ("0.9")
     max_input_tokens: int = 2048  # longest prompt accepted (422 above)
     max_new_tokens: int = 1024  # largest max_new_tokens accepted (422 above)
@@ -58,7 +59,8 @@ class Config:
 
     @property
     def fast_paths(self) -> FastPaths:
-        return FastPaths(self.fast_path == "on", self.cpu_linear, self.native_decode, self.attention_kernel)
+        return FastPaths(self.fast_path == "on", self.cpu_linear, self.native_decode, self.attention_kernel,
+                         self.cuda_graphs)
 
     @property
     def model_name(self) -> str:
@@ -101,6 +103,9 @@ _HELP = {
                      "AVX2 kernel and attention on the kernel), on (or stop the start), off",
     "attention_kernel": "decoding requests' attention in one call: auto and kernel (our C++ kernel on CPU, variable-"
                         "length flash attention on CUDA), sdpa (one SDPA call per request)",
+    "cuda_graphs": "on a GPU, decoding steps replayed from CUDA graphs recorded at start-up, one per batch size "
+                   "(1, 2, 4, then every 8 up to --max-batch-size): auto (where the written-out forward and flash "
+                   "attention run), on (or stop the start), off",
     "kv_cache_memory": "the key/value cache, allocated once: bytes (e.g. 4GiB, 512MiB) or a fraction of the device "
                        "memory free after loading the model (e.g. 0.9); auto: 0.9 on a GPU, 2GiB on CPU",
     "max_input_tokens": "longest prompt in tokens (longer: 422)",
@@ -205,7 +210,8 @@ def _check(config: Config) -> None:
     except ValueError as exc:
         raise SystemExit(f"--cpu-threads: {exc}") from None
     for name, allowed in (("compile", ("on", "off")), ("fast_path", ("on", "off")), ("allow_prompt_embeds", ("on", "off")), ("cpu_linear", LINEAR),
-                          ("native_decode", NATIVE_DECODE), ("attention_kernel", ATTENTION)):
+                          ("native_decode", NATIVE_DECODE), ("attention_kernel", ATTENTION),
+                          ("cuda_graphs", CUDA_GRAPHS)):
         if getattr(config, name) not in allowed:
             raise SystemExit(f"{_flag(name)} must be {' or '.join(allowed)}, got {getattr(config, name)!r}")
     try:

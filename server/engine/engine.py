@@ -47,7 +47,7 @@ class Engine:
         self.tokenizer = tokenizer
         reference = self_check.Reference(model, spec) if check else None  # before any fast path is taken
         compiled = CompiledForward(model, spec.device, max_batch_size + max_prefill_tokens) if compile else None
-        self.runner = ModelRunner(model, spec, kv_cache_bytes, compiled, paths)
+        self.runner = ModelRunner(model, spec, kv_cache_bytes, compiled, paths, max_batch_size)
         if compiled is not None:
             try:
                 compiled.seconds = warm_up(self.runner)
@@ -95,12 +95,12 @@ class Engine:
             raise InvalidRequest(param, f"{answers} answers to one prompt is more than the {self.scheduler.max_running} "
                                  "requests the server decodes together (--max-batch-size)")
         own = prompt + max_new_tokens
-        if prefix + own * answers > self.runner.pool.slots:
+        if prefix + own * answers > self.runner.usable_slots:
             sizes = f"prompt ({prompt}) + max_new_tokens ({max_new_tokens})"
             sizes = f"({sizes}) × {answers} answers" if answers > 1 else sizes
             raise InvalidRequest("max_new_tokens", (
                 f"virtual tokens ({prefix}) + {sizes} = {prefix + own * answers} tokens, more than the KV cache "
-                f"holds ({self.runner.pool.slots} tokens, --kv-cache-memory)"))
+                f"holds ({self.runner.usable_slots} tokens, --kv-cache-memory)"))
 
     def abort(self, seq: Sequence) -> None:
         """Stop a request from any thread: it leaves the batch at the next step and frees its KV segment.

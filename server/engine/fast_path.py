@@ -9,6 +9,8 @@ and attention one SDPA call per request over the KV pool. Each fast path replace
                  needs the AVX2 linear kernel and the attention kernel
   attention      a step's decoding requests in one call: our C++ kernel on CPU (`cpu_attention`),
                  variable-length flash attention on CUDA; else one SDPA call per request
+  CUDA graphs    (CUDA) decoding steps replayed from graphs recorded at start-up per batch size
+                 (`cuda_graphs.py`); needs the written-out forward and flash attention
 
 `auto` takes each where this machine runs it best; a name forces one, and a forced path that cannot
 run here stops the start with the reason. `--fast-path off` takes none. The start-up self-check
@@ -23,19 +25,22 @@ from dataclasses import dataclass
 LINEAR = ("auto", "avx2", "onednn", "torch")  # --cpu-linear
 NATIVE_DECODE = ("auto", "on", "off")  # --native-decode
 ATTENTION = ("auto", "kernel", "sdpa")  # --attention-kernel
+CUDA_GRAPHS = ("auto", "on", "off")  # --cuda-graphs
 
 
 @dataclass(frozen=True)
 class FastPaths:
-    """The settings (`--fast-path`, `--cpu-linear`, `--native-decode`, `--attention-kernel`)."""
+    """The settings (`--fast-path`, `--cpu-linear`, `--native-decode`, `--attention-kernel`, `--cuda-graphs`)."""
 
     enabled: bool = True  # False: the plain path, whatever the others say
     linear: str = "auto"  # LINEAR: the CPU linear layers' backend
     native_decode: str = "auto"  # NATIVE_DECODE
     attention: str = "auto"  # ATTENTION: "sdpa" keeps one SDPA call per request
+    cuda_graphs: str = "auto"  # CUDA_GRAPHS
 
     def __post_init__(self):
-        for name, allowed in (("linear", LINEAR), ("native_decode", NATIVE_DECODE), ("attention", ATTENTION)):
+        for name, allowed in (("linear", LINEAR), ("native_decode", NATIVE_DECODE), ("attention", ATTENTION),
+                              ("cuda_graphs", CUDA_GRAPHS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.native_decode == "on" and (self.linear in ("onednn", "torch") or self.attention == "sdpa"):

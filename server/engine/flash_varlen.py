@@ -90,7 +90,10 @@ def attend(ragged: RaggedStep, q, kv, scaling) -> torch.Tensor:
     cu_q, cu_k, max_q, max_k, used = args["prefix"]
     pre, pre_lse = _FLASH_VARLEN(q.index_select(0, rows), k, v, cu_q, cu_k, max_q, max_k, 0.0, False, False,
                                  scale=scaling, seqused_k=used)[:2]
-    out.index_copy_(0, rows, merge(out.index_select(0, rows), lse.index_select(1, rows), pre, pre_lse))
+    merged = merge(out.index_select(0, rows), lse.index_select(1, rows), pre, pre_lse)
+    if "has_prefix" in args:  # a recorded step (cuda_graphs.py): every row took the prefix call, even with none
+        merged = torch.where(args["has_prefix"][:, None, None], merged, out.index_select(0, rows))
+    out.index_copy_(0, rows, merged)
     return out
 
 

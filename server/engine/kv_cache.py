@@ -98,6 +98,7 @@ class KVPool:
         self.written = 0  # of them, slots holding keys and values (kept by `Segment.length`)
         self.compactions = 0
         self.prefixes: dict[tuple, SharedPrefix] = {}  # by key: the shared prefixes some request holds
+        self.reserved = 0  # slots held for the runner's own use (the CUDA graphs' scratch), not requests'
 
     @staticmethod
     def slot_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype) -> int:

@@ -30,6 +30,7 @@ from .cpu import kernels as cpu_kernels, linear as cpu_linear
 from .compiled import CompiledForward
 from .fast_path import FastPaths
 from .kv_cache import KVPool, first_capacity, growth, prefix_key
+from .cuda_graphs import DecodeGraphs
 from .lean_forward import LeanForward
 from .request import Sequence
 from .sampler import RowSampler, sample
@@ -55,20 +56,23 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model, spec: ModelSpec, kv_cache_bytes: int, compiled: CompiledForward | None = None,
-                 paths: FastPaths = FastPaths()):
+                 paths: FastPaths = FastPaths(), max_batch_size: int = 64):
         """kv_cache_bytes: the KV pool's size, allocated once; compiled: the packed steps' forward, when
-        compiled (`compiled.py`), else the model's own; paths: the fast paths to take (`fast_path.py`).
+        compiled (`compiled.py`), else the model's own; paths: the fast paths to take (`fast_path.py`);
+        max_batch_size: the most requests a step decodes (the largest CUDA graph).
         Raises ValueError when a path forced on cannot run here."""
         self.model = model
         self.spec = spec
+        self.max_batch_size = max_batch_size
         attention.install(model)
         self.rope = rope.install(model)  # whether its RoPE depends on the length: then computed per request
         if spec.device.type == "cpu":
             cpu_kernels.available()  # build or load the kernels now, not in the first request
-        self.use(paths, compiled)
         slot_bytes = KVPool.slot_bytes(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype)
         self.pool = KVPool(spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.device, spec.dtype,
                            slots=kv_cache_bytes // slot_bytes)
+        self.graphs: DecodeGraphs | None = None
+        self.use(paths, compiled)
         self.seqs: list[Sequence] = []  # the requests holding a KV segment
         self.forward_seconds = 0.0  # wall time in the model's forward calls (on CUDA: launching them)
         # Called once per forward, its inputs built and its layers about to run (with the native decode,
@@ -85,6 +89,10 @@ class ModelRunner:
         self.paths, self.compiled = paths, compiled
         self.lean = LeanForward(self.model) if paths.enabled and LeanForward.supports(self.model) else None
         self.attention_kernels = paths.enabled and paths.attention != "sdpa"
+        if self.graphs is not None:  # recorded for the paths taken before: given up with them
+            self.pool.release(self.graphs.scratch)
+            self.pool.reserved = 0
+            self.graphs = None
         try:
             if cpu:
                 cpu_linear.install(self.model, paths.linear if paths.enabled and compiled is None else "torch")
@@ -95,6 +103,12 @@ class ModelRunner:
             elif paths.enabled and paths.native_decode == "on":
                 raise ValueError("the native decode needs the written-out forward, which does not take "
                                  f"{type(self.model).__name__}")
+            if paths.enabled and paths.cuda_graphs != "off":
+                why = DecodeGraphs.unavailable(self)
+                if why and paths.cuda_graphs == "on":
+                    raise ValueError(f"CUDA graphs cannot be recorded here: {why}")
+                if not why:
+                    self.graphs = DecodeGraphs(self, self.max_batch_size)
         except ValueError:
             self.use(FastPaths(enabled=False), compiled)
             raise
@@ -122,7 +136,13 @@ class ModelRunner:
             "linear": cpu_linear.describe(self.model) if cpu else "torch",
             "native_decode": self.lean is not None and self.lean.native is not None,
             "attention": attend,
+            "cuda_graphs": self.graphs.describe() if self.graphs is not None else None,
         }
+
+    @property
+    def usable_slots(self) -> int:
+        """The pool's slots requests may hold (the CUDA graphs' scratch slot aside)."""
+        return self.pool.slots - self.pool.reserved
 
     def reset(self) -> None:
         """Drop every request (after a failed step)."""
@@ -131,6 +151,8 @@ class ModelRunner:
                 member.segment = member.shared_prefix = None
         self.pool.clear()
         self.seqs = []
+        if self.graphs is not None:
+            self.graphs.reset()
 
     def run(self, step: ScheduledStep) -> list[StepOutput]:
         """One step. If it raises (the forward, or sampling), the runner is left as it was before
@@ -235,6 +257,16 @@ class ModelRunner:
         keep = [last_rows[i] - 1 for i in sampling]
         scored = _prompt_rows(batch, last_rows, q_lens)
         keep += [row for _, row, _ in scored]
+        if self.graphs is not None and self.graphs.takes(q_lens, sampling, scored):  # every request decodes
+            started = time.perf_counter()
+            logits = self.graphs.run(ids, positions, {
+                "slots": [seg.start + seg.length for seg in segments],
+                "own": [(seg.start, seg.length + 1) for seg in segments],
+                "prefix": [(0, 0) if p is None else (p.start, p.length) for p in prefixes]})
+            self.forward_seconds += time.perf_counter() - started
+            for seg in segments:
+                seg.length += 1
+            return logits
         forward = self.compiled or self.lean or self.model
         if self.compiled is not None:  # padded to a CUDA graph's size (no-op without graphs): zeros, row 0
             ids += [0] * (self.compiled.pad(len(ids)) - len(ids))

@@ -50,7 +50,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep(release=self._ended())
-        ledger = Ledger(self.pool.slots, self.running)
+        ledger = Ledger(self.pool.slots - self.pool.reserved, self.running)
         ledger.free -= self._preempt_for_growth(step, ledger)
         occupied = sum(len(s.group) for s in self.running)  # siblings not yet forked count
         budget = self.max_prefill_tokens

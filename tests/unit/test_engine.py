@@ -386,7 +386,8 @@ def check_memory(engine) -> int:
     assert all(m.segment is not None and m.segment.length == 0 for m in siblings)
     holders = Counter(s.shared_prefix for s in seqs + siblings if s.shared_prefix is not None)
     shared = [p.segment for p in holders]
-    segments = sorted([s.segment for s in seqs + siblings] + shared, key=lambda seg: seg.start)
+    scratch = [engine.runner.graphs.scratch] if engine.runner.graphs is not None else []  # CUDA graphs' padding
+    segments = sorted([s.segment for s in seqs + siblings] + shared + scratch, key=lambda seg: seg.start)
     for a, b in zip(segments, segments[1:]):
         assert a.start + a.capacity <= b.start, "two segments share key/value slots"
     assert not segments or segments[-1].start + segments[-1].capacity <= pool.slots

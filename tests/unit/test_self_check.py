@@ -142,7 +142,7 @@ def test_a_broken_fast_path_is_caught_and_the_plain_path_serves(worlds, monkeypa
     assert result["relative_error_plain"] < 1e-4
     assert engine.runner.describe() == {"fast_path": "off", "forward": "transformers' own",
                                         "linear": "torch (plain F.linear)", "native_decode": False,
-                                        "attention": "SDPA per request"}
+                                        "attention": "SDPA per request", "cuda_graphs": None}
     for variant in (None, "prompt", "prefix"):
         for text in PROMPTS:
             ids = w.ids(text)
