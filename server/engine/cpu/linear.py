@@ -130,8 +130,19 @@ def unpack(model: nn.Module) -> None:
 
 def kernel_weight(layer: nn.Module) -> torch.Tensor | None:
     """The packed weight of a layer that runs on the AVX2 kernel (`_kernel_forward`), else None."""
+    return getattr(layer, PACKED) if _packed_forward(layer) is _kernel_forward else None
+
+
+def packed_weight(layer: nn.Module) -> torch.Tensor | None:
+    """The packed weight of a layer that runs on either backend, else None: a dense [blocks, in, 16]
+    tensor for the AVX2 kernel, a oneDNN (mkldnn) tensor for oneDNN. csrc/forward.cpp's `linear` tells
+    them apart by layout, and computes each as its forward here does."""
+    return getattr(layer, PACKED) if _packed_forward(layer) in (_kernel_forward, _onednn_forward) else None
+
+
+def _packed_forward(layer: nn.Module):
     forward = layer.__dict__.get("forward")  # set on the instance by `install`
-    return getattr(layer, PACKED) if getattr(forward, "__func__", None) is _kernel_forward else None
+    return getattr(forward, "__func__", None)
 
 
 def weight_numel(layer: nn.Module) -> int:

@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 @dataclass
 class NativeDecode:
     """A decoding step's layers in one call of `torch.ops.softprompt.lean_decode`. Taken when every
-    linear layer runs on the AVX2 kernel (`cpu_linear`), the MLP's activation is SiLU, and decode
-    attention runs on the kernel (`fast_path`)."""
+    linear layer runs on packed weights (`cpu_linear`: the AVX2 kernel or oneDNN), the MLP's activation
+    is SiLU, and decode attention runs on the kernel (`fast_path`)."""
 
     weights: list[torch.Tensor | None]  # per layer, in forward.cpp's `Slot` order
     out_features: list[int]  # per layer, in forward.cpp's `Out` order
@@ -39,8 +39,8 @@ class NativeDecode:
         for layer in lean.layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-            if any(cpu_linear.kernel_weight(m) is None for m in linears):
-                return "the linear layers are not on the AVX2 kernel"
+            if any(cpu_linear.packed_weight(m) is None for m in linears):
+                return "the linear layers are not packed (the AVX2 kernel or oneDNN)"
             if type(mlp.act_fn).__name__ not in SILU:
                 return f"the MLP's activation is {type(mlp.act_fn).__name__}, not SiLU"
         return ""
@@ -52,7 +52,7 @@ class NativeDecode:
         for layer in lean.layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-            pairs = [[cpu_linear.kernel_weight(m), m.bias] for m in linears]
+            pairs = [[cpu_linear.packed_weight(m), m.bias] for m in linears]
             native.weights += [layer.input_layernorm.weight, *pairs[0], *pairs[1], *pairs[2], *pairs[3],
                                layer.post_attention_layernorm.weight, *pairs[4], *pairs[5], *pairs[6]]
             native.out_features += [m.out_features for m in linears]

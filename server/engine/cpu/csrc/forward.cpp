@@ -40,9 +40,31 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv, const at:
   return op.call(q, kv, starts, kv_lens, scale, window);
 }
 
+// torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], ""): a oneDNN-packed weight's layer.
+at::Tensor linear_pointwise(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         c10::string_view, c10::List<std::optional<c10::Scalar>>,
+                                         std::optional<c10::string_view>)>();
+  return op.call(x, packed, bias, "none", c10::List<std::optional<c10::Scalar>>(), c10::string_view(""));
+}
+
+// cpu_linear._onednn_forward: in the packed weight's dtype when x has it (bfloat16 on AVX512-BF16, AMX);
+// bfloat16 x on a weight packed widened to float32 computed in float32, the result rounded back.
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
+  if (packed.scalar_type() == x.scalar_type()) return linear_pointwise(x, packed, bias);
+  std::optional<at::Tensor> b = bias;
+  if (b) b = b->to(packed.scalar_type());
+  return linear_pointwise(x.to(packed.scalar_type()), packed, b).to(x.scalar_type());
+}
+
+// The layer on whichever backend packed its weight (cpu_linear.install): oneDNN's op for a oneDNN
+// (mkldnn) tensor, our AVX2 kernel for a [blocks, in, 16] one. For the kernel, as
 // cpu_linear._kernel_forward: bfloat16 rows and bias computed in float32, the result rounded back.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                   int64_t out_features) {
+  if (packed.is_mkldnn()) return onednn_linear(x, packed, bias);
   at::Tensor rows = x.reshape({-1, x.size(-1)});
   std::optional<at::Tensor> b = bias;
   if (x.scalar_type() != at::kFloat) {
@@ -119,3 +141,5 @@ TORCH_LIBRARY_FRAGMENT(softprompt, m) {
 }
 
 TORCH_LIBRARY_IMPL(softprompt, CPU, m) { m.impl("lean_decode", lean_decode); }
+// With oneDNN-packed weights among the arguments, the dispatcher looks the op up for their backend.
+TORCH_LIBRARY_IMPL(softprompt, MkldnnCPU, m) { m.impl("lean_decode", lean_decode); }
