@@ -14,6 +14,11 @@
 #include <optional>
 #include <vector>
 
+namespace softprompt {  // rowwise.cpp
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double eps);
+}  // namespace softprompt
+
 namespace {
 
 // Each layer's tensors in `weights`, in this order; a bias may be None.
@@ -74,17 +79,19 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::opti
   return packed_linear(rows.contiguous(), packed, b, out_features).to(x.scalar_type());
 }
 
-// transformers' LlamaRMSNorm (and Qwen2's, Mistral's).
+// transformers' LlamaRMSNorm (and Qwen2's, Mistral's); bfloat16 rows in one pass (rowwise.cpp), as
+// rowwise.py's `rms_norm` computes them.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  if (x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16)
+    return softprompt::rms_norm_bf16(x, weight, eps);
   const at::Tensor h = x.to(at::kFloat);
   const at::Tensor variance = h.pow(2).mean(-1, /*keepdim=*/true);
   return weight * (h * at::rsqrt(variance + eps)).to(x.scalar_type());
 }
 
+// x * cos + rotate_half(x) * sin in one pass (rowwise.cpp): the same bits as those ATen operations.
 at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  const int64_t half = x.size(-1) / 2;
-  const at::Tensor rotated = at::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
-  return x * cos + rotated * sin;
+  return softprompt::rotary(x, cos, sin);
 }
 
 std::optional<at::Tensor> get(const c10::List<std::optional<at::Tensor>>& weights, int64_t i) { return weights[i]; }
