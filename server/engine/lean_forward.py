@@ -115,7 +115,7 @@ class LeanForward:
                 o = attention.attend(ragged, attn.layer_idx, q, k, v, attn.scaling, window)
                 h = h + attn.o_proj(o.reshape(tokens, -1))
                 h = h + layer.mlp(self.norm(layer.post_attention_layernorm, h))
-        logits = self.model.lm_head(self.inner.norm(h[logits_to_keep]))
+        logits = self.model.lm_head(self.norm(self.inner.norm, h[logits_to_keep]))
         return LeanOutput(logits[None])
 
 
