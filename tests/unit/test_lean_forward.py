@@ -89,6 +89,26 @@ def test_decoding_steps_in_one_call_equal_the_layers_in_python(variant, dtype, b
     assert len(calls) == 3  # the three decoding steps; the prefill runs in Python
 
 
+def test_the_one_call_on_onednn_widened_bfloat16_equals_the_layers_in_python(monkeypatch, cpu_kernels_built):
+    """Where oneDNN has no native bfloat16 GEMM, bfloat16 weights are packed widened to float32 (forced here):
+    the one call widens each layer's input and bias and rounds its output back, as `_onednn_forward` does."""
+    if cpu_linear.unavailable("onednn", torch.float32):
+        pytest.skip(f"--cpu-linear onednn cannot run here: {cpu_linear.unavailable('onednn', torch.float32)}")
+    probe = cpu_linear._probe
+    monkeypatch.setattr(cpu_linear, "_probe",
+                        lambda backend, dtype: "no" if dtype == torch.bfloat16 else probe(backend, dtype))
+    model = _model("qwen2").to(torch.bfloat16)  # q/k/v biases: widened too
+    spec = ModelSpec.from_hf_config(model.config, torch.device("cpu"), torch.bfloat16)
+    native, python = (ModelRunner(model, spec, kv_cache_bytes=1 << 20, paths=FastPaths(linear="onednn",
+                                                                                      native_decode=mode))
+                      for mode in ("on", "off"))
+    assert cpu_linear.describe(model) == "oneDNN (float32)"
+    calls = []
+    native.lean.native = _Counted(native.lean.native, calls)
+    _packed_steps(model, native, python)
+    assert len(calls) == 3
+
+
 class _Counted:
     def __init__(self, inner, calls):
         self.inner, self.calls = inner, calls

@@ -1,7 +1,7 @@
 """The start-up self-check: it passes on every architecture and path; its reference never goes through
 a fast path; a fast path broken on purpose (a wrong bias, a dropped norm scale, a wrong multi-slice
-accumulation in the linear kernel, a wrong weight in the native decode's oneDNN call) is caught, and the engine then serves PEFT's tokens through the
-plain path; a broken plain forward stops the start."""
+accumulation in the linear kernel, a wrong weight in the native decode's oneDNN call) is caught, and
+the engine then serves PEFT's tokens through the plain path; a broken plain forward stops the start."""
 
 from __future__ import annotations
 
@@ -148,10 +148,11 @@ def test_the_probe_catches_a_lost_slice(monkeypatch, cpu_kernels_built):
     assert probe(cpu_linear._kernel(torch.float32), torch.float32).startswith("off by")
 
 
-@pytest.mark.parametrize("fault, backend", [(_zeroed_biases, "avx2"), (_unit_norms, "avx2"), (_first_slice_only, "avx2"),
-                                            (_zeroed_biases, "onednn"), (_unit_norms, "onednn"),
-                                            (_scaled_onednn_weight, "onednn")])
-def test_a_broken_fast_path_is_caught_and_the_plain_path_serves(worlds, monkeypatch, fault, backend, cpu_kernels_built):
+@pytest.mark.parametrize("fault, backend", [
+    (_zeroed_biases, "avx2"), (_unit_norms, "avx2"), (_first_slice_only, "avx2"),
+    (_zeroed_biases, "onednn"), (_unit_norms, "onednn"), (_scaled_onednn_weight, "onednn")])
+def test_a_broken_fast_path_is_caught_and_the_plain_path_serves(worlds, monkeypatch, fault, backend,
+                                                                cpu_kernels_built):
     w = worlds.get("qwen2")  # q/k/v biases; its norms' scales and biases are drawn away from 1 and 0
     layer = w.model.model.layers[0]
     assert layer.self_attn.q_proj.bias.abs().sum() > 0 and not torch.all(layer.input_layernorm.weight == 1)
