@@ -1,6 +1,6 @@
-// A decoding step's layers in one call (server/engine/cpu/native_decode.py): the same ATen
-// operations as the written-out Python forward, in the same order, so the same numbers, without
-// returning to Python between them. Why: the server's event loop and the engine share one
+// A decoding step's layers in one call (server/engine/cpu/native_decode.py): the same operations as
+// the written-out Python forward (ATen's, oneDNN's linear op, our kernels), in the same order, so the
+// same numbers, without returning to Python between them. Why: the server's event loop and the engine share one
 // interpreter, and the engine thread needs the GIL between every two of its operations. While the
 // loop writes a step's tokens (holding the GIL), the engine stalled at its next operation, so
 // serving cost as much engine time as the loop spent. A whole step's layers without the GIL run
