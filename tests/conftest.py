@@ -183,6 +183,8 @@ def worlds(tmp_path_factory) -> Worlds:
 PATHS = {
     "auto": {},
     "avx2": {"linear": "avx2"},  # our AVX2 kernel (on AVX-512 CPUs too), with the native decode where it applies
+    # oneDNN with the layers in Python: `auto` takes oneDNN with the native decode on AVX-512 CPUs, and
+    # test_lean_forward checks the native decode on oneDNN against these layers on every machine
     "onednn": {"linear": "onednn", "native_decode": "off"},
     "torch-sdpa": {"linear": "torch", "attention": "sdpa"},
     "plain": {"enabled": False},  # --fast-path off: transformers' forward, plain linears, SDPA

@@ -6,7 +6,7 @@ and attention one SDPA call per request over the KV pool. Each fast path replace
   forward        the written-out forward (`lean_forward.LeanForward`) for the classes it supports
   linear (CPU)   the weights packed once: our AVX2 kernel (`csrc/linear.cpp`) or oneDNN (`cpu_linear`)
   native decode  (CPU) a decoding step's layers in one C++ call without the GIL (`csrc/forward.cpp`);
-                 needs the AVX2 linear kernel and the attention kernel
+                 needs packed linears (either backend) and the attention kernel
   attention      a step's decoding requests in one call: our C++ kernel on CPU (`cpu_attention`),
                  variable-length flash attention on CUDA; else one SDPA call per request
   CUDA graphs    (CUDA) decoding steps replayed from graphs recorded at start-up per batch size
@@ -43,9 +43,9 @@ class FastPaths:
                               ("cuda_graphs", CUDA_GRAPHS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.native_decode == "on" and (self.linear in ("onednn", "torch") or self.attention == "sdpa"):
-            raise ValueError("the native decode needs the AVX2 linear kernel and the attention kernel: it cannot "
-                             f"be on with linear {self.linear!r} and attention {self.attention!r}")
+        if self.native_decode == "on" and (self.linear == "torch" or self.attention == "sdpa"):
+            raise ValueError("the native decode needs packed linears (the AVX2 kernel or oneDNN) and the attention "
+                             f"kernel: it cannot be on with linear {self.linear!r} and attention {self.attention!r}")
 
 
 

@@ -5,7 +5,9 @@ gradient-checkpointing layers, keyword merging, the attention interface's lookup
 millisecond of Python per layer and step on the CPU here, as much as the layer's arithmetic when
 one request decodes. `LeanForward` runs the same modules' weights through the same operations in
 the same order, on the packed step's [tokens, ...] tensors: the model's own embedding, rotary
-embedding, norms, projections and MLP modules, the attention through `attention.attend`. Only the
+embedding, norms, projections and MLP modules, the attention through `attention.attend`. On CPU the
+rotary embedding and bfloat16 rows' norms run in one C++ pass each (`cpu/rowwise.py`: the rotary
+embedding's bits are ATen's; a bfloat16 norm sums its row's squares in an order of its own). Only the
 final norm and lm_head run on just the rows that sample (transformers normalizes every row, then
 keeps those): row-wise, so the same numbers.
 
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 
 from . import attention, rope
+from .cpu import rowwise as cpu_rowwise
 from .cpu.native_decode import NativeDecode
 
 # the classes written out, each with where its attention finds its sliding window (as its own forward does)
@@ -55,6 +58,11 @@ class LeanForward:
         window = SUPPORTED[type(model).__name__]
         self.windows = [window(layer.self_attn, model.config) for layer in self.layers]
         self.native: NativeDecode | None = None  # set by `find_native` once the linears are packed
+        # the rotary embedding and the norms: on CPU each in one C++ pass (`cpu/rowwise.py`), as the native decode
+        if cpu_rowwise.available(self.layers[0].input_layernorm.weight.device):
+            self.norm, self.rotate = cpu_rowwise.rms_norm, cpu_rowwise.rotary
+        else:
+            self.norm, self.rotate = _norm, _rotate
 
     def find_native(self, mode: str = "auto", attention_kernel: bool = True) -> None:
         """Take the one-call decoding step (`mode` on, or auto) if the layers now allow it (after
@@ -98,19 +106,23 @@ class LeanForward:
             on_layers()
             for layer, window in zip(self.layers, self.windows):
                 attn = layer.self_attn
-                x = layer.input_layernorm(h)
+                x = self.norm(layer.input_layernorm, h)
                 q = attn.q_proj(x).view(tokens, -1, head_dim)
                 k = attn.k_proj(x).view(tokens, -1, head_dim)
                 v = attn.v_proj(x).view(tokens, -1, head_dim)
-                q = q * cos + _rotate_half(q) * sin
-                k = k * cos + _rotate_half(k) * sin
+                q = self.rotate(q, cos, sin)
+                k = self.rotate(k, cos, sin)
                 o = attention.attend(ragged, attn.layer_idx, q, k, v, attn.scaling, window)
                 h = h + attn.o_proj(o.reshape(tokens, -1))
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
-        logits = self.model.lm_head(self.inner.norm(h[logits_to_keep]))
+                h = h + layer.mlp(self.norm(layer.post_attention_layernorm, h))
+        logits = self.model.lm_head(self.norm(self.inner.norm, h[logits_to_keep]))
         return LeanOutput(logits[None])
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return norm(x)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin

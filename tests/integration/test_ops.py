@@ -174,13 +174,17 @@ def test_dtype_auto_is_what_the_cpu_computes_natively_and_info_says_why(start_se
     (["--cpu-linear", "avx2", "--native-decode", "on"], {"fast_path": "on", "forward": "written out (lean_forward)",
                                                          "linear": "the AVX2 kernel (float32)", "native_decode": True,
                                                          "attention": "C++ decode kernel, SDPA per prefill"}),
+    (["--cpu-linear", "onednn", "--native-decode", "on"], {"fast_path": "on", "forward": "written out (lean_forward)",
+                                                           "linear": "oneDNN (float32)", "native_decode": True,
+                                                           "attention": "C++ decode kernel, SDPA per prefill"}),
 ])
 def test_forced_paths_serve_the_same_tokens(start_server, client, flags, paths):
     """A server on a forced path: /info names it, and it generates what the default server does."""
     from server.engine.cpu import linear as cpu_linear
 
-    if "avx2" in flags and cpu_linear.unavailable("avx2"):
-        pytest.skip(f"the AVX2 linear kernel cannot run here: {cpu_linear.unavailable('avx2')}")
+    for backend in ("avx2", "onednn"):
+        if backend in flags and cpu_linear.unavailable(backend):
+            pytest.skip(f"--cpu-linear {backend} cannot run here: {cpu_linear.unavailable(backend)}")
     server = start_server(*flags)
     with server.client() as forced:
         assert forced.get("/info").json()["engine_paths"] == paths
@@ -192,6 +196,6 @@ def test_forced_paths_serve_the_same_tokens(start_server, client, flags, paths):
 
 def test_a_path_forced_where_it_cannot_run_stops_the_start(model_dir, tmp_path):
     """Flags that contradict each other are refused before anything loads, naming the conflict."""
-    server = ServerProcess(model_dir, tmp_path / "store", tmp_path, "--native-decode", "on", "--cpu-linear", "onednn")
-    with pytest.raises(AssertionError, match="native decode needs the AVX2 linear kernel"):
+    server = ServerProcess(model_dir, tmp_path / "store", tmp_path, "--native-decode", "on", "--cpu-linear", "torch")
+    with pytest.raises(AssertionError, match="native decode needs packed linears"):
         server.start(timeout=30)

@@ -63,25 +63,50 @@ def test_lean_forward_equals_transformers_on_packed_steps(variant):
     _packed_steps(model, lean, plain)
 
 
+@pytest.mark.parametrize("backend", ["avx2", "onednn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_decoding_steps_in_one_call_equal_the_layers_in_python(variant, dtype, cpu_kernels_built):
+def test_decoding_steps_in_one_call_equal_the_layers_in_python(variant, dtype, backend, cpu_kernels_built):
     """The decoding steps' layers in one C++ call (`NativeDecode`), taken wherever the linear layers
-    run on the AVX2 kernel (forced here, as any CPU with AVX2 can run it), give the logits the Python
+    run on packed weights (each backend forced here: the AVX2 kernel runs on any CPU with AVX2, oneDNN
+    wherever torch has it, in bfloat16 natively or widened to float32), give the logits the Python
     layers give, to the last bit."""
-    problem = cpu_linear.unavailable("avx2", dtype)
+    problem = cpu_linear.unavailable(backend, dtype)
     if problem:
-        pytest.skip(f"the AVX2 linear kernel cannot run here: {problem}")
+        pytest.skip(f"--cpu-linear {backend} cannot run here: {problem}")
     model = _model(variant).to(dtype)
     spec = ModelSpec.from_hf_config(model.config, torch.device("cpu"), dtype)
-    native, python = (ModelRunner(model, spec, kv_cache_bytes=1 << 20, paths=FastPaths(linear="avx2",
+    native, python = (ModelRunner(model, spec, kv_cache_bytes=1 << 20, paths=FastPaths(linear=backend,
                                                                                       native_decode=mode))
                       for mode in ("on", "off"))
     assert python.lean.native is None
+    assert native.describe()["native_decode"] and native.describe()["linear"] == cpu_linear.describe(model)
+    if backend == "onednn":
+        assert all(w is None or w.is_mkldnn for w in native.lean.native.weights[1:9:2])  # q, k, v, o: oneDNN's
     calls = []
     native.lean.native = _Counted(native.lean.native, calls)
     _packed_steps(model, native, python)
     assert len(calls) == 3  # the three decoding steps; the prefill runs in Python
+
+
+def test_the_one_call_on_onednn_widened_bfloat16_equals_the_layers_in_python(monkeypatch, cpu_kernels_built):
+    """Where oneDNN has no native bfloat16 GEMM, bfloat16 weights are packed widened to float32 (forced here):
+    the one call widens each layer's input and bias and rounds its output back, as `_onednn_forward` does."""
+    if cpu_linear.unavailable("onednn", torch.float32):
+        pytest.skip(f"--cpu-linear onednn cannot run here: {cpu_linear.unavailable('onednn', torch.float32)}")
+    probe = cpu_linear._probe
+    monkeypatch.setattr(cpu_linear, "_probe",
+                        lambda backend, dtype: "no" if dtype == torch.bfloat16 else probe(backend, dtype))
+    model = _model("qwen2").to(torch.bfloat16)  # q/k/v biases: widened too
+    spec = ModelSpec.from_hf_config(model.config, torch.device("cpu"), torch.bfloat16)
+    native, python = (ModelRunner(model, spec, kv_cache_bytes=1 << 20, paths=FastPaths(linear="onednn",
+                                                                                      native_decode=mode))
+                      for mode in ("on", "off"))
+    assert cpu_linear.describe(model) == "oneDNN (float32)"
+    calls = []
+    native.lean.native = _Counted(native.lean.native, calls)
+    _packed_steps(model, native, python)
+    assert len(calls) == 3
 
 
 class _Counted:

@@ -1,7 +1,7 @@
 """The start-up self-check: it passes on every architecture and path; its reference never goes through
 a fast path; a fast path broken on purpose (a wrong bias, a dropped norm scale, a wrong multi-slice
-accumulation in the linear kernel) is caught, and the engine then serves PEFT's tokens through the
-plain path; a broken plain forward stops the start."""
+accumulation in the linear kernel, a wrong weight in the native decode's oneDNN call) is caught, and
+the engine then serves PEFT's tokens through the plain path; a broken plain forward stops the start."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from server.engine.self_check import Reference, SelfCheckFailed, check_runner, v
 from tests.conftest import MAX_NEW, PROMPTS
 from tests.factory import ARCHITECTURES
 
-AVX2 = FastPaths(linear="avx2", native_decode="on")  # the paths the faults below break
+# the paths the faults below break: the native decode on either linear backend
+NATIVE = {backend: FastPaths(linear=backend, native_decode="on") for backend in ("avx2", "onednn")}
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -57,12 +58,13 @@ def test_a_sliding_window_is_crossed(worlds, tmp_path):
 # --- faults in the fast paths: caught, and the plain path serves ---------------------------------
 
 
-def _fast_engine_with_fault(w, monkeypatch, fault):
-    """An engine whose self-check runs on AVX2-kernel paths with `fault` applied to them alone."""
-    if cpu_linear.unavailable("avx2"):
-        pytest.skip(f"the AVX2 linear kernel cannot run here: {cpu_linear.unavailable('avx2')}")
+def _fast_engine_with_fault(w, monkeypatch, fault, backend):
+    """An engine whose self-check runs on `backend`'s paths, the native decode on, with `fault` applied to
+    them alone."""
+    if cpu_linear.unavailable(backend):
+        pytest.skip(f"--cpu-linear {backend} cannot run here: {cpu_linear.unavailable(backend)}")
     fault(monkeypatch)
-    return w.engine(paths=AVX2, check=True)
+    return w.engine(paths=NATIVE[backend], check=True)
 
 
 def _zeroed_biases(monkeypatch):
@@ -122,6 +124,22 @@ def _first_slice_only(monkeypatch):
     monkeypatch.setattr(cpu_linear, "_probe", lambda backend, dtype: "")
 
 
+def _scaled_onednn_weight(monkeypatch):
+    """forward.cpp's oneDNN call reading a wrong weight: the native decode's down_proj weights (oneDNN
+    tensors) scaled by 1.01, the Python layers' left as they are."""
+    build = lean_forward.NativeDecode.build
+
+    def broken(lean):
+        native = build(lean)
+        for layer in range(len(lean.layers)):
+            down = native.weights[layer * 16 + 14]
+            assert down.is_mkldnn
+            native.weights[layer * 16 + 14] = torch.ops.mkldnn._reorder_linear_weight(down.to_dense() * 1.01)
+        return native
+
+    monkeypatch.setattr(lean_forward.NativeDecode, "build", staticmethod(broken))
+
+
 def test_the_probe_catches_a_lost_slice(monkeypatch, cpu_kernels_built):
     if cpu_linear.unavailable("avx2"):
         pytest.skip(f"the AVX2 linear kernel cannot run here: {cpu_linear.unavailable('avx2')}")
@@ -130,15 +148,19 @@ def test_the_probe_catches_a_lost_slice(monkeypatch, cpu_kernels_built):
     assert probe(cpu_linear._kernel(torch.float32), torch.float32).startswith("off by")
 
 
-@pytest.mark.parametrize("fault", [_zeroed_biases, _unit_norms, _first_slice_only])
-def test_a_broken_fast_path_is_caught_and_the_plain_path_serves(worlds, monkeypatch, fault, cpu_kernels_built):
+@pytest.mark.parametrize("fault, backend", [
+    (_zeroed_biases, "avx2"), (_unit_norms, "avx2"), (_first_slice_only, "avx2"),
+    (_zeroed_biases, "onednn"), (_unit_norms, "onednn"), (_scaled_onednn_weight, "onednn")])
+def test_a_broken_fast_path_is_caught_and_the_plain_path_serves(worlds, monkeypatch, fault, backend,
+                                                                cpu_kernels_built):
     w = worlds.get("qwen2")  # q/k/v biases; its norms' scales and biases are drawn away from 1 and 0
     layer = w.model.model.layers[0]
     assert layer.self_attn.q_proj.bias.abs().sum() > 0 and not torch.all(layer.input_layernorm.weight == 1)
-    engine = _fast_engine_with_fault(w, monkeypatch, fault)
+    engine = _fast_engine_with_fault(w, monkeypatch, fault, backend)
     result = engine.self_check
     assert not result["passed"] and "differ from transformers' own forward" in result["failure"]
-    assert result["paths_checked"]["native_decode"] and result["paths_checked"]["linear"].startswith("the AVX2")
+    assert result["paths_checked"]["native_decode"]
+    assert result["paths_checked"]["linear"].startswith({"avx2": "the AVX2", "onednn": "oneDNN"}[backend])
     assert result["relative_error_plain"] < 1e-4
     assert engine.runner.describe() == {"fast_path": "off", "forward": "transformers' own",
                                         "linear": "torch (plain F.linear)", "native_decode": False,

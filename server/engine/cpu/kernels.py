@@ -1,8 +1,9 @@
 """The engine's C++ kernels for CPU (`csrc/`), built into one extension on first use.
 
 `decode_attention.cpp`: every decoding request's attention over its pool segment (`cpu_attention`);
-`linear.cpp`: linear layers on weights packed for AVX2 (`cpu_linear`); `forward.cpp`: a decoding step's
-layers in one call, calling the other two (`lean_forward`). They register torch ops under
+`linear.cpp`: linear layers on weights packed for AVX2 (`cpu_linear`); `rowwise.cpp`: the rotary
+embedding and bfloat16 RMS norms in one pass each (`cpu_rowwise`); `forward.cpp`: a decoding step's
+layers in one call, calling the others and oneDNN's linear op (`native_decode`). They register torch ops under
 `torch.ops.softprompt`, and share `common.cpp`: tasks handed out to torch's threads from a counter,
 and the CPU's AVX2/FMA check.
 
@@ -27,7 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("common.cpp", "decode_attention.cpp", "linear.cpp", "forward.cpp")]
+           for name in ("common.cpp", "decode_attention.cpp", "linear.cpp", "rowwise.cpp", "forward.cpp")]
 # Plain -O3, no -march: the cache may be shared by machines with different CPUs (a mounted home, a
 # baked image), where a foreign instruction kills the process instead of falling back. Code that needs
 # AVX2 says so per function (`target("avx2,fma")`) and is called only where the CPU has it.

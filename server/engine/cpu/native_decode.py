@@ -1,5 +1,22 @@
 """A decoding step's layers in one C++ call (`torch.ops.softprompt.lean_decode`, csrc/forward.cpp):
-`LeanForward`'s operations in the same order, so the same numbers, without the GIL between them."""
+`LeanForward`'s operations in the same order, so the same numbers, without the GIL between them.
+
+The linear layers run on whichever backend `cpu_linear.install` packed them for: forward.cpp's `linear`
+calls oneDNN's `mkldnn::_linear_pointwise` through the dispatcher for a oneDNN (mkldnn) weight, with
+`cpu_linear._onednn_forward`'s dtype handling (bfloat16 natively where the weight is packed bfloat16,
+widened to float32 where it is packed float32), and our AVX2 kernel for a [blocks, in, 16] one. So on
+AVX-512 and AMX CPUs, where the linears go to oneDNN, decoding steps leave Python too.
+
+Without the GIL: a call through `torch.ops` releases it for the op's whole run (torch's
+`invokeOperatorFromPython` runs the op under `gil_scoped_release`), and nothing in forward.cpp calls
+back into Python, oneDNN's op included. Checked on the 2-core Xeon here: while another thread ran one
+oneDNN linear of 200 ms through `torch.ops`, or our kernel's of 300 ms, the main thread's Python loop
+ran about 2 million iterations, as fast as with that thread asleep; against a thread running Python,
+a few hundred thousand.
+
+Measured on the bench model (hidden 512, 8 layers; `python -m bench.bench_engine --requests 64
+--new-tokens 64`; 2-core Xeon with AMX, oneDNN linears, alternating with the code before): see
+bench/README.md, "bfloat16 on AVX-512 CPUs"."""
 
 from __future__ import annotations
 
@@ -18,8 +35,8 @@ if TYPE_CHECKING:
 @dataclass
 class NativeDecode:
     """A decoding step's layers in one call of `torch.ops.softprompt.lean_decode`. Taken when every
-    linear layer runs on the AVX2 kernel (`cpu_linear`), the MLP's activation is SiLU, and decode
-    attention runs on the kernel (`fast_path`)."""
+    linear layer runs on packed weights (`cpu_linear`: the AVX2 kernel or oneDNN), the MLP's activation
+    is SiLU, and decode attention runs on the kernel (`fast_path`)."""
 
     weights: list[torch.Tensor | None]  # per layer, in forward.cpp's `Slot` order
     out_features: list[int]  # per layer, in forward.cpp's `Out` order
@@ -39,8 +56,8 @@ class NativeDecode:
         for layer in lean.layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-            if any(cpu_linear.kernel_weight(m) is None for m in linears):
-                return "the linear layers are not on the AVX2 kernel"
+            if any(cpu_linear.packed_weight(m) is None for m in linears):
+                return "the linear layers are not packed (the AVX2 kernel or oneDNN)"
             if type(mlp.act_fn).__name__ not in SILU:
                 return f"the MLP's activation is {type(mlp.act_fn).__name__}, not SiLU"
         return ""
@@ -52,7 +69,7 @@ class NativeDecode:
         for layer in lean.layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-            pairs = [[cpu_linear.kernel_weight(m), m.bias] for m in linears]
+            pairs = [[cpu_linear.packed_weight(m), m.bias] for m in linears]
             native.weights += [layer.input_layernorm.weight, *pairs[0], *pairs[1], *pairs[2], *pairs[3],
                                layer.post_attention_layernorm.weight, *pairs[4], *pairs[5], *pairs[6]]
             native.out_features += [m.out_features for m in linears]

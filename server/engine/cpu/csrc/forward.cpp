@@ -1,6 +1,6 @@
-// A decoding step's layers in one call (server/engine/cpu/native_decode.py): the same ATen
-// operations as the written-out Python forward, in the same order, so the same numbers, without
-// returning to Python between them. Why: the server's event loop and the engine share one
+// A decoding step's layers in one call (server/engine/cpu/native_decode.py): the same operations as
+// the written-out Python forward (ATen's, oneDNN's linear op, our kernels), in the same order, so the
+// same numbers, without returning to Python between them. Why: the server's event loop and the engine share one
 // interpreter, and the engine thread needs the GIL between every two of its operations. While the
 // loop writes a step's tokens (holding the GIL), the engine stalled at its next operation, so
 // serving cost as much engine time as the loop spent. A whole step's layers without the GIL run
@@ -13,6 +13,11 @@
 
 #include <optional>
 #include <vector>
+
+namespace softprompt {  // rowwise.cpp
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double eps);
+}  // namespace softprompt
 
 namespace {
 
@@ -41,9 +46,31 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv, const at:
   return op.call(q, kv, starts, kv_lens, prefix_starts, prefix_lens, scale, window);
 }
 
+// torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], ""): a oneDNN-packed weight's layer.
+at::Tensor linear_pointwise(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         c10::string_view, c10::List<std::optional<c10::Scalar>>,
+                                         std::optional<c10::string_view>)>();
+  return op.call(x, packed, bias, "none", c10::List<std::optional<c10::Scalar>>(), c10::string_view(""));
+}
+
+// cpu_linear._onednn_forward: in the packed weight's dtype when x has it (bfloat16 on AVX512-BF16, AMX);
+// bfloat16 x on a weight packed widened to float32 computed in float32, the result rounded back.
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
+  if (packed.scalar_type() == x.scalar_type()) return linear_pointwise(x, packed, bias);
+  std::optional<at::Tensor> b = bias;
+  if (b) b = b->to(packed.scalar_type());
+  return linear_pointwise(x.to(packed.scalar_type()), packed, b).to(x.scalar_type());
+}
+
+// The layer on whichever backend packed its weight (cpu_linear.install): oneDNN's op for a oneDNN
+// (mkldnn) tensor, our AVX2 kernel for a [blocks, in, 16] one. For the kernel, as
 // cpu_linear._kernel_forward: bfloat16 rows and bias computed in float32, the result rounded back.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                   int64_t out_features) {
+  if (packed.is_mkldnn()) return onednn_linear(x, packed, bias);
   at::Tensor rows = x.reshape({-1, x.size(-1)});
   std::optional<at::Tensor> b = bias;
   if (x.scalar_type() != at::kFloat) {
@@ -53,17 +80,19 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::opti
   return packed_linear(rows.contiguous(), packed, b, out_features).to(x.scalar_type());
 }
 
-// transformers' LlamaRMSNorm (and Qwen2's, Mistral's).
+// transformers' LlamaRMSNorm (and Qwen2's, Mistral's); bfloat16 rows in one pass (rowwise.cpp), as
+// rowwise.py's `rms_norm` computes them.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  if (x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16)
+    return softprompt::rms_norm_bf16(x, weight, eps);
   const at::Tensor h = x.to(at::kFloat);
   const at::Tensor variance = h.pow(2).mean(-1, /*keepdim=*/true);
   return weight * (h * at::rsqrt(variance + eps)).to(x.scalar_type());
 }
 
+// x * cos + rotate_half(x) * sin in one pass (rowwise.cpp): the same bits as those ATen operations.
 at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  const int64_t half = x.size(-1) / 2;
-  const at::Tensor rotated = at::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
-  return x * cos + rotated * sin;
+  return softprompt::rotary(x, cos, sin);
 }
 
 std::optional<at::Tensor> get(const c10::List<std::optional<at::Tensor>>& weights, int64_t i) { return weights[i]; }
@@ -123,3 +152,5 @@ TORCH_LIBRARY_FRAGMENT(softprompt, m) {
 }
 
 TORCH_LIBRARY_IMPL(softprompt, CPU, m) { m.impl("lean_decode", lean_decode); }
+// With oneDNN-packed weights among the arguments, the dispatcher looks the op up for their backend.
+TORCH_LIBRARY_IMPL(softprompt, MkldnnCPU, m) { m.impl("lean_decode", lean_decode); }

@@ -1,0 +1,197 @@
+// A layer's row-wise work in one pass each instead of a chain of ATen operations: the RMS norm of
+// bfloat16 rows, and the rotary embedding of float32 or bfloat16 queries and keys. Built by
+// server/engine/cpu/kernels.py, called by rowwise.py (the Python layers) and forward.cpp (the native
+// decode), so both compute the same bits; rowwise.py documents when and why.
+//
+// Each ATen operation of the chains replaced here costs 10-30 us on a decoding step's [64, 512] rows,
+// most of it the call, and a bfloat16 RMS norm is eight of them (two casts, pow, mean, add, rsqrt, two
+// multiplies). These loops round where ATen's chain rounds:
+// - rotary: x * cos + rotate_half(x) * sin as three roundings (two products, their sum), so the same
+//   bits as the ATen chain in float32 and bfloat16 alike. Compiled for baseline x86-64 (no -march, see
+//   kernels.py), which has no fused multiply-add to contract them into.
+// - RMS norm (bfloat16 only): transformers' LlamaRMSNorm: the row in float32, its mean square, times
+//   1 / sqrt(mean square + eps), rounded to bfloat16, times the weight, rounded again. Only the order
+//   of the mean square's sum differs from ATen's (16 partial sums, added up in one fixed order): a
+//   row's result depends on that row alone, never on the row count or the threads. float32 rows keep
+//   ATen's chain, whose sum transformers' float32 results are equal to, to the last bit.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace softprompt {  // common.cpp
+bool cpu_has_avx2_fma();
+}  // namespace softprompt
+
+namespace {
+
+constexpr int64_t kLanes = 16;  // partial sums of a row's squares: vectorizable without reassociating one sum
+
+// The loops below are inlined whole into two entry points each, for baseline x86-64 (SSE2) and for
+// AVX2 without FMA (so never contracted: the same bits either way), one of which the CPU check picks.
+#define SP_INLINE inline __attribute__((always_inline))
+
+SP_INLINE float widen(c10::BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Round to nearest even, as c10::BFloat16's constructor (a NaN becomes the quiet NaN it makes).
+SP_INLINE c10::BFloat16 narrow(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(f != f ? 0x7fc0u : rounded), c10::BFloat16::from_bits());
+}
+
+SP_INLINE float value(float x) { return x; }
+SP_INLINE float value(c10::BFloat16 x) { return widen(x); }
+SP_INLINE void store(float x, float* out) { *out = x; }
+SP_INLINE void store(float x, c10::BFloat16* out) { *out = narrow(x); }
+// x rounded to T and back: what an ATen operation producing T leaves
+SP_INLINE float rounded(float x, float*) { return x; }
+SP_INLINE float rounded(float x, c10::BFloat16*) { return widen(narrow(x)); }
+
+// Rows to run per task: a few thousand elements, so a decoding step's rows take one thread.
+int64_t grain(int64_t row_elements) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_elements)); }
+
+// One token's `heads` heads of `dim`, with its position's cos and sin [dim]: a * cos + rotated * sin, rounded
+// to T after each product and after the sum, as ATen's operations round.
+template <typename T>
+SP_INLINE void rotate_token(const T* x, const T* cos, const T* sin, T* out, int64_t heads, int64_t dim) {
+  T* const tag = nullptr;
+  const int64_t half = dim / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    const T* xh = x + h * dim;
+    T* oh = out + h * dim;
+    for (int64_t d = 0; d < half; ++d)
+      store(rounded(value(xh[d]) * value(cos[d]), tag) + rounded(-value(xh[d + half]) * value(sin[d]), tag), oh + d);
+    for (int64_t d = half; d < dim; ++d)
+      store(rounded(value(xh[d]) * value(cos[d]), tag) + rounded(value(xh[d - half]) * value(sin[d]), tag), oh + d);
+  }
+}
+
+template <typename T>
+SP_INLINE void rotate_tokens(const T* x, const T* cos, const T* sin, T* out, int64_t begin, int64_t end,
+                             int64_t heads, int64_t dim) {
+  for (int64_t t = begin; t < end; ++t)
+    rotate_token(x + t * heads * dim, cos + t * dim, sin + t * dim, out + t * heads * dim, heads, dim);
+}
+
+SP_INLINE void norm_rows(const c10::BFloat16* x, const c10::BFloat16* weight, c10::BFloat16* out, int64_t begin,
+                         int64_t end, int64_t hidden, float eps) {
+  for (int64_t r = begin; r < end; ++r) {
+    const c10::BFloat16* row = x + r * hidden;
+    float acc[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= hidden; i += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) acc[l] += widen(row[i + l]) * widen(row[i + l]);
+    float sum = 0.f;
+    for (; i < hidden; ++i) sum += widen(row[i]) * widen(row[i]);
+    for (int64_t l = 0; l < kLanes; ++l) sum += acc[l];
+    const float scale = 1.f / std::sqrt(sum / static_cast<float>(hidden) + eps);
+    c10::BFloat16* o = out + r * hidden;
+    for (int64_t c = 0; c < hidden; ++c) o[c] = narrow(widen(weight[c]) * widen(narrow(widen(row[c]) * scale)));
+  }
+}
+
+#define SP_ENTRY_POINTS(suffix, target)                                                                          \
+  target void rotate_f32_##suffix(const float* x, const float* cos, const float* sin, float* out, int64_t begin,  \
+                                  int64_t end, int64_t heads, int64_t dim) {                                      \
+    rotate_tokens(x, cos, sin, out, begin, end, heads, dim);                                                      \
+  }                                                                                                               \
+  target void rotate_bf16_##suffix(const c10::BFloat16* x, const c10::BFloat16* cos, const c10::BFloat16* sin,    \
+                                   c10::BFloat16* out, int64_t begin, int64_t end, int64_t heads, int64_t dim) {  \
+    rotate_tokens(x, cos, sin, out, begin, end, heads, dim);                                                      \
+  }                                                                                                               \
+  target void norm_bf16_##suffix(const c10::BFloat16* x, const c10::BFloat16* weight, c10::BFloat16* out,        \
+                                 int64_t begin, int64_t end, int64_t hidden, float eps) {                         \
+    norm_rows(x, weight, out, begin, end, hidden, eps);                                                           \
+  }
+
+SP_ENTRY_POINTS(baseline, )
+#if defined(__x86_64__)
+SP_ENTRY_POINTS(avx2, __attribute__((target("avx2"))))
+#else
+SP_ENTRY_POINTS(avx2, )
+#endif
+
+void rotate_part(const float* x, const float* cos, const float* sin, float* out, int64_t begin, int64_t end,
+                 int64_t heads, int64_t dim) {
+  (softprompt::cpu_has_avx2_fma() ? rotate_f32_avx2 : rotate_f32_baseline)(x, cos, sin, out, begin, end, heads, dim);
+}
+void rotate_part(const c10::BFloat16* x, const c10::BFloat16* cos, const c10::BFloat16* sin, c10::BFloat16* out,
+                 int64_t begin, int64_t end, int64_t heads, int64_t dim) {
+  (softprompt::cpu_has_avx2_fma() ? rotate_bf16_avx2 : rotate_bf16_baseline)(x, cos, sin, out, begin, end, heads,
+                                                                             dim);
+}
+
+template <typename T>
+void rotate_rows(const T* x, const T* cos, const T* sin, T* out, int64_t tokens, int64_t heads, int64_t dim) {
+  at::parallel_for(0, tokens, grain(heads * dim), [&](int64_t begin, int64_t end) {
+    rotate_part(x, cos, sin, out, begin, end, heads, dim);
+  });
+}
+
+}  // namespace
+
+namespace softprompt {
+
+// x: [tokens, heads, head_dim]; cos, sin: [tokens, 1, head_dim], in x's dtype (float32 or bfloat16).
+// Returns x * cos + rotate_half(x) * sin, contiguous.
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 3 && cos.dim() == 3 && sin.dim() == 3 && cos.size(0) == x.size(0) && cos.size(1) == 1 &&
+                  cos.size(2) == x.size(2) && sin.sizes() == cos.sizes() && x.size(2) % 2 == 0,
+              "x [tokens, heads, head_dim] and cos, sin [tokens, 1, head_dim] expected");
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+                  cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
+              "float32 or bfloat16 CPU tensors of one dtype expected");
+  const at::Tensor xc = x.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
+  at::Tensor out = at::empty_like(xc);
+  const int64_t heads = x.size(1), dim = x.size(2);
+  if (x.scalar_type() == at::kFloat)
+    rotate_rows(xc.data_ptr<float>(), cc.data_ptr<float>(), sc.data_ptr<float>(), out.data_ptr<float>(), x.size(0),
+                heads, dim);
+  else
+    rotate_rows(xc.data_ptr<c10::BFloat16>(), cc.data_ptr<c10::BFloat16>(), sc.data_ptr<c10::BFloat16>(),
+                out.data_ptr<c10::BFloat16>(), x.size(0), heads, dim);
+  return out;
+}
+
+// x: [rows, hidden] bfloat16; weight: [hidden] bfloat16. transformers' RMS norm of each row.
+at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
+              "bfloat16 CPU tensors expected");
+  const int64_t hidden = x.size(-1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == hidden, "a weight of ", hidden, " expected");
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  at::Tensor out = at::empty_like(xc);
+  const c10::BFloat16 *xp = xc.data_ptr<c10::BFloat16>(), *wp = wc.data_ptr<c10::BFloat16>();
+  c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
+  const float epsilon = static_cast<float>(eps);
+  const auto norm = softprompt::cpu_has_avx2_fma() ? norm_bf16_avx2 : norm_bf16_baseline;
+  at::parallel_for(0, xc.numel() / std::max<int64_t>(1, hidden), grain(hidden), [&](int64_t begin, int64_t end) {
+    norm(xp, wp, op, begin, end, hidden, epsilon);
+  });
+  return out;
+}
+
+}  // namespace softprompt
+
+TORCH_LIBRARY_FRAGMENT(softprompt, m) {
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("rms_norm_bf16(Tensor x, Tensor weight, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(softprompt, CPU, m) {
+  m.impl("rotary", softprompt::rotary);
+  m.impl("rms_norm_bf16", softprompt::rms_norm_bf16);
+}

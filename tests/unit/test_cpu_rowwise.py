@@ -1,0 +1,43 @@
+"""The row-wise C++ passes (`server/engine/cpu/rowwise.py`): the rotary embedding gives ATen's bits, the
+bfloat16 RMS norm transformers' to within a rounding, each row's result independent of the others."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from server.engine.cpu import rowwise
+from server.engine.lean_forward import _rotate
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens, heads, head_dim", [(1, 8, 64), (64, 4, 64), (300, 3, 10)])
+def test_rotary_gives_atens_bits(dtype, tokens, heads, head_dim, cpu_kernels_built):
+    g = torch.Generator().manual_seed(tokens)
+    x = (torch.randn(tokens, heads, head_dim, generator=g) * 4).to(dtype)
+    angles = torch.randn(tokens, 1, head_dim, generator=g) * 10
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    assert torch.equal(rowwise.rotary(x, cos, sin), _rotate(x, cos, sin))
+    strided = x.transpose(0, 1).contiguous().transpose(0, 1)  # not contiguous: taken as its values
+    assert torch.equal(rowwise.rotary(strided, cos, sin), _rotate(x, cos, sin))
+
+
+@pytest.mark.parametrize("hidden", [512, 100])  # 100: a tail past the 16 partial sums
+def test_bfloat16_rms_norm_is_transformers_within_a_rounding_and_row_by_row(hidden, cpu_kernels_built):
+    g = torch.Generator().manual_seed(hidden)
+    norm = LlamaRMSNorm(hidden, eps=1e-5)
+    norm.weight.data = torch.randn(hidden, generator=g) * 0.5 + 1
+    norm = norm.to(torch.bfloat16)
+    x = (torch.randn(257, hidden, generator=g) * 3).to(torch.bfloat16)
+    got, want = rowwise.rms_norm(norm, x), norm(x)
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    ulp = want.float().abs() * 2 ** -7  # one bfloat16 rounding of the normalized row, then of the product
+    assert torch.all((got.float() - want.float()).abs() <= 2 * ulp + 1e-30)
+    assert torch.equal(torch.cat([rowwise.rms_norm(norm, x[i:i + 1]) for i in range(len(x))]), got)
+
+
+def test_float32_rms_norm_is_the_modules_own(cpu_kernels_built):
+    norm = LlamaRMSNorm(64, eps=1e-6)
+    x = torch.randn(5, 64)
+    assert torch.equal(rowwise.rms_norm(norm, x), norm(x))
