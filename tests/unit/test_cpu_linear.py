@@ -237,3 +237,16 @@ def test_a_packing_that_loses_values_is_refused(avx2_kernel, monkeypatch):
     monkeypatch.setattr(cpu_linear, "_probe", lambda backend, dtype: "")
     with pytest.raises(RuntimeError, match="lost values"):
         cpu_linear.install(_model("llama"), "avx2")
+
+
+def test_bfloat16_without_a_native_gemm_is_widened_on_onednn(monkeypatch):
+    """Where the CPU has neither AVX512-BF16 nor AMX, oneDNN's bfloat16 GEMM is emulated: bfloat16
+    weights are packed widened to float32 instead (the choice probes the native packing, not the widened)."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this build of torch has no oneDNN")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    chosen = cpu_linear._choose(torch.bfloat16, "onednn")
+    assert chosen.compute == torch.float32 and chosen.name == "oneDNN"
+    assert cpu_linear.unavailable("onednn", torch.bfloat16) == ""  # widened, it serves
+    assert cpu_linear._choose(torch.float32, "onednn").compute == torch.float32

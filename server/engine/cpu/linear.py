@@ -175,10 +175,10 @@ def _choose(dtype: torch.dtype, choice: str = "auto") -> _Backend | None:
             raise ValueError("oneDNN linears cannot run here: this build of torch has no oneDNN")
         log.info("linear layers stay on torch's own CPU GEMM: no oneDNN in this build of torch")
         return None
-    problem = _probe(_ONEDNN, dtype)
+    problem = _native_problem(dtype)
     if not problem:
         return _onednn(dtype)
-    if dtype == torch.bfloat16 and not _probe(_ONEDNN, torch.float32):
+    if dtype == torch.bfloat16 and not _probe(_ONEDNN, dtype):
         return _ONEDNN  # no native bfloat16 GEMM: widened, it runs at float32's speed, not emulated
     if choice == "onednn":
         raise ValueError(f"oneDNN cannot pack {dtype} weights here: {problem}")
@@ -197,8 +197,15 @@ def unavailable(choice: str, dtype: torch.dtype = torch.float32) -> str:
         return _probe(_kernel(dtype), dtype)
     if not torch.backends.mkldnn.is_available():
         return "this build of torch has no oneDNN"
-    native, widened = _probe(_ONEDNN, dtype), _probe(_ONEDNN, torch.float32)
-    return native and widened
+    return _native_problem(dtype) and _probe(_ONEDNN, dtype)
+
+
+def _native_problem(dtype: torch.dtype) -> str:
+    """Why oneDNN cannot compute `dtype` natively here ('' when it can): bfloat16 needs AVX512-BF16 or AMX
+    (elsewhere oneDNN emulates it, far slower than float32), and a probe of the packing."""
+    if dtype == torch.bfloat16 and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return "no native bfloat16 GEMM on this CPU (neither AVX512-BF16 nor AMX)"
+    return _probe(_onednn(dtype), dtype)
 
 
 def _block(weight: torch.Tensor) -> torch.Tensor:
