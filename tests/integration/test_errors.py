@@ -305,7 +305,7 @@ def test_prompt_over_max_input_tokens_is_422(limited):
         too_long = "x" * (MAX_INPUT + 1)
         assert_error(c.post("/generate", json=generate_body(too_long, None, 2)), 422, "inputs", str(MAX_INPUT))
         assert_error(c.post("/generate_stream", json=generate_body(too_long, None, 2)), 422, "inputs")
-        assert_error(c.post("/v1/completions", json={"prompt": too_long, "max_tokens": 2}), 400, "inputs")
+        assert_error(c.post("/v1/completions", json={"prompt": too_long, "max_tokens": 2}), 400, "prompt")  # its name there
         # truncate keeps the last tokens, so a long prompt can still be served
         body = generate(c, "y" * 40, max_new_tokens=2, truncate=MAX_INPUT)
         assert body["details"]["prompt_tokens"] == MAX_INPUT
@@ -319,7 +319,7 @@ def test_max_new_tokens_over_limit_is_422(limited):
         assert_error(c.post("/generate_stream", json=generate_body(PROMPT, None, MAX_NEW_LIMIT + 1)), 422,
                      "max_new_tokens")
         assert_error(c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": MAX_NEW_LIMIT + 1}), 400,
-                     "max_new_tokens")
+                     "max_tokens")
         assert_unharmed(c, limited.adapter_dir, [])
 
 

@@ -170,13 +170,13 @@ def test_dtype_auto_is_what_the_cpu_computes_natively_and_info_says_why(start_se
 
 @pytest.mark.parametrize("flags, paths", [
     (["--fast-path", "off"], {"fast_path": "off", "forward": "transformers' own", "linear": "torch (plain F.linear)",
-                              "native_decode": False, "attention": "SDPA per request"}),
+                              "native_decode": False, "attention": "SDPA per request", "cuda_graphs": None}),
     (["--cpu-linear", "avx2", "--native-decode", "on"], {"fast_path": "on", "forward": "written out (lean_forward)",
                                                          "linear": "the AVX2 kernel (float32)", "native_decode": True,
-                                                         "attention": "C++ decode kernel, SDPA per prefill"}),
+                                                         "attention": "C++ decode kernel, SDPA per prefill", "cuda_graphs": None}),
     (["--cpu-linear", "onednn", "--native-decode", "on"], {"fast_path": "on", "forward": "written out (lean_forward)",
                                                            "linear": "oneDNN (float32)", "native_decode": True,
-                                                           "attention": "C++ decode kernel, SDPA per prefill"}),
+                                                           "attention": "C++ decode kernel, SDPA per prefill", "cuda_graphs": None}),
 ])
 def test_forced_paths_serve_the_same_tokens(start_server, client, flags, paths):
     """A server on a forced path: /info names it, and it generates what the default server does."""

@@ -94,9 +94,8 @@ def test_the_one_call_on_onednn_widened_bfloat16_equals_the_layers_in_python(mon
     the one call widens each layer's input and bias and rounds its output back, as `_onednn_forward` does."""
     if cpu_linear.unavailable("onednn", torch.float32):
         pytest.skip(f"--cpu-linear onednn cannot run here: {cpu_linear.unavailable('onednn', torch.float32)}")
-    probe = cpu_linear._probe
-    monkeypatch.setattr(cpu_linear, "_probe",
-                        lambda backend, dtype: "no" if dtype == torch.bfloat16 else probe(backend, dtype))
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)  # a CPU without native bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     model = _model("qwen2").to(torch.bfloat16)  # q/k/v biases: widened too
     spec = ModelSpec.from_hf_config(model.config, torch.device("cpu"), torch.bfloat16)
     native, python = (ModelRunner(model, spec, kv_cache_bytes=1 << 20, paths=FastPaths(linear="onednn",

@@ -28,22 +28,17 @@ constexpr int64_t kLanes = 8;  // independent partial sums: vectorizable without
 // vectorized 8 wide with fused multiply-adds where the CPU has them (no -march: see kernels.py).
 #define SP_INLINE inline __attribute__((always_inline))
 
-SP_INLINE float dot(const float* a, const float* b, int64_t n) {
+// b: a row of the pool, float or bfloat16 (widened as it is read: exact, bfloat16 is float's top half).
+template <typename T>
+SP_INLINE float dot(const float* a, const T* b, int64_t n) {
   float acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] += a[i + l] * static_cast<float>(b[i + l]);
   float sum = 0.f;
-  for (; i < n; ++i) sum += a[i] * b[i];
+  for (; i < n; ++i) sum += a[i] * static_cast<float>(b[i]);
   for (int64_t l = 0; l < kLanes; ++l) sum += acc[l];
   return sum;
-}
-
-// A row of the pool as float: the row itself for float, converted into `buf` for bfloat16.
-SP_INLINE const float* as_float(const float* row, int64_t, float*) { return row; }
-SP_INLINE const float* as_float(const c10::BFloat16* row, int64_t n, float* buf) {
-  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(row[i]);
-  return buf;
 }
 
 // One request, one kv head: its `group` query heads against keys [lo, len), keys 0..prefix-1 being
@@ -54,12 +49,11 @@ SP_INLINE void attend_group(const T* q, const T* pk, const T* pv, int64_t prefix
                             int64_t lo, int64_t len, int64_t group, int64_t dim, float scale, T* out,
                             std::vector<float>& work) {
   const int64_t n = len - lo;
-  work.resize(group * (2 * dim + n + 1) + dim);
+  work.resize(group * (2 * dim + n + 1));
   float* qf = work.data();        // [group, dim] scaled queries
   float* acc = qf + group * dim;  // [group, dim] weighted sums of values
   float* p = acc + group * dim;   // [group, n] scores, then unnormalized probabilities
   float* total = p + group * n;   // [group] sums of p
-  float* row = total + group;     // [dim] a bfloat16 key or value row as float
   auto key_row = [&](const T* shared, const T* own, int64_t j) {  // key j's row (of keys or of values)
     return j < prefix ? shared + j * dim : own + (j - prefix) * dim;
   };
@@ -68,7 +62,7 @@ SP_INLINE void attend_group(const T* q, const T* pk, const T* pv, int64_t prefix
     acc[i] = 0.f;
   }
   for (int64_t j = 0; j < n; ++j) {
-    const float* key = as_float(key_row(pk, k, lo + j), dim, row);
+    const T* key = key_row(pk, k, lo + j);
     for (int64_t h = 0; h < group; ++h) p[h * n + j] = dot(qf + h * dim, key, dim);
   }
   for (int64_t h = 0; h < group; ++h) {
@@ -82,11 +76,11 @@ SP_INLINE void attend_group(const T* q, const T* pk, const T* pv, int64_t prefix
     total[h] = sum;
   }
   for (int64_t j = 0; j < n; ++j) {
-    const float* value = as_float(key_row(pv, v, lo + j), dim, row);
+    const T* value = key_row(pv, v, lo + j);
     for (int64_t h = 0; h < group; ++h) {
       const float w = p[h * n + j];
       float* a = acc + h * dim;
-      for (int64_t i = 0; i < dim; ++i) a[i] += w * value[i];
+      for (int64_t i = 0; i < dim; ++i) a[i] += w * static_cast<float>(value[i]);
     }
   }
   for (int64_t h = 0; h < group; ++h)
