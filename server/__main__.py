@@ -22,7 +22,8 @@ from server.api.app import create_app
 from server.api.service import Service
 from server.config import Config, load_config, parse_cpu_threads, parse_memory
 from server.engine.cpu.threads import plan_threads
-from server.engine.engine import AsyncEngine, Engine
+from server.engine.async_engine import AsyncEngine
+from server.engine.engine import Engine
 from server.engine.kv_cache import budget_bytes
 from server.engine.request import Overloaded
 from server.engine.self_check import SelfCheckFailed

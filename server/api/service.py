@@ -17,7 +17,7 @@ from adapters.errors import InvalidTask
 from adapters.sources import AdapterSources
 from server.config import Config
 from server.engine.grammar import Grammar, Grammars, GrammarSpec, vocab_size
-from server.engine.engine import AsyncEngine, Stream
+from server.engine.async_engine import AsyncEngine, Stream
 from server.engine.request import FinishReason, InvalidRequest, SamplingParams, Sequence, TokenEvent
 from server.model import BaseModel
 

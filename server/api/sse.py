@@ -23,7 +23,7 @@ from typing import Callable
 
 from starlette.responses import Response
 
-from server.engine.engine import Stream
+from server.engine.async_engine import Stream
 from server.engine.request import TokenEvent
 
 from .service import disconnected

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from server.engine.cpu.threads import ThreadPlan
-from server.engine.engine import AsyncEngine
+from server.engine.async_engine import AsyncEngine
 from server.engine.request import SamplingParams
 from tests.conftest import PROMPTS
 

@@ -14,7 +14,7 @@ import pytest
 
 from server.api import routes_ops
 from server.engine import engine as engine_module
-from server.engine.engine import AsyncEngine
+from server.engine.async_engine import AsyncEngine
 from server.engine.request import GenerationFailed, SamplingParams, Sequence, TokenEvent
 from tests.conftest import PROMPTS
 from tests.unit.test_faults import _drain

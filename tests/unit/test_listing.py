@@ -86,7 +86,8 @@ def _app_client(base, registry: AdapterRegistry):
     from server.api.app import create_app
     from server.api.service import Service
     from server.config import Config
-    from server.engine.engine import AsyncEngine, Engine
+    from server.engine.async_engine import AsyncEngine
+    from server.engine.engine import Engine
 
     engine = AsyncEngine(Engine(base.model, base.tokenizer, base.spec, max_batch_size=4,
                                 kv_cache_bytes=4 * 2**20))

@@ -89,7 +89,7 @@ def _service(path):
     from adapters import AdapterRegistry
     from server.api.service import Service
     from server.config import Config
-    from server.engine.engine import AsyncEngine
+    from server.engine.async_engine import AsyncEngine
 
     base = load_base_model(str(path), dtype="float32")
     engine = Engine(base.model, base.tokenizer, base.spec)

@@ -9,7 +9,7 @@ import threading
 import time
 
 from adapters import AdapterRegistry
-from server.engine.engine import AsyncEngine
+from server.engine.async_engine import AsyncEngine
 from server.engine.request import SamplingParams
 from tests.conftest import PROMPTS
 
