@@ -164,7 +164,9 @@ class ModelRunner:
             batch, logits = self.forward(step)
             if not batch:
                 return []
-            batch, logits = _with_siblings(batch, logits)
+            forking = [seq for seq in batch if seq.siblings]  # their prompt completed now: n / best_of
+            if forking:
+                batch, logits = _with_siblings(batch, logits)
             outputs = self._sample(batch, logits)
         except BaseException:
             for seq, length in touched:
@@ -173,7 +175,8 @@ class ModelRunner:
                 elif seq.segment is not None:
                     seq.segment.length = length
             raise
-        self._fork(batch)
+        if forking:
+            self._fork(forking)
         return outputs
 
     @torch.inference_mode()
@@ -228,12 +231,10 @@ class ModelRunner:
             seq.prompt_top.append(None)
         self.seqs.append(seq)
 
-    def _fork(self, batch: list[Sequence]) -> None:
+    def _fork(self, forking: list[Sequence]) -> None:
         """After a step sampled them: the siblings of each request whose prompt it completed take a copy
         of its keys and values and its prompt's log-probabilities, and run from now on (`self.forks`)."""
-        for seq in batch:
-            if not seq.siblings:
-                continue
+        for seq in forking:
             for sibling in seq.siblings:
                 self.pool.fork(seq.segment, sibling.segment)
                 sibling.prompt_logprobs, sibling.prompt_top = list(seq.prompt_logprobs), list(seq.prompt_top)
@@ -316,8 +317,6 @@ def _nothing() -> None:
 def _with_siblings(batch: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
     """The sampling rows with each sibling not yet forked given its request's row: the request samples
     only at the end of its prompt, where its siblings sample their first tokens from the same logits."""
-    if not any(seq.siblings for seq in batch):
-        return batch, logits
     rows = [i for i, seq in enumerate(batch) for _ in seq.group]
     return [member for seq in batch for member in seq.group], logits[torch.tensor(rows, device=logits.device)]
 

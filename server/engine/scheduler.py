@@ -52,7 +52,7 @@ class Scheduler:
         step = ScheduledStep(release=self._ended())
         ledger = Ledger(self.pool.slots - self.pool.reserved, self.running)
         ledger.free -= self._preempt_for_growth(step, ledger)
-        occupied = sum(len(s.group) for s in self.running)  # siblings not yet forked count
+        occupied = len(self.running) + sum(len(s.siblings) for s in self.running)  # siblings not yet forked count
         budget = self.max_prefill_tokens
         decoding = set(step.decode)
         for seq in self.running:
