@@ -6,7 +6,7 @@ A step of `--requests` decoding requests (one query each), key counts uniform in
 against its SDPA loop, in alternating rounds, and prints the median and the fastest call of each and their ratios
 (the fastest is the steadier figure on a machine others are using).
 
-    python -m bench.attention_micro                  # float32 and bfloat16, 2 threads
+    python -m bench.attention_micro                  # float32 and bfloat16, 2 threads, each instruction set
     python -m bench.attention_micro --prefix 128     # also: the kernel over 4 shared prefixes vs copies
 
 With `--prefix N`, each request's keys also start with an adapter prefix of N keys, one of
@@ -17,6 +17,7 @@ pool holds them now) against a copy at the start of each request's own segment (
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import statistics
 import time
@@ -24,7 +25,7 @@ import time
 import torch
 
 from server.engine import attention
-from server.engine.cpu import kernels as cpu_kernels
+from server.engine.cpu import attention as cpu_attention, kernels as cpu_kernels
 from server.engine.kv_cache import GROWTH_SLOTS, KVPool
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 4, 64
@@ -51,6 +52,12 @@ def build_step(requests: int, dtype, seed: int = 0, prefix: int = 0, adapters: i
                                       [prefixes[i % len(prefixes)] for i in order], prefix_lens)
     query = torch.randn(requests, HEADS, HEAD_DIM).to(dtype)  # [tokens, heads, head_dim], as `attention.attend` takes it
     return step, query, pool.kv[0]
+
+
+def _takes(isa: str) -> bool:
+    """Whether this CPU runs the kernel's `isa` path."""
+    with cpu_attention.isa(isa) as taken:
+        return taken == isa
 
 
 def time_calls(fns: dict, repeats: int, rounds: int) -> dict[str, tuple[float, float]]:
@@ -81,28 +88,34 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("the CPU decode attention kernel did not build: see the warning above")
 
     scale = HEAD_DIM ** -0.5
+    isas = [isa for isa in cpu_attention.ISAS if _takes(isa)]
     results = {}
     print(f"decode attention, one layer: {args.requests} requests, keys {MIN_KEYS}-{MAX_KEYS}, heads {HEADS}, "
-          f"kv heads {KV_HEADS}, head_dim {HEAD_DIM}, {args.threads} threads, {args.repeats} calls each")
-    print(f"  {'dtype':9s} {'K+V read':>9s} {'':7s} {'SDPA loop':>9s} {'kernel':>9s} {'ratio':>6s}")
+          f"kv heads {KV_HEADS}, head_dim {HEAD_DIM}, {args.threads} threads, {args.repeats} calls each; "
+          f"the kernel on each instruction set this CPU has")
+    print(f"  {'dtype':9s} {'K+V read':>9s} {'':7s} {'SDPA loop':>9s} "
+          + " ".join(f"{isa:>9s}" for isa in isas) + f" {'best/SDPA':>9s}")
     for dtype in (torch.float32, torch.bfloat16):
         step, query, kv = build_step(args.requests, dtype)
 
         def sdpa():  # what _per_request does without the kernel
             return torch.cat(attention._sdpa_each(step, query, kv, scale, None, range(args.requests)))
 
-        def kernel():
-            return attention._per_request(step, query, kv, scale, None)
+        def kernel(isa):
+            with cpu_attention.isa(isa):
+                return attention._per_request(step, query, kv, scale, None)
 
-        torch.testing.assert_close(kernel(), sdpa(), atol=2e-2, rtol=2e-2)
-        t = time_calls({"sdpa": sdpa, "kernel": kernel}, args.repeats, rounds=10)
+        calls = {"sdpa": sdpa} | {isa: functools.partial(kernel, isa) for isa in isas}
+        for isa in isas:
+            torch.testing.assert_close(kernel(isa), sdpa(), atol=2e-2, rtol=2e-2)
+        t = time_calls(calls, args.repeats, rounds=10)
         read = 2 * KV_HEADS * HEAD_DIM * sum(step.kv_lens) * kv.element_size()
         name = str(dtype).removeprefix("torch.")
         results[name] = t
         for i, stat in enumerate(("median", "fastest")):
             first = f"{name:9s} {read / 1e6:7.1f}MB" if i == 0 else " " * 19
-            sdpa_s, kernel_s = t["sdpa"][i], t["kernel"][i]
-            print(f"  {first} {stat:7s} {sdpa_s * 1e3:7.3f}ms {kernel_s * 1e3:7.3f}ms {kernel_s / sdpa_s:6.2f}")
+            print(f"  {first} {stat:7s} {t['sdpa'][i] * 1e3:7.3f}ms "
+                  + " ".join(f"{t[isa][i] * 1e3:7.3f}ms" for isa in isas) + f" {t[isas[0]][i] / t['sdpa'][i]:9.2f}")
     if args.prefix:
         results["prefix"] = _prefix_figures(args, scale)
     return results

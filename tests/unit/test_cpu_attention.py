@@ -60,12 +60,22 @@ def _sdpa(step, query, scale, window) -> torch.Tensor:
     return torch.cat(attention._sdpa_each(step, query, step.pool.kv[0], scale, window, range(len(step.q_lens))))
 
 
+@pytest.fixture(params=cpu_attention.ISAS)
+def isa(request, cpu_kernels_built):
+    """The kernel held to one of its instruction sets, or a skip where this CPU lacks it."""
+    with cpu_attention.isa(request.param) as taken:
+        if taken != request.param:
+            pytest.skip(f"this CPU has no {request.param} (the kernel takes {taken})")
+        yield taken
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("heads, kv_heads", [(8, 4), (8, 8), (8, 1)], ids=["gqa", "mha", "mqa"])
-@pytest.mark.parametrize("head_dim", [64, 40, 17])
+@pytest.mark.parametrize("heads, kv_heads", [(8, 4), (8, 8), (8, 1), (12, 4), (16, 2)],
+                         ids=["gqa", "mha", "mqa", "group-3", "group-8"])
+@pytest.mark.parametrize("head_dim", [64, 128, 48, 40, 17])
 @pytest.mark.parametrize("window", [None, 16])
 @pytest.mark.parametrize("prefixes", [None, PREFIX_LENS], ids=["own", "prefixed"])
-def test_decode_matches_sdpa(cpu_kernels_built, dtype, heads, kv_heads, head_dim, window, prefixes):
+def test_decode_matches_sdpa(isa, dtype, heads, kv_heads, head_dim, window, prefixes):
     step, query = _step(heads, kv_heads, head_dim, dtype, [1] * len(DECODE_LENS), DECODE_LENS,
                         prefix_lens=prefixes and [min(p, kv - 1) for p, kv in zip(prefixes, DECODE_LENS)])
     scale = 0.3

@@ -23,11 +23,14 @@ The kernel is built with the engine's other CPU kernels (`cpu_kernels`); when th
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import kernels as cpu_kernels
 
 DTYPES = (torch.float32, torch.bfloat16)
+ISAS = ("avx512", "avx2", "baseline")  # the kernel's instruction sets, best first
 
 
 def supports(query: torch.Tensor, kv: torch.Tensor) -> bool:
@@ -51,3 +54,13 @@ def decode(query: torch.Tensor, kv: torch.Tensor, starts: torch.Tensor, kv_lens:
     return cpu_kernels.ops().decode_attention(query, kv, starts, kv_lens, prefix_starts, prefix_lens, scale,
                                               window or 0)
 
+
+
+@contextlib.contextmanager
+def isa(most: str):
+    """Holds the kernel to `most` of ISAS or below (tests and benchmarks run each path the CPU has);
+    yields the one it takes, the best this CPU has within that. Back to the best on exit."""
+    try:
+        yield cpu_kernels.ops().decode_attention_isa(most)
+    finally:
+        cpu_kernels.ops().decode_attention_isa("auto")

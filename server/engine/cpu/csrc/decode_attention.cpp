@@ -9,21 +9,39 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <functional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
-namespace softprompt {  // common.cpp
-void shared_for(int64_t tasks, const std::function<void(int64_t, int64_t)>& fn);
+namespace softprompt {
+void shared_for(int64_t tasks, const std::function<void(int64_t, int64_t)>& fn);  // common.cpp
 bool cpu_has_avx2_fma();
+bool cpu_has_avx512f();  // decode_attention_avx512.cpp
+bool decode_attention_avx512(const void* q, const void* pool, void* out, bool bf16, const int64_t* start,
+                             const int64_t* len, const int64_t* prefix_start, const int64_t* prefix_len,
+                             int64_t requests, int64_t heads, int64_t kv_heads, int64_t slots, int64_t dim,
+                             int64_t window, float scale);
 }  // namespace softprompt
 
 namespace {
 
 constexpr int64_t kLanes = 8;  // independent partial sums: vectorizable without reassociating one sum
 
-// The code below is inlined whole into two entry points, `attend_items_baseline` (x86-64's SSE2) and
+// The instruction sets the op may use, best first, and the most it may use (`decode_attention_isa`).
+const char* const kIsas[] = {"avx512", "avx2", "baseline"};
+std::atomic<int> most_isa{0};
+
+// The best of kIsas this CPU has, within `most_isa`: 0 avx512 (AVX-512F, see decode_attention_avx512.cpp),
+// 1 avx2 (with FMA), 2 baseline.
+int isa() {
+  int best = softprompt::cpu_has_avx512f() ? 0 : softprompt::cpu_has_avx2_fma() ? 1 : 2;
+  return std::max(best, most_isa.load(std::memory_order_relaxed));
+}
+
+// The portable loops: the code below is inlined whole into two entry points, `attend_items_baseline` (x86-64's SSE2) and
 // `attend_items_avx2` (AVX2 with FMA), one of which the CPU check picks at run time: the same loops,
 // vectorized 8 wide with fused multiply-adds where the CPU has them (no -march: see kernels.py).
 #define SP_INLINE inline __attribute__((always_inline))
@@ -169,8 +187,16 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& kv, const
                 ") are not in the pool's ", slots, " slots");
   }
   at::Tensor out = at::empty_like(query);
+  TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kBFloat16,
+              "float32 or bfloat16 expected, got ", query.scalar_type());
 
-  const bool avx2 = softprompt::cpu_has_avx2_fma();
+  const int chosen = isa();
+  if (chosen == 0 && softprompt::decode_attention_avx512(query.data_ptr(), kv.data_ptr(), out.data_ptr(),
+                                                         query.scalar_type() == at::kBFloat16, start, len,
+                                                         prefix_start, prefix_len, requests, heads, kv_heads,
+                                                         slots, dim, window, static_cast<float>(scale)))
+    return out;
+  const bool avx2 = chosen <= 1;
   auto run = [&](auto* q, auto* pool, auto* o) {
     const Batch<std::remove_const_t<std::remove_pointer_t<decltype(q)>>> batch{
         q, pool, o, start, len, prefix_start, prefix_len, heads, kv_heads, slots, dim, window,
@@ -179,14 +205,24 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& kv, const
       avx2 ? attend_items_avx2(batch, begin, end) : attend_items_baseline(batch, begin, end);
     });
   };
-  if (query.scalar_type() == at::kFloat) {
+  if (query.scalar_type() == at::kFloat)
     run(query.data_ptr<float>(), kv.data_ptr<float>(), out.data_ptr<float>());
-  } else if (query.scalar_type() == at::kBFloat16) {
+  else
     run(query.data_ptr<c10::BFloat16>(), kv.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>());
-  } else {
-    TORCH_CHECK(false, "float32 or bfloat16 expected, got ", query.scalar_type());
-  }
   return out;
+}
+
+// Sets the most the op may use: "auto" (the best the CPU has), or one of kIsas (for tests and
+// benchmarks, which run each path the machine can). Returns the one the op now takes where the head
+// size allows (a head size its AVX-512 code does not take runs the portable loops).
+std::string decode_attention_isa(const std::string& most) {
+  int at = 0;
+  if (most != "auto") {
+    while (at < 3 && most != kIsas[at]) ++at;
+    TORCH_CHECK(at < 3, "decode_attention_isa: auto, avx512, avx2 or baseline, not ", most);
+  }
+  most_isa.store(at, std::memory_order_relaxed);
+  return kIsas[isa()];
 }
 
 }  // namespace
@@ -195,6 +231,7 @@ TORCH_LIBRARY(softprompt, m) {
   m.def(
       "decode_attention(Tensor query, Tensor kv, Tensor starts, Tensor kv_lens, Tensor prefix_starts, "
       "Tensor prefix_lens, float scale, int window) -> Tensor");
+  m.def("decode_attention_isa(str most) -> str", decode_attention_isa);
 }
 
 TORCH_LIBRARY_IMPL(softprompt, CPU, m) { m.impl("decode_attention", decode_attention); }
