@@ -10,12 +10,12 @@ queries to its own keys only (causal, aligned to their end). Forwards without a 
 A request's keys are two ranges of the pool (`ragged.py`): its adapter's prefix, written once and
 shared by every running request on that adapter version (`kv_cache.SharedPrefix`), then its own
 segment (prompt + generated). Each request attends over exactly those keys, so no compute or memory
-goes to padding. On CPU the step's decoding requests go to one call of a small C++ kernel
-(`cpu_attention`, float32 and bfloat16, when it builds; it reads both ranges in place) and each
-prefilling request to one SDPA call over its prefix and own keys, concatenated (a copy of the prefix
-per prefill chunk and layer, small beside the chunk's compute); without the kernel every request
-takes one SDPA call (measured at 64 decoding requests: about 0.7 of the time of one batched call over
-a padded window). On CUDA with half precision the whole step is variable-length flash attention
+goes to padding. On CPU the whole step, decoding and prefilling requests alike, goes to one call of
+a C++ kernel (`cpu_attention`, float32 and bfloat16, when it builds; it reads both ranges in place,
+each query row on its own, so a prompt's outputs do not depend on its chunking or its step's other
+requests); without the kernel every request takes one SDPA call over its prefix and own keys,
+concatenated. On accelerators the decoding requests take one SDPA call over a padded window, and each
+prefilling request one SDPA call. On CUDA with half precision the whole step is variable-length flash attention
 (`flash_varlen.py`: own segments and prefixes in two calls, merged by their log-sum-exps), used once
 a self-check on first use shows it matches the per-request path.
 
@@ -54,7 +54,7 @@ from transformers.masking_utils import sdpa_mask
 
 from . import flash_varlen
 from .cpu import attention as cpu_attention
-from .ragged import RaggedStep, decoding, keys
+from .ragged import RaggedStep, decoding, keys, ranges
 
 __all__ = ["NAME", "NO_MASK", "RaggedStep", "attend", "decoding", "install", "ragged_attention"]
 
@@ -106,31 +106,29 @@ def attend(ragged: RaggedStep, layer: int, q, k, v, scaling, window) -> torch.Te
 
 def _per_request(ragged: RaggedStep, q, kv, scaling, window) -> torch.Tensor:
     """[tokens, heads, head_dim]: each request's queries (q [tokens, heads, head_dim], contiguous) against
-    its prefix and own segment, in packing order. The decoding requests take one call for all: the `cpu_attention`
-    kernel on CPU when it handles the tensors, one padded SDPA call on an accelerator; prefilling
-    requests one SDPA call each."""
+    its prefix and own segment, in packing order. On CPU the whole step is one call of the `cpu_attention`
+    kernel when it handles the tensors; on an accelerator the decoding requests take one padded SDPA
+    call and prefilling requests one SDPA call each; else every request one SDPA call."""
     if q.device.type == "cpu":
-        if not ragged.kernels or not cpu_attention.supports(q, kv):
-            return torch.cat(_sdpa_each(ragged, q, kv, scaling, window, range(len(ragged.q_lens))))
-        return _kernel_and_sdpa(ragged, q, kv, scaling, window)
+        if ragged.kernels and cpu_attention.supports(q, kv):
+            return cpu_attention.attend(q, kv, *ranges(ragged), scaling, window)
+        return torch.cat(_sdpa_each(ragged, q, kv, scaling, window, range(len(ragged.q_lens))))
     # cuDNN's attention builds a plan for every new shape (seconds, per prompt length): not for ragged steps
     with sdpa_kernel(_ACCELERATOR_SDPA):
-        return _kernel_and_sdpa(ragged, q, kv, scaling, window)
+        return _padded_and_sdpa(ragged, q, kv, scaling, window)
 
 
 _ACCELERATOR_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def _kernel_and_sdpa(ragged: RaggedStep, q, kv, scaling, window) -> torch.Tensor:
+def _padded_and_sdpa(ragged: RaggedStep, q, kv, scaling, window) -> torch.Tensor:
     step = decoding(ragged)
-    decode = cpu_attention.decode if q.device.type == "cpu" else functools.partial(_padded_decode, step.max_kv)
-    ranges = step.starts, step.kv_lens, step.prefix_starts, step.prefix_lens
+    args = step.starts, step.kv_lens, step.prefix_starts, step.prefix_lens, scaling, window
     if not step.prefills:
-        return decode(q, kv, *ranges, scaling, window)
+        return _padded_decode(step.max_kv, q, kv, *args)
     out = torch.empty_like(q)
     if len(step.decode_rows):
-        decoded = decode(q[step.decode_rows], kv, *ranges, scaling, window)
-        out.index_copy_(0, step.decode_rows, decoded)
+        out.index_copy_(0, step.decode_rows, _padded_decode(step.max_kv, q[step.decode_rows], kv, *args))
     out.index_copy_(0, step.prefill_rows, torch.cat(_sdpa_each(ragged, q, kv, scaling, window, step.prefills)))
     return out
 
@@ -139,10 +137,10 @@ PADDED_DECODE_ELEMENTS = 1 << 26  # keys gathered per call at most (x2 for value
 
 
 def _padded_decode(max_kv: int, q, kv, starts, kv_lens, prefix_starts, prefix_lens, scaling, window) -> torch.Tensor:
-    """One decoding query per request, as `cpu_attention.decode`, on any device: each request's keys
-    (prefix, then own segment) gathered into a window of the longest one's length, masked, one SDPA call
-    (per group of requests, so the gathered copy stays under PADDED_DECODE_ELEMENTS).
-    q: [requests, heads, head_dim]; the rest as `cpu_attention.decode`'s."""
+    """One decoding query per request on any device: each request's keys (prefix, then own segment)
+    gathered into a window of the longest one's length, masked, one SDPA call (per group of requests, so
+    the gathered copy stays under PADDED_DECODE_ELEMENTS). q: [requests, heads, head_dim]; starts,
+    kv_lens, prefix_starts, prefix_lens: [requests] int64, as `cpu_attention.attend` takes them."""
     requests, heads, head_dim = q.shape
     kv_heads = kv.shape[1]
     offsets = torch.arange(max_kv, device=q.device)  # [max_kv]

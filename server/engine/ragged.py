@@ -35,6 +35,7 @@ class RaggedStep:
     rope_lens: list[int] | None = None  # per request: the length its length-dependent RoPE sees (`rope.py`); None: kv_lens
     _varlen: dict | None = None  # device tensors for the flash path, built on first use
     _decoding: Decoding | None = None  # the decoding requests' view of the step, built on first use
+    _ranges: tuple | None = None  # `ranges`, built on first use
     _masks: dict[tuple, torch.Tensor] = field(default_factory=dict)  # per (prefilling request, window): its mask
 
     @property
@@ -72,6 +73,16 @@ def keys(ragged: RaggedStep, kv: torch.Tensor, i: int, lo: int = 0) -> tuple[tor
     pre = ragged.prefix_starts[i]
     both = torch.cat([kv[:, None, :, pre + lo:pre + p], kv[:, None, :, start:start + own]], dim=3)
     return both[0], both[1]
+
+
+def ranges(ragged: RaggedStep) -> tuple[torch.Tensor, ...]:
+    """Every request's (q_lens, starts, kv_lens, prefix_starts, prefix_lens) as int64 tensors on the pool's
+    device, as the CPU attention kernel takes them; built at the step's first layer and kept for the others."""
+    if ragged._ranges is None:
+        longs = functools.partial(torch.tensor, dtype=torch.long, device=ragged.pool.device)
+        ragged._ranges = tuple(map(longs, (ragged.q_lens, ragged.starts, ragged.kv_lens, ragged.prefix_starts,
+                                           ragged.prefix_lens)))
+    return ragged._ranges
 
 
 @dataclass

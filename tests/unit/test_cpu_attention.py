@@ -1,7 +1,8 @@
-"""The CPU decode attention kernel against the per-request SDPA path it replaces, and its fallback."""
+"""The CPU attention kernel against the per-request SDPA path it replaces, and its fallback."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 
@@ -18,6 +19,8 @@ DECODE_LENS = [1, 300, 57, 2, 129, 16, 17, 64]  # keys per decoding request: 1, 
 
 
 PREFIX_LENS = [0, 40, 5, 0, 40, 2, 16, 40]  # per DECODE_LENS request: one prefix of 40 shared by three, none, short
+MIXED_Q_LENS = [1, 1, 20, 2, 1, 14, 1, 24]  # per DECODE_LENS request: prefilling ones among decoding ones, one
+# whole own segment (after its prefix) at once
 
 
 def _step(heads, kv_heads, head_dim, dtype, q_lens, kv_lens, seed=0, prefix_lens=None):
@@ -75,19 +78,20 @@ def isa(request, cpu_kernels_built):
 @pytest.mark.parametrize("head_dim", [64, 128, 48, 40, 17])
 @pytest.mark.parametrize("window", [None, 16])
 @pytest.mark.parametrize("prefixes", [None, PREFIX_LENS], ids=["own", "prefixed"])
-def test_decode_matches_sdpa(isa, dtype, heads, kv_heads, head_dim, window, prefixes):
-    step, query = _step(heads, kv_heads, head_dim, dtype, [1] * len(DECODE_LENS), DECODE_LENS,
+@pytest.mark.parametrize("q_lens", [[1] * len(DECODE_LENS), MIXED_Q_LENS], ids=["decoding", "mixed"])
+def test_step_matches_sdpa(isa, dtype, heads, kv_heads, head_dim, window, prefixes, q_lens):
+    step, query = _step(heads, kv_heads, head_dim, dtype, q_lens, DECODE_LENS,
                         prefix_lens=prefixes and [min(p, kv - 1) for p, kv in zip(prefixes, DECODE_LENS)])
     scale = 0.3
     out = attention._per_request(step, query, step.pool.kv[0], scale, window)
-    assert out.dtype == dtype and out.shape == (len(DECODE_LENS), heads, head_dim)
+    assert out.dtype == dtype and out.shape == (sum(q_lens), heads, head_dim)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out, _sdpa(step, query, scale, window), atol=tol, rtol=tol)
 
 
-def test_decode_does_not_depend_on_how_the_work_is_shared(cpu_kernels_built):
-    """(request, KV head) tasks go to whichever thread asks first: bit-identical with 1, 2 and 7 threads."""
-    step, query = _step(8, 4, 64, torch.float32, [1] * len(DECODE_LENS), DECODE_LENS)
+def test_attention_does_not_depend_on_how_the_work_is_shared(cpu_kernels_built):
+    """(request, KV head, rows) tasks go to whichever thread asks first: bit-identical with 1, 2 and 7 threads."""
+    step, query = _step(8, 4, 64, torch.float32, MIXED_Q_LENS, DECODE_LENS)
     before = torch.get_num_threads()
     outs = []
     try:
@@ -154,12 +158,45 @@ def test_default_scale_and_bounds(cpu_kernels_built):
                                _sdpa(step, query, None, None), atol=1e-5, rtol=1e-5)
     q = query
     slots = step.pool.slots
+    ones = torch.tensor([1, 1])
     with pytest.raises(RuntimeError, match="not in the pool"):
-        cpu_attention.decode(q, step.pool.kv[0], torch.tensor([0, slots - 5]), torch.tensor([9, 30]),
+        cpu_attention.attend(q, step.pool.kv[0], ones, torch.tensor([0, slots - 5]), torch.tensor([9, 30]),
                              torch.tensor([0, 0]), torch.tensor([0, 0]), None, None)
     with pytest.raises(RuntimeError, match="prefix keys .* are not in the pool"):
-        cpu_attention.decode(q, step.pool.kv[0], torch.tensor([0, 0]), torch.tensor([9, 30]),
+        cpu_attention.attend(q, step.pool.kv[0], ones, torch.tensor([0, 0]), torch.tensor([9, 30]),
                              torch.tensor([0, slots - 2]), torch.tensor([0, 4]), None, None)
+    with pytest.raises(RuntimeError, match="3 query rows for 2 keys of its own"):
+        cpu_attention.attend(q, step.pool.kv[0], torch.tensor([1, 3]), torch.tensor([0, 0]), torch.tensor([9, 6]),
+                             torch.tensor([0, 0]), torch.tensor([0, 4]), None, None)
+    with pytest.raises(RuntimeError, match="q_lens add up to 3 rows, query has 2"):
+        cpu_attention.attend(q, step.pool.kv[0], torch.tensor([1, 2]), torch.tensor([0, 0]), torch.tensor([9, 30]),
+                             torch.tensor([0, 0]), torch.tensor([0, 0]), None, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("prefix", [0, 21])
+def test_rows_do_not_depend_on_chunking_or_neighbours(isa, dtype, window, prefix):
+    """A prompt's rows, bit for bit: all in one step, cut into chunks (a chunk's keys being the ones
+    before it and its own), beside other requests, and its last row as a decoding step."""
+    heads, kv_heads, dim, n = 8, 4, 64, 45
+    step, query = _step(heads, kv_heads, dim, dtype, [n], [prefix + n], seed=3, prefix_lens=[prefix])
+    kv = step.pool.kv[0]
+    longs = functools.partial(torch.tensor, dtype=torch.long)
+    start, pre_start = step.starts[0], step.prefix_starts[0]
+
+    def rows(first, count, before=()):  # rows [first, first + count) of the prompt, after `before` requests
+        q = torch.cat([query[:b] for b in before] + [query[first:first + count]])
+        q_lens = [*before, count]
+        out = cpu_attention.attend(q.contiguous(), kv, longs(q_lens), longs([start] * len(q_lens)),
+                                   longs([prefix + b for b in before] + [prefix + first + count]),
+                                   longs([pre_start] * len(q_lens)), longs([prefix] * len(q_lens)), 0.2, window)
+        return out[sum(before):]
+
+    whole = rows(0, n)
+    assert torch.equal(torch.cat([rows(0, 17), rows(17, 1), rows(18, 27)]), whole)
+    assert torch.equal(rows(30, 15, before=(3, 12, 1)), whole[30:])
+    assert torch.equal(rows(n - 1, 1), whole[-1:])
 
 
 def test_unavailable_kernel_falls_back_with_one_warning(monkeypatch, caplog):

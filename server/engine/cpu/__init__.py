@@ -2,11 +2,11 @@
 
   kernels.py        builds and loads the C++ kernels in csrc/ (one torch extension, `torch.ops.softprompt`)
   linear.py         linear layers on weights packed once at start: our AVX2 kernel or oneDNN
-  attention.py      every decoding request's attention over its KV segment in one kernel call
+  attention.py      a step's attention, decoding and prefilling requests, over the KV pool in one kernel call
   rowwise.py        the rotary embedding and bfloat16 RMS norms in one pass each
   native_decode.py  a decoding step's layers in one C++ call, without the GIL, on either linear backend
   threads.py        the engine's torch threads and the CPUs they are confined to
-  csrc/             common.cpp (task counter, CPU check), linear.cpp, decode_attention.cpp, rowwise.cpp,
+  csrc/             common.cpp (task counter, CPU check), linear.cpp, attention.cpp (+ _avx512), rowwise.cpp,
                     forward.cpp
 
 Each is one flag away from the plain path (`server/engine/fast_path.py`), and the start-up self-check

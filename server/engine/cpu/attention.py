@@ -1,24 +1,25 @@
-"""Decode attention on CPU in one small C++ kernel: every decoding request of a step in one call.
+"""Attention on CPU in one C++ kernel: every request of a packed step, decoding and prefilling, in one call.
 
-`decode` computes, for each request, softmax(q K^T * scale) V of its one query (all heads) against
-its keys/values 0..kv_len-1: its adapter's shared prefix, then its own pool segment, read in place
-(the last `window` of them with a sliding window),
-query head h reading kv head h // (heads // kv_heads). Float32 and bfloat16, accumulated in float32,
-with the softmax's maximum subtracted. The kernel (csrc/decode_attention.cpp) shares the (request,
-kv head) tasks among torch's threads (csrc/common.cpp) and takes a kv head's query heads together,
-so each key and value row is read once. Its loops are plain C++ that the compiler vectorizes, built
-twice: for baseline x86-64 and for AVX2 with FMA, picked by the CPU at run time.
+`attend` computes, for each request's query rows (one when decoding, a prompt chunk when
+prefilling), softmax(q K^T * scale) V against its keys: its adapter's shared prefix, then its own pool
+segment, read in place, row i of n seeing the keys up to its own position (the last `window` of them
+with a sliding window); query head h reads kv head h // (heads // kv_heads). Float32 and bfloat16,
+accumulated in float32, with the softmax's maximum subtracted. Each row is computed on its own, so
+the same whatever its step holds or however its prompt was chunked (batch-invariant in bfloat16 as
+well; SDPA's bfloat16 rounding changed with the chunk's length). The kernel (csrc/attention.cpp)
+shares (request, kv head, run of rows) tasks among torch's threads (csrc/common.cpp) and takes a kv
+head's query heads together, so each key and value row is read once per query row. Its per-row code
+is written for AVX-512F (csrc/attention_avx512.cpp: head sizes multiple of 16 up to 128) and as
+plain loops built for AVX2 with FMA and for baseline x86-64, picked by the CPU at run time (`isa`
+holds it to one, for tests and benchmarks).
 
-`attention._per_request` sends a step's decoding requests here on CPU; prefilling requests keep one
-SDPA call each, and CUDA has its own variable-length flash path. Measured with
-`python -m bench.attention_micro` (64 decoding requests with 40-200 keys, 8 heads, 4 KV heads,
-head_dim 64; 2 threads of an AMD EPYC shared with other jobs, fastest of 1000 calls per layer, two
-alternating runs): float32 2.5-2.7 ms with one SDPA call per request, 0.60-0.66 ms with this kernel
-(0.80-0.81 ms built for baseline x86-64 only); bfloat16 2.2-2.3 ms, 0.75 ms (1.08-1.10 ms). The
-float32 keys and values, 16.5 MB, are then read at about 26 GB/s, this machine's memory speed.
+Measured with `python -m bench.attention_micro` (one layer, 8 heads, 4 KV heads, head_dim 64, 2
+threads of an AVX-512 Xeon, median of 400 calls): 64 decoding requests with 40-200 keys, float32
+0.36 ms (0.55 ms on AVX2 loops, 1.47 ms with one SDPA call per request), bfloat16 0.23 ms (0.64, 1.80);
+--prefill, 64 prompts of 40-90 tokens (4,257 rows): see that benchmark's output in bench/README.md.
 
 The kernel is built with the engine's other CPU kernels (`cpu_kernels`); when they cannot be built,
-`supports` is False and attention stays one SDPA call per request.
+`supports` is False and attention takes one SDPA call per request.
 """
 
 from __future__ import annotations
@@ -34,26 +35,26 @@ ISAS = ("avx512", "avx2", "baseline")  # the kernel's instruction sets, best fir
 
 
 def supports(query: torch.Tensor, kv: torch.Tensor) -> bool:
-    """Whether `decode` takes these tensors: on CPU, in one dtype it handles, with the kernel loaded."""
+    """Whether `attend` takes these tensors: on CPU, in one dtype it handles, with the kernel loaded."""
     return query.device.type == "cpu" and query.dtype in DTYPES and kv.dtype == query.dtype and cpu_kernels.available()
 
 
-def decode(query: torch.Tensor, kv: torch.Tensor, starts: torch.Tensor, kv_lens: torch.Tensor,
+def attend(query: torch.Tensor, kv: torch.Tensor, q_lens: torch.Tensor, starts: torch.Tensor, kv_lens: torch.Tensor,
            prefix_starts: torch.Tensor, prefix_lens: torch.Tensor, scale: float | None,
            window: int | None) -> torch.Tensor:
-    """One decoding query per request against its prefix, then its own pool segment.
+    """Each request's query rows against its prefix, then its own pool segment.
 
-    query: [requests, heads, head_dim] contiguous; kv: [2, kv_heads, slots, head_dim] contiguous (a layer
-    of the pool); starts, kv_lens, prefix_starts, prefix_lens: [requests] int64: each request's own
-    segment's first slot, its keys (prefix included), its shared prefix's first slot and length (0: none).
+    query: [tokens, heads, head_dim] contiguous, each request's q_lens[i] rows back to back; kv: [2,
+    kv_heads, slots, head_dim] contiguous (a layer of the pool); q_lens, starts, kv_lens, prefix_starts,
+    prefix_lens: [requests] int64: its rows in this step, its own segment's first slot, its keys (prefix
+    included; its rows are the last q_lens of them), its shared prefix's first slot and length (0: none).
     scale: None for 1 / sqrt(head_dim); window: None or 0 for no sliding window.
-    Returns [requests, heads, head_dim] in query's dtype.
+    Returns [tokens, heads, head_dim] in query's dtype.
     """
     if scale is None:
         scale = query.shape[-1] ** -0.5
-    return cpu_kernels.ops().decode_attention(query, kv, starts, kv_lens, prefix_starts, prefix_lens, scale,
-                                              window or 0)
-
+    return cpu_kernels.ops().attention(query, kv, q_lens, starts, kv_lens, prefix_starts, prefix_lens, scale,
+                                       window or 0)
 
 
 @contextlib.contextmanager
@@ -61,6 +62,6 @@ def isa(most: str):
     """Holds the kernel to `most` of ISAS or below (tests and benchmarks run each path the CPU has);
     yields the one it takes, the best this CPU has within that. Back to the best on exit."""
     try:
-        yield cpu_kernels.ops().decode_attention_isa(most)
+        yield cpu_kernels.ops().attention_isa(most)
     finally:
-        cpu_kernels.ops().decode_attention_isa("auto")
+        cpu_kernels.ops().attention_isa("auto")

@@ -1,6 +1,6 @@
 """The engine's C++ kernels for CPU (`csrc/`), built into one extension on first use.
 
-`decode_attention.cpp`: every decoding request's attention over its pool segment (`cpu_attention`);
+`attention.cpp`, `attention_avx512.cpp`: every request's attention over its pool segments (`cpu_attention`);
 `linear.cpp`: linear layers on weights packed for AVX2 (`cpu_linear`); `rowwise.cpp`: the rotary
 embedding and bfloat16 RMS norms in one pass each (`cpu_rowwise`); `forward.cpp`: a decoding step's
 layers in one call, calling the others and oneDNN's linear op (`native_decode`). They register torch ops under
@@ -28,7 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("common.cpp", "decode_attention.cpp", "decode_attention_avx512.cpp", "linear.cpp",
+           for name in ("common.cpp", "attention.cpp", "attention_avx512.cpp", "linear.cpp",
                         "rowwise.cpp", "forward.cpp")]
 # Plain -O3, no -march: the cache may be shared by machines with different CPUs (a mounted home, a
 # baked image), where a foreign instruction kills the process instead of falling back. Code that needs

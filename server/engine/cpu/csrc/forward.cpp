@@ -36,14 +36,14 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const st
   return op.call(x, packed, bias, out_features);
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& starts,
-                            const at::Tensor& kv_lens, const at::Tensor& prefix_starts, const at::Tensor& prefix_lens,
-                            double scale, int64_t window) {
+at::Tensor attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& q_lens, const at::Tensor& starts,
+                     const at::Tensor& kv_lens, const at::Tensor& prefix_starts, const at::Tensor& prefix_lens,
+                     double scale, int64_t window) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("softprompt::decode_attention", "")
+                       .findSchemaOrThrow("softprompt::attention", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, const at::Tensor&, double, int64_t)>();
-  return op.call(q, kv, starts, kv_lens, prefix_starts, prefix_lens, scale, window);
+                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t)>();
+  return op.call(q, kv, q_lens, starts, kv_lens, prefix_starts, prefix_lens, scale, window);
 }
 
 // torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], ""): a oneDNN-packed weight's layer.
@@ -105,7 +105,7 @@ at::Tensor need(const c10::List<std::optional<at::Tensor>>& weights, int64_t i) 
 
 // h: [requests, hidden], every row a decoding request's one new token; cos, sin: [requests, 1, head_dim];
 // kv: one [2, kv_heads, slots, head_dim] per layer; slots: each row's new slot; starts, kv_lens, prefix_starts,
-// prefix_lens: each request's keys, as decode_attention takes them (the new key included). Returns h after the
+// prefix_lens: each request's keys, as the attention op takes them (the new key included). Returns h after the
 // last layer (before the final norm).
 at::Tensor lean_decode(at::Tensor h, const at::Tensor& cos, const at::Tensor& sin,
                        const c10::List<std::optional<at::Tensor>>& weights, std::vector<int64_t> out_features,
@@ -120,6 +120,7 @@ at::Tensor lean_decode(at::Tensor h, const at::Tensor& cos, const at::Tensor& si
               "per-layer arguments for ", layers, " layers expected");
   const int64_t tokens = h.size(0);
   c10::InferenceMode inference;
+  const at::Tensor q_lens = at::ones({tokens}, starts.options());  // one query row per request
   for (int64_t l = 0; l < layers; ++l) {
     const int64_t w = l * kSlots, o = l * kOuts;
     auto proj = [&](const at::Tensor& in, int64_t slot, int64_t out) {  // a weight's bias is the slot after it
@@ -133,8 +134,8 @@ at::Tensor lean_decode(at::Tensor h, const at::Tensor& cos, const at::Tensor& si
     k = rotate(k, cos, sin);
     kv[l][0].index_copy_(1, slots, k.transpose(0, 1));
     kv[l][1].index_copy_(1, slots, v.transpose(0, 1));
-    const at::Tensor attended = decode_attention(q.contiguous(), kv[l], starts, kv_lens, prefix_starts, prefix_lens,
-                                                 scales[l], windows[l]);
+    const at::Tensor attended = attention(q.contiguous(), kv[l], q_lens, starts, kv_lens, prefix_starts, prefix_lens,
+                                          scales[l], windows[l]);
     h = h + proj(attended.reshape({tokens, -1}), kO, kOOut);
     x = rms_norm(h, need(weights, w + kPostNorm), eps[2 * l + 1]);
     h = h + proj(at::silu(proj(x, kGate, kGateOut)) * proj(x, kUp, kUpOut), kDown, kDownOut);

@@ -1,9 +1,9 @@
-// Decode attention written for AVX-512 (decode_attention.cpp calls it where the CPU has AVX-512F and
+// Attention's per-row code written for AVX-512 (attention.cpp takes it where the CPU has AVX-512F and
 // the head size is a multiple of 16 up to 128; its portable loops take the rest).
 //
-// Same task as decode_attention.cpp's loops: one (request, kv head) at a time, its `group` query
-// heads against the keys of its two ranges (shared prefix, own segment). What differs is how the
-// registers are used, which the compiler did not find on its own:
+// Same work as attention.cpp's portable row: one query row, a kv head's `group` query heads, against
+// the keys of its two ranges (shared prefix, own segment). What differs is how the registers are
+// used, which the compiler did not find on its own:
 // - scores: 16 keys at a time, each key's products summed in a register of its own, then the 16
 //   registers reduced to 16 scores together (a transpose tree of 45 instructions), where the portable
 //   loop summed each key's 8 lanes one by one;
@@ -15,23 +15,23 @@
 // in float32, outputs rounded to nearest even as c10::BFloat16 does.
 //
 // Everything in this file is compiled for AVX-512F (the pragma below) and is called only after the
-// CPU check: the same build runs on CPUs without it.
+// CPU check: the same build runs on CPUs without it. For that, the code under the pragma calls no
+// library function or template (an inline one instantiated here could be emitted for AVX-512 and
+// picked by the linker for other callers too): its scratch memory comes from the caller.
 
 #include <c10/util/BFloat16.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cmath>
-#include <cstring>
-#include <functional>
-#include <vector>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
 namespace softprompt {
-void shared_for(int64_t tasks, const std::function<void(int64_t, int64_t)>& fn);
+template <typename T>  // attention.cpp's
+using RowFn = void (*)(const T* q, const T* k0, const T* v0, int64_t n0, const T* k1, const T* v1, int64_t n1,
+                       int64_t group, int64_t dim, float scale, T* out, float* work);
 
 #if defined(__x86_64__)
 bool cpu_has_avx512f() { return __builtin_cpu_supports("avx512f"); }
@@ -113,7 +113,7 @@ SP_INLINE void score_range(const __m512 q[D16], Range<T> keys, float scale, floa
   constexpr int64_t dim = 16 * D16;
   const __m512 scaled = _mm512_set1_ps(scale);
   for (int64_t j = 0; j < keys.count; j += 16) {
-    const int64_t m = std::min<int64_t>(16, keys.count - j);
+    const int64_t m = keys.count - j < 16 ? keys.count - j : 16;
     __m512 acc[16];
     for (int64_t i = 0; i < 16; ++i) {
       acc[i] = _mm512_setzero_ps();
@@ -176,20 +176,20 @@ SP_INLINE void weigh_heads(const Range<T> values[2], const float* w, int64_t str
   }
 }
 
-// One request's kv head: `group` query heads (q, out: [group, dim]) against keys in two ranges.
+// softprompt::RowFn on AVX-512F for a head size of 16 * D16.
 template <int D16, typename T>
-SP_INLINE void attend_group(const T* q, const Range<T> keys[2], const Range<T> values[2], int64_t group, float scale,
-                            T* out, std::vector<float>& work) {
+void attend_row(const T* q, const T* k0, const T* v0, int64_t n0, const T* k1, const T* v1, int64_t n1,
+                int64_t group, int64_t, float scale, T* out, float* work) {
   constexpr int64_t dim = 16 * D16;
-  const int64_t n = keys[0].count + keys[1].count;
-  work.resize(group * (n + 1));
-  float* w = work.data();  // [group, n]: scores, then weights
+  const Range<T> keys[2] = {{k0, n0}, {k1, n1}}, values[2] = {{v0, n0}, {v1, n1}};
+  const int64_t n = n0 + n1;
+  float* w = work;  // [group, n]: scores, then weights
   float* total = w + group * n;
   for (int64_t h = 0; h < group; ++h) {
     __m512 qh[D16];
     for (int c = 0; c < D16; ++c) qh[c] = load16(q + h * dim + 16 * c);
     score_range<D16>(qh, keys[0], scale, w + h * n);
-    score_range<D16>(qh, keys[1], scale, w + h * n + keys[0].count);
+    score_range<D16>(qh, keys[1], scale, w + h * n + n0);
     total[h] = softmax_weights(w + h * n, n);
   }
   int64_t h = 0;  // value rows read once per 4 query heads (2 at head sizes over 64: registers)
@@ -199,53 +199,18 @@ SP_INLINE void attend_group(const T* q, const Range<T> keys[2], const Range<T> v
   for (; h < group; ++h) weigh_heads<D16, 1>(values, w + h * n, n, total + h, out + h * dim);
 }
 
-template <int D16, typename T>
-void attend_tasks(const T* q, const T* pool, T* out, const int64_t* start, const int64_t* len,
-                  const int64_t* prefix_start, const int64_t* prefix_len, int64_t heads, int64_t kv_heads,
-                  int64_t slots, int64_t window, float scale, int64_t begin, int64_t end) {
-  constexpr int64_t dim = 16 * D16;
-  const int64_t group = heads / kv_heads;
-  std::vector<float> work;
-  for (int64_t item = begin; item < end; ++item) {
-    const int64_t r = item / kv_heads, g = item % kv_heads;
-    const int64_t lo = window > 0 ? std::max<int64_t>(0, len[r] - window) : 0;
-    const int64_t prefix = prefix_len[r];
-    // keys [lo, len): those below `prefix` from the shared prefix's rows, the rest from the request's own
-    const int64_t first_own = std::max(lo, prefix);
-    const int64_t in_prefix = std::max<int64_t>(0, prefix - lo);
-    auto ranges = [&](int64_t plane, Range<T> out_ranges[2]) {
-      const T* base = pool + (plane * kv_heads + g) * slots * dim;
-      out_ranges[0] = {base + (prefix_start[r] + std::min(lo, prefix)) * dim, in_prefix};
-      out_ranges[1] = {base + (start[r] + first_own - prefix) * dim, len[r] - first_own};
-    };
-    Range<T> keys[2], values[2];
-    ranges(0, keys);
-    ranges(1, values);
-    const int64_t q_at = (r * heads + g * group) * dim;
-    attend_group<D16>(q + q_at, keys, values, group, scale, out + q_at, work);
-  }
-}
-
 template <typename T>
-bool attend_all(const T* q, const T* pool, T* out, const int64_t* start, const int64_t* len,
-                const int64_t* prefix_start, const int64_t* prefix_len, int64_t requests, int64_t heads,
-                int64_t kv_heads, int64_t slots, int64_t dim, int64_t window, float scale) {
-  void (*tasks)(const T*, const T*, T*, const int64_t*, const int64_t*, const int64_t*, const int64_t*, int64_t,
-                int64_t, int64_t, int64_t, float, int64_t, int64_t) = nullptr;
+softprompt::RowFn<T> row_fn(int64_t dim) {
   switch (dim) {
-    case 32: tasks = attend_tasks<2, T>; break;
-    case 48: tasks = attend_tasks<3, T>; break;
-    case 64: tasks = attend_tasks<4, T>; break;
-    case 80: tasks = attend_tasks<5, T>; break;
-    case 96: tasks = attend_tasks<6, T>; break;
-    case 112: tasks = attend_tasks<7, T>; break;
-    case 128: tasks = attend_tasks<8, T>; break;
-    default: return false;
+    case 32: return attend_row<2, T>;
+    case 48: return attend_row<3, T>;
+    case 64: return attend_row<4, T>;
+    case 80: return attend_row<5, T>;
+    case 96: return attend_row<6, T>;
+    case 112: return attend_row<7, T>;
+    case 128: return attend_row<8, T>;
+    default: return nullptr;
   }
-  softprompt::shared_for(requests * kv_heads, [&](int64_t begin, int64_t end) {
-    tasks(q, pool, out, start, len, prefix_start, prefix_len, heads, kv_heads, slots, window, scale, begin, end);
-  });
-  return true;
 }
 
 }  // namespace
@@ -255,23 +220,14 @@ bool attend_all(const T* q, const T* pool, T* out, const int64_t* start, const i
 
 namespace softprompt {
 
-// decode_attention.cpp's op on AVX-512F, for head sizes that are a multiple of 16 up to 128 (false
-// for others: the caller runs its portable loops). Arguments as that op's, checked there; call only
-// where cpu_has_avx512f().
-bool decode_attention_avx512(const void* q, const void* pool, void* out, bool bf16, const int64_t* start,
-                             const int64_t* len, const int64_t* prefix_start, const int64_t* prefix_len,
-                             int64_t requests, int64_t heads, int64_t kv_heads, int64_t slots, int64_t dim,
-                             int64_t window, float scale) {
+// attention.cpp's per-row function on AVX-512F for head sizes that are a multiple of 16 up to 128;
+// nullptr for others (the portable loops take them). Call it only where cpu_has_avx512f().
 #if defined(__x86_64__)
-  if (bf16)
-    return attend_all(static_cast<const c10::BFloat16*>(q), static_cast<const c10::BFloat16*>(pool),
-                      static_cast<c10::BFloat16*>(out), start, len, prefix_start, prefix_len, requests, heads,
-                      kv_heads, slots, dim, window, scale);
-  return attend_all(static_cast<const float*>(q), static_cast<const float*>(pool), static_cast<float*>(out), start,
-                    len, prefix_start, prefix_len, requests, heads, kv_heads, slots, dim, window, scale);
+RowFn<float> avx512_row_fn(float*, int64_t dim) { return row_fn<float>(dim); }
+RowFn<c10::BFloat16> avx512_row_fn(c10::BFloat16*, int64_t dim) { return row_fn<c10::BFloat16>(dim); }
 #else
-  return false;
+RowFn<float> avx512_row_fn(float*, int64_t) { return nullptr; }
+RowFn<c10::BFloat16> avx512_row_fn(c10::BFloat16*, int64_t) { return nullptr; }
 #endif
-}
 
 }  // namespace softprompt
