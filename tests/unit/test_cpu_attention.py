@@ -76,10 +76,13 @@ def isa(request, cpu_kernels_built):
 @pytest.mark.parametrize("heads, kv_heads", [(8, 4), (8, 8), (8, 1), (12, 4), (16, 2)],
                          ids=["gqa", "mha", "mqa", "group-3", "group-8"])
 @pytest.mark.parametrize("head_dim", [64, 128, 48, 40, 17])
-@pytest.mark.parametrize("window", [None, 16])
-@pytest.mark.parametrize("prefixes", [None, PREFIX_LENS], ids=["own", "prefixed"])
-@pytest.mark.parametrize("q_lens", [[1] * len(DECODE_LENS), MIXED_Q_LENS], ids=["decoding", "mixed"])
-def test_step_matches_sdpa(isa, dtype, heads, kv_heads, head_dim, window, prefixes, q_lens):
+@pytest.mark.parametrize("q_lens, prefixes, window", [
+    ([1] * len(DECODE_LENS), None, None),
+    ([1] * len(DECODE_LENS), PREFIX_LENS, 16),
+    (MIXED_Q_LENS, PREFIX_LENS, None),
+    (MIXED_Q_LENS, None, 16),
+], ids=["decoding", "decoding-prefixed-window", "mixed-prefixed", "mixed-window"])
+def test_step_matches_sdpa(isa, dtype, heads, kv_heads, head_dim, q_lens, prefixes, window):
     step, query = _step(heads, kv_heads, head_dim, dtype, q_lens, DECODE_LENS,
                         prefix_lens=prefixes and [min(p, kv - 1) for p, kv in zip(prefixes, DECODE_LENS)])
     scale = 0.3

@@ -31,7 +31,7 @@ import torch
 from . import kernels as cpu_kernels
 
 DTYPES = (torch.float32, torch.bfloat16)
-ISAS = ("avx512", "avx2", "baseline")  # the kernel's instruction sets, best first
+ISAS = ("avx512-bf16", "avx512", "avx2", "baseline")  # the kernel's instruction sets, best first
 
 
 def supports(query: torch.Tensor, kv: torch.Tensor) -> bool:
@@ -61,6 +61,8 @@ def attend(query: torch.Tensor, kv: torch.Tensor, q_lens: torch.Tensor, starts: 
 def isa(most: str):
     """Holds the kernel to `most` of ISAS or below (tests and benchmarks run each path the CPU has);
     yields the one it takes, the best this CPU has within that. Back to the best on exit."""
+    if not cpu_kernels.available():
+        raise RuntimeError("the CPU kernels are not built: see the warning logged")
     try:
         yield cpu_kernels.ops().attention_isa(most)
     finally:

@@ -30,7 +30,8 @@
 namespace softprompt {
 void shared_for(int64_t tasks, const std::function<void(int64_t, int64_t)>& fn);  // common.cpp
 bool cpu_has_avx2_fma();
-bool cpu_has_avx512f();  // attention_avx512.cpp
+bool cpu_has_avx512();  // attention_avx512.cpp
+bool cpu_has_avx512_bf16();
 
 // One query row's `group` heads (q, out: [group, dim]) against n0 keys from rows k0, v0 then n1 from
 // k1, v1 (rows of dim contiguous); work: scratch of row_scratch(group, dim, n0 + n1) floats.
@@ -39,22 +40,27 @@ inline int64_t row_scratch(int64_t group, int64_t dim, int64_t keys) { return gr
 template <typename T>
 using RowFn = void (*)(const T* q, const T* k0, const T* v0, int64_t n0, const T* k1, const T* v1, int64_t n1,
                        int64_t group, int64_t dim, float scale, T* out, float* work);
-RowFn<float> avx512_row_fn(float*, int64_t dim);
-RowFn<c10::BFloat16> avx512_row_fn(c10::BFloat16*, int64_t dim);
+RowFn<float> avx512_row_fn(float*, int64_t dim, bool pairs);
+RowFn<c10::BFloat16> avx512_row_fn(c10::BFloat16*, int64_t dim, bool pairs);
 }  // namespace softprompt
 
 namespace {
 
 constexpr int64_t kRowsPerTask = 16;  // a long prompt's rows are shared among threads in runs of this many
 
-// The instruction sets the op may use, best first, and the most it may use (`attention_isa`).
-const char* const kIsas[] = {"avx512", "avx2", "baseline"};
+// The instruction sets the op may use, best first, and the most it may use (`attention_isa`): 0
+// avx512-bf16 and 1 avx512 (attention_avx512.cpp; the first for bfloat16 scores in vdpbf16ps), 2 avx2
+// (with FMA), 3 baseline.
+const char* const kIsas[] = {"avx512-bf16", "avx512", "avx2", "baseline"};
+constexpr int kIsaCount = 4;
 std::atomic<int> most_isa{0};
 
-// The best of kIsas this CPU has, within `most_isa`: 0 avx512 (AVX-512F, see attention_avx512.cpp),
-// 1 avx2 (with FMA), 2 baseline.
+// The best of kIsas this CPU has, within `most_isa`.
 int isa() {
-  const int best = softprompt::cpu_has_avx512f() ? 0 : softprompt::cpu_has_avx2_fma() ? 1 : 2;
+  const int best = softprompt::cpu_has_avx512_bf16() ? 0
+                   : softprompt::cpu_has_avx512()    ? 1
+                   : softprompt::cpu_has_avx2_fma()  ? 2
+                                                     : 3;
   return std::max(best, most_isa.load(std::memory_order_relaxed));
 }
 
@@ -200,8 +206,9 @@ void attend_step(const Step<T>& s, int64_t requests, softprompt::RowFn<T> fn) {
 template <typename T>
 softprompt::RowFn<T> row_fn(int64_t dim) {
   const int chosen = isa();
-  softprompt::RowFn<T> fn = chosen == 0 ? softprompt::avx512_row_fn(static_cast<T*>(nullptr), dim) : nullptr;
-  return fn ? fn : chosen <= 1 ? row_avx2<T> : row_baseline<T>;
+  softprompt::RowFn<T> fn = chosen <= 1 ? softprompt::avx512_row_fn(static_cast<T*>(nullptr), dim, chosen == 0)
+                                        : nullptr;
+  return fn ? fn : chosen <= 2 ? row_avx2<T> : row_baseline<T>;
 }
 
 at::Tensor longs(const at::Tensor& t, int64_t n, const char* name) {
@@ -272,8 +279,8 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& kv, const at::Te
 std::string attention_isa(const std::string& most) {
   int at = 0;
   if (most != "auto") {
-    while (at < 3 && most != kIsas[at]) ++at;
-    TORCH_CHECK(at < 3, "attention_isa: auto, avx512, avx2 or baseline, not ", most);
+    while (at < kIsaCount && most != kIsas[at]) ++at;
+    TORCH_CHECK(at < kIsaCount, "attention_isa: auto, avx512-bf16, avx512, avx2 or baseline, not ", most);
   }
   most_isa.store(at, std::memory_order_relaxed);
   return kIsas[isa()];

@@ -1,5 +1,5 @@
-// Attention's per-row code written for AVX-512 (attention.cpp takes it where the CPU has AVX-512F and
-// the head size is a multiple of 16 up to 128; its portable loops take the rest).
+// Attention's per-row code written for AVX-512 (attention.cpp takes it where the CPU has AVX-512 F and
+// BW and the head size is a multiple of 16 up to 128; its portable loops take the rest).
 //
 // Same work as attention.cpp's portable row: one query row, a kv head's `group` query heads, against
 // the keys of its two ranges (shared prefix, own segment). What differs is how the registers are
@@ -7,6 +7,8 @@
 // - scores: 16 keys at a time, each key's products summed in a register of its own, then the 16
 //   registers reduced to 16 scores together (a transpose tree of 45 instructions), where the portable
 //   loop summed each key's 8 lanes one by one;
+// - bfloat16 scores, on CPUs with AVX512-BF16, as dot products of bfloat16 pairs (`vdpbf16ps`, 32
+//   products an instruction, each exact, summed in float32) instead of widening each key first;
 // - the softmax's exponentials 16 at a time (Cody-Waite reduction and a degree-7 polynomial: within
 //   2 ulp of expf), where the portable loop called expf per score;
 // - values: up to 4 query heads' sums of a head size of values kept in registers for the whole
@@ -14,7 +16,7 @@
 // bfloat16 keys and values are widened exactly (a bfloat16 is a float's top half), products summed
 // in float32, outputs rounded to nearest even as c10::BFloat16 does.
 //
-// Everything in this file is compiled for AVX-512F (the pragma below) and is called only after the
+// Everything in this file is compiled for AVX-512 F and BW (the pragma below) and is called only after the
 // CPU check: the same build runs on CPUs without it. For that, the code under the pragma calls no
 // library function or template (an inline one instantiated here could be emitted for AVX-512 and
 // picked by the linker for other callers too): its scratch memory comes from the caller.
@@ -33,16 +35,20 @@ template <typename T>  // attention.cpp's
 using RowFn = void (*)(const T* q, const T* k0, const T* v0, int64_t n0, const T* k1, const T* v1, int64_t n1,
                        int64_t group, int64_t dim, float scale, T* out, float* work);
 
+// What the code below needs: AVX-512 F and BW (every AVX-512 server CPU since Skylake has both); the
+// bfloat16 dot products (`vdpbf16ps`) also AVX512-BF16.
 #if defined(__x86_64__)
-bool cpu_has_avx512f() { return __builtin_cpu_supports("avx512f"); }
+bool cpu_has_avx512() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }
+bool cpu_has_avx512_bf16() { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
 #else
-bool cpu_has_avx512f() { return false; }
+bool cpu_has_avx512() { return false; }
+bool cpu_has_avx512_bf16() { return false; }
 #endif
 }  // namespace softprompt
 
 #if defined(__x86_64__)
 #pragma GCC push_options
-#pragma GCC target("avx512f")
+#pragma GCC target("avx512f,avx512bw")
 
 namespace {
 
@@ -127,6 +133,42 @@ SP_INLINE void score_range(const __m512 q[D16], Range<T> keys, float scale, floa
   }
 }
 
+// acc + the dot products of a's and b's bfloat16 pairs, lane by lane (`vdpbf16ps`: each product exact,
+// summed in float32). In assembly, not the intrinsic: the intrinsic needs this file compiled for
+// AVX512-BF16, which would let the compiler use it in code run on CPUs without it; this runs only
+// where the CPU check found it.
+SP_INLINE __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
+  asm("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+
+// 32 bfloat16 of a row as 16 pairs; `half`: only 16, the rest zeros (a head size an odd multiple of 16).
+SP_INLINE __m512i load_pairs(const c10::BFloat16* p, bool half) {
+  return half ? _mm512_maskz_loadu_epi16(0xFFFF, p) : _mm512_loadu_si512(p);
+}
+
+// score_range for bfloat16 query and keys in vdpbf16ps: q as (D16 + 1) / 2 registers of pairs.
+template <int D16>
+SP_INLINE void score_range_pairs(const __m512i q[(D16 + 1) / 2], Range<c10::BFloat16> keys, float scale,
+                                 float* scores) {
+  constexpr int64_t dim = 16 * D16;
+  const __m512 scaled = _mm512_set1_ps(scale);
+  for (int64_t j = 0; j < keys.count; j += 16) {
+    const int64_t m = keys.count - j < 16 ? keys.count - j : 16;
+    __m512 acc[16];
+    for (int64_t i = 0; i < 16; ++i) {
+      acc[i] = _mm512_setzero_ps();
+      if (i < m) {
+        const c10::BFloat16* key = keys.rows + (j + i) * dim;
+        for (int c = 0; c < (D16 + 1) / 2; ++c)
+          acc[i] = dot_pairs(acc[i], q[c], load_pairs(key + 32 * c, 2 * c + 1 == D16));
+      }
+    }
+    _mm512_mask_storeu_ps(scores + j, static_cast<__mmask16>((1u << m) - 1),
+                          _mm512_mul_ps(sum_each(acc), scaled));
+  }
+}
+
 // Turns scores[0, n) into e^(score - max) in place; returns their sum.
 SP_INLINE float softmax_weights(float* scores, int64_t n) {
   __m512 top = _mm512_set1_ps(-INFINITY);
@@ -176,8 +218,8 @@ SP_INLINE void weigh_heads(const Range<T> values[2], const float* w, int64_t str
   }
 }
 
-// softprompt::RowFn on AVX-512F for a head size of 16 * D16.
-template <int D16, typename T>
+// softprompt::RowFn on AVX-512 for a head size of 16 * D16; Pairs: bfloat16 scores in vdpbf16ps.
+template <int D16, typename T, bool Pairs = false>
 void attend_row(const T* q, const T* k0, const T* v0, int64_t n0, const T* k1, const T* v1, int64_t n1,
                 int64_t group, int64_t, float scale, T* out, float* work) {
   constexpr int64_t dim = 16 * D16;
@@ -186,10 +228,17 @@ void attend_row(const T* q, const T* k0, const T* v0, int64_t n0, const T* k1, c
   float* w = work;  // [group, n]: scores, then weights
   float* total = w + group * n;
   for (int64_t h = 0; h < group; ++h) {
-    __m512 qh[D16];
-    for (int c = 0; c < D16; ++c) qh[c] = load16(q + h * dim + 16 * c);
-    score_range<D16>(qh, keys[0], scale, w + h * n);
-    score_range<D16>(qh, keys[1], scale, w + h * n + n0);
+    if constexpr (Pairs) {
+      __m512i qh[(D16 + 1) / 2];
+      for (int c = 0; c < (D16 + 1) / 2; ++c) qh[c] = load_pairs(q + h * dim + 32 * c, 2 * c + 1 == D16);
+      score_range_pairs<D16>(qh, keys[0], scale, w + h * n);
+      score_range_pairs<D16>(qh, keys[1], scale, w + h * n + n0);
+    } else {
+      __m512 qh[D16];
+      for (int c = 0; c < D16; ++c) qh[c] = load16(q + h * dim + 16 * c);
+      score_range<D16>(qh, keys[0], scale, w + h * n);
+      score_range<D16>(qh, keys[1], scale, w + h * n + n0);
+    }
     total[h] = softmax_weights(w + h * n, n);
   }
   int64_t h = 0;  // value rows read once per 4 query heads (2 at head sizes over 64: registers)
@@ -199,16 +248,16 @@ void attend_row(const T* q, const T* k0, const T* v0, int64_t n0, const T* k1, c
   for (; h < group; ++h) weigh_heads<D16, 1>(values, w + h * n, n, total + h, out + h * dim);
 }
 
-template <typename T>
+template <typename T, bool Pairs = false>
 softprompt::RowFn<T> row_fn(int64_t dim) {
   switch (dim) {
-    case 32: return attend_row<2, T>;
-    case 48: return attend_row<3, T>;
-    case 64: return attend_row<4, T>;
-    case 80: return attend_row<5, T>;
-    case 96: return attend_row<6, T>;
-    case 112: return attend_row<7, T>;
-    case 128: return attend_row<8, T>;
+    case 32: return attend_row<2, T, Pairs>;
+    case 48: return attend_row<3, T, Pairs>;
+    case 64: return attend_row<4, T, Pairs>;
+    case 80: return attend_row<5, T, Pairs>;
+    case 96: return attend_row<6, T, Pairs>;
+    case 112: return attend_row<7, T, Pairs>;
+    case 128: return attend_row<8, T, Pairs>;
     default: return nullptr;
   }
 }
@@ -220,14 +269,17 @@ softprompt::RowFn<T> row_fn(int64_t dim) {
 
 namespace softprompt {
 
-// attention.cpp's per-row function on AVX-512F for head sizes that are a multiple of 16 up to 128;
-// nullptr for others (the portable loops take them). Call it only where cpu_has_avx512f().
+// attention.cpp's per-row function on AVX-512 for head sizes that are a multiple of 16 up to 128;
+// nullptr for others (the portable loops take them). Call it only where cpu_has_avx512(), and with
+// `pairs` (bfloat16 scores in vdpbf16ps) only where cpu_has_avx512_bf16().
 #if defined(__x86_64__)
-RowFn<float> avx512_row_fn(float*, int64_t dim) { return row_fn<float>(dim); }
-RowFn<c10::BFloat16> avx512_row_fn(c10::BFloat16*, int64_t dim) { return row_fn<c10::BFloat16>(dim); }
+RowFn<float> avx512_row_fn(float*, int64_t dim, bool) { return row_fn<float>(dim); }
+RowFn<c10::BFloat16> avx512_row_fn(c10::BFloat16*, int64_t dim, bool pairs) {
+  return pairs ? row_fn<c10::BFloat16, true>(dim) : row_fn<c10::BFloat16>(dim);
+}
 #else
-RowFn<float> avx512_row_fn(float*, int64_t) { return nullptr; }
-RowFn<c10::BFloat16> avx512_row_fn(c10::BFloat16*, int64_t) { return nullptr; }
+RowFn<float> avx512_row_fn(float*, int64_t, bool) { return nullptr; }
+RowFn<c10::BFloat16> avx512_row_fn(c10::BFloat16*, int64_t, bool) { return nullptr; }
 #endif
 
 }  // namespace softprompt
