@@ -7,7 +7,6 @@ the adapter that answered, null for the base model.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hashlib
 import json

@@ -42,7 +42,6 @@ What the project relies on in transformers beyond its documented API, and the te
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch

@@ -16,6 +16,7 @@ from typing import Callable
 from adapters import Adapter, ModelSpec
 
 from . import self_check
+from .cpu import memory as cpu_memory
 from .compiled import CompiledForward, warm_up
 from .detokenizer import IncrementalDetokenizer
 from .fast_path import FastPaths
@@ -38,6 +39,8 @@ class Engine:
         (`self_check.py`), falling back to the plain path if the fast ones disagree with it (SelfCheckFailed
         if the plain one does too); its result is `self.self_check`."""
         self.tokenizer = tokenizer
+        if spec.device.type == "cpu":
+            cpu_memory.keep_freed_memory()  # a step's activations reused, not mapped anew (its docstring)
         reference = self_check.Reference(model, spec) if check else None  # before any fast path is taken
         compiled = CompiledForward(model, spec.device, max_batch_size + max_prefill_tokens) if compile else None
         self.runner = ModelRunner(model, spec, kv_cache_bytes, compiled, paths, max_batch_size)

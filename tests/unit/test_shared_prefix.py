@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
 import torch
 
 from server.engine.kv_cache import GROWTH_SLOTS, KVPool, Ledger, first_capacity, own_most_slots

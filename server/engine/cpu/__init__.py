@@ -6,6 +6,7 @@
   rowwise.py        the rotary embedding and bfloat16 RMS norms in one pass each
   native_decode.py  a decoding step's layers in one C++ call, without the GIL, on either linear backend
   threads.py        the engine's torch threads and the CPUs they are confined to
+  memory.py         glibc's malloc set to keep a step's freed activations for the next
   csrc/             common.cpp (task counter, CPU check), linear.cpp, attention.cpp (+ _avx512), rowwise.cpp,
                     forward.cpp
 
