@@ -15,7 +15,7 @@ Taken for the classes in SUPPORTED whose layers have exactly the modules this co
 other model keeps transformers' forward with our attention registered in it. The start-up
 self-check (`self_check.py`) compares whichever forward the runner uses against transformers' own.
 
-On CPU, a step in which every request decodes runs its layers in one C++ call (`cpu/native_decode.py`,
+On CPU, a step runs its layers in one C++ call (`cpu/native_decode.py`,
 cpu/csrc/forward.cpp): the same operations in the same order, so the same numbers, but without the
 GIL. The server's event loop shares this interpreter; while it wrote a step's tokens, the engine
 thread stalled at its next operation for the GIL, and serving cost the engine as much time as the
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from . import attention, rope
+from .ragged import ranges
 from .cpu import rowwise as cpu_rowwise
 from .cpu.native_decode import NativeDecode
 
@@ -99,7 +100,7 @@ class LeanForward:
         cos, sin = rope.cos_sin(self.inner.rotary_emb, h, position_ids, ragged)  # [1, tokens, head_dim]
         cos, sin = cos[0, :, None], sin[0, :, None]  # [tokens, 1, head_dim]: broadcast over heads
         if self.native is not None and self.native.takes(ragged, h):
-            attention.decoding(ragged)  # its index tensors, built now rather than after on_layers
+            ranges(ragged)  # its index tensors, built now rather than after on_layers
             on_layers()
             h = self.native(h, cos, sin, ragged)
         else:

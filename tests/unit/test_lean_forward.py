@@ -66,8 +66,8 @@ def test_lean_forward_equals_transformers_on_packed_steps(variant):
 @pytest.mark.parametrize("backend", ["avx2", "onednn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_decoding_steps_in_one_call_equal_the_layers_in_python(variant, dtype, backend, cpu_kernels_built):
-    """The decoding steps' layers in one C++ call (`NativeDecode`), taken wherever the linear layers
+def test_steps_in_one_call_equal_the_layers_in_python(variant, dtype, backend, cpu_kernels_built):
+    """Each step's layers, the prefill's and the decoding steps', in one C++ call (`NativeDecode`), taken wherever the linear layers
     run on packed weights (each backend forced here: the AVX2 kernel runs on any CPU with AVX2, oneDNN
     wherever torch has it, in bfloat16 natively or widened to float32), give the logits the Python
     layers give, to the last bit."""
@@ -86,7 +86,7 @@ def test_decoding_steps_in_one_call_equal_the_layers_in_python(variant, dtype, b
     calls = []
     native.lean.native = _Counted(native.lean.native, calls)
     _packed_steps(model, native, python)
-    assert len(calls) == 3  # the three decoding steps; the prefill runs in Python
+    assert len(calls) == 4  # the prefill and the three decoding steps
 
 
 def test_the_one_call_on_onednn_widened_bfloat16_equals_the_layers_in_python(monkeypatch, cpu_kernels_built):
@@ -105,7 +105,7 @@ def test_the_one_call_on_onednn_widened_bfloat16_equals_the_layers_in_python(mon
     calls = []
     native.lean.native = _Counted(native.lean.native, calls)
     _packed_steps(model, native, python)
-    assert len(calls) == 3
+    assert len(calls) == 4
 
 
 class _Counted:

@@ -186,13 +186,17 @@ def test_the_same_faults_on_the_plain_path_stop_nothing(worlds, monkeypatch, cpu
 def broken_attention(monkeypatch):
     """The packed steps' attention, its output scaled: what a changed internal could do. Every forward
     the runner may use (transformers' with our attention registered, and `lean_forward`) attends
-    through `attention.attend`, so the plain path is broken too."""
+    through `attention.attend`, so the plain path is broken too; the native one-call step, whose
+    attention is C++ out of this patch's reach, is kept out."""
+    from server.engine.cpu.native_decode import NativeDecode
+
     original = attention.attend
 
     def broken(*args, **kwargs):
         return original(*args, **kwargs) * 0.5
 
     monkeypatch.setattr(attention, "attend", broken)
+    monkeypatch.setattr(NativeDecode, "takes", lambda self, ragged, h: False)
 
 
 def test_self_check_refuses_a_broken_attention(llama, broken_attention):

@@ -1,5 +1,8 @@
-"""A decoding step's layers in one C++ call (`torch.ops.softprompt.lean_decode`, csrc/forward.cpp):
+"""A step's layers in one C++ call (`torch.ops.softprompt.lean_decode`, csrc/forward.cpp):
 `LeanForward`'s operations in the same order, so the same numbers, without the GIL between them.
+Named for decoding steps, which it was first written for (`--native-decode`); it takes any step whose
+attention runs on the CPU kernel, prefilling rows included (the kernel takes a whole step, each
+query row on its own), so a short prompt's step leaves Python too.
 
 The linear layers run on whichever backend `cpu_linear.install` packed them for: forward.cpp's `linear`
 calls oneDNN's `mkldnn::_linear_pointwise` through the dispatcher for a oneDNN (mkldnn) weight, with
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import attention
+from ..ragged import ranges
 from . import attention as cpu_attention, kernels as cpu_kernels, linear as cpu_linear
 
 if TYPE_CHECKING:
@@ -34,7 +38,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class NativeDecode:
-    """A decoding step's layers in one call of `torch.ops.softprompt.lean_decode`. Taken when every
+    """A step's layers in one call of `torch.ops.softprompt.lean_decode`. Taken when every
     linear layer runs on packed weights (`cpu_linear`: the AVX2 kernel or oneDNN), the MLP's activation
     is SiLU, and decode attention runs on the kernel (`fast_path`)."""
 
@@ -79,17 +83,14 @@ class NativeDecode:
         return native
 
     def takes(self, ragged: attention.RaggedStep, h: torch.Tensor) -> bool:
-        """Whether this step is one for the call: every request decoding, in a dtype the kernels take."""
-        kv = ragged.pool.kv[0]
-        return (all(n == 1 for n in ragged.q_lens) and ragged.tokens == h.shape[0]
-                and cpu_attention.supports(h, kv))
+        """Whether this step is one for the call: unpadded, in a dtype the kernels take."""
+        return ragged.tokens == h.shape[0] and cpu_attention.supports(h, ragged.pool.kv[0])
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  ragged: attention.RaggedStep) -> torch.Tensor:
-        step = attention.decoding(ragged)
         return cpu_kernels.ops().lean_decode(
             h, cos, sin, self.weights, self.out_features, [ragged.pool.kv[i] for i in self.layer_ids], ragged.slots,
-            step.starts, step.kv_lens, step.prefix_starts, step.prefix_lens, self.eps, self.scales, self.windows, self.head_dim)
+            *ranges(ragged), self.eps, self.scales, self.windows, self.head_dim)
 
 
 SILU = {"SiLUActivation", "SiLU"}  # transformers' "silu" and "swish"

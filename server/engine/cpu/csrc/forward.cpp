@@ -1,4 +1,4 @@
-// A decoding step's layers in one call (server/engine/cpu/native_decode.py): the same operations as
+// A step's layers in one call (server/engine/cpu/native_decode.py; decoding and prefilling rows alike): the same operations as
 // the written-out Python forward (ATen's, oneDNN's linear op, our kernels), in the same order, so the
 // same numbers, without returning to Python between them. Why: the server's event loop and the engine share one
 // interpreter, and the engine thread needs the GIL between every two of its operations. While the
@@ -103,13 +103,14 @@ at::Tensor need(const c10::List<std::optional<at::Tensor>>& weights, int64_t i) 
   return *t;
 }
 
-// h: [requests, hidden], every row a decoding request's one new token; cos, sin: [requests, 1, head_dim];
-// kv: one [2, kv_heads, slots, head_dim] per layer; slots: each row's new slot; starts, kv_lens, prefix_starts,
-// prefix_lens: each request's keys, as the attention op takes them (the new key included). Returns h after the
-// last layer (before the final norm).
+// h: [tokens, hidden], each request's q_lens[r] new tokens back to back; cos, sin: [tokens, 1, head_dim];
+// kv: one [2, kv_heads, slots, head_dim] per layer; slots: each row's new slot; q_lens, starts, kv_lens,
+// prefix_starts, prefix_lens: each request's rows and keys, as the attention op takes them (the new keys
+// included). Returns h after the last layer (before the final norm).
 at::Tensor lean_decode(at::Tensor h, const at::Tensor& cos, const at::Tensor& sin,
                        const c10::List<std::optional<at::Tensor>>& weights, std::vector<int64_t> out_features,
-                       std::vector<at::Tensor> kv, const at::Tensor& slots, const at::Tensor& starts,
+                       std::vector<at::Tensor> kv, const at::Tensor& slots, const at::Tensor& q_lens,
+                       const at::Tensor& starts,
                        const at::Tensor& kv_lens, const at::Tensor& prefix_starts, const at::Tensor& prefix_lens,
                        std::vector<double> eps, std::vector<double> scales,
                        std::vector<int64_t> windows, int64_t head_dim) {
@@ -120,7 +121,6 @@ at::Tensor lean_decode(at::Tensor h, const at::Tensor& cos, const at::Tensor& si
               "per-layer arguments for ", layers, " layers expected");
   const int64_t tokens = h.size(0);
   c10::InferenceMode inference;
-  const at::Tensor q_lens = at::ones({tokens}, starts.options());  // one query row per request
   for (int64_t l = 0; l < layers; ++l) {
     const int64_t w = l * kSlots, o = l * kOuts;
     auto proj = [&](const at::Tensor& in, int64_t slot, int64_t out) {  // a weight's bias is the slot after it
@@ -148,7 +148,7 @@ at::Tensor lean_decode(at::Tensor h, const at::Tensor& cos, const at::Tensor& si
 TORCH_LIBRARY_FRAGMENT(softprompt, m) {
   m.def(
       "lean_decode(Tensor h, Tensor cos, Tensor sin, Tensor?[] weights, int[] out_features, Tensor[] kv, "
-      "Tensor slots, Tensor starts, Tensor kv_lens, Tensor prefix_starts, Tensor prefix_lens, float[] eps, float[] scales, int[] windows, int head_dim) "
+      "Tensor slots, Tensor q_lens, Tensor starts, Tensor kv_lens, Tensor prefix_starts, Tensor prefix_lens, float[] eps, float[] scales, int[] windows, int head_dim) "
       "-> Tensor");
 }
 
