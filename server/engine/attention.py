@@ -86,8 +86,11 @@ def attend(ragged: RaggedStep, layer: int, q, k, v, scaling, window) -> torch.Te
     if padded != tokens:  # a step padded to a CUDA graph's size: the padding attends nothing, reads zeros
         q, k, v = q[:tokens], k[:tokens], v[:tokens]
     kv = ragged.pool.kv[layer]  # [2, kv_heads, slots, head_dim]
-    kv[0].index_copy_(1, ragged.slots, k.transpose(0, 1))
-    kv[1].index_copy_(1, ragged.slots, v.transpose(0, 1))
+    if ragged.kernels and cpu_attention.supports(q, kv) and k.stride(-1) == v.stride(-1) == 1:
+        cpu_attention.write(kv, ragged.slots, k, v)
+    else:
+        kv[0].index_copy_(1, ragged.slots, k.transpose(0, 1))
+        kv[1].index_copy_(1, ragged.slots, v.transpose(0, 1))
     q = q.contiguous()
     out = None
     if ragged.kernels and flash_varlen.usable(q, kv.shape[1], window):

@@ -33,7 +33,7 @@ from torch import nn
 from . import attention, rope
 from .ragged import ranges
 from .cpu import rowwise as cpu_rowwise
-from .cpu.native_decode import NativeDecode
+from .cpu.native_decode import SILU, NativeDecode
 
 # the classes written out, each with where its attention finds its sliding window (as its own forward does)
 SUPPORTED = {
@@ -64,6 +64,8 @@ class LeanForward:
             self.norm, self.rotate = cpu_rowwise.rms_norm, cpu_rowwise.rotary
         else:
             self.norm, self.rotate = _norm, _rotate
+        self.mlps = [cpu_rowwise.mlp if self.rotate is cpu_rowwise.rotary and type(layer.mlp.act_fn).__name__ in SILU
+                     else _module for layer in self.layers]
 
     def find_native(self, mode: str = "auto", attention_kernel: bool = True) -> None:
         """Take the one-call decoding step (`mode` on, or auto) if the layers now allow it (after
@@ -105,7 +107,7 @@ class LeanForward:
             h = self.native(h, cos, sin, ragged)
         else:
             on_layers()
-            for layer, window in zip(self.layers, self.windows):
+            for layer, window, mlp in zip(self.layers, self.windows, self.mlps):
                 attn = layer.self_attn
                 x = self.norm(layer.input_layernorm, h)
                 q = attn.q_proj(x).view(tokens, -1, head_dim)
@@ -115,13 +117,17 @@ class LeanForward:
                 k = self.rotate(k, cos, sin)
                 o = attention.attend(ragged, attn.layer_idx, q, k, v, attn.scaling, window)
                 h = h + attn.o_proj(o.reshape(tokens, -1))
-                h = h + layer.mlp(self.norm(layer.post_attention_layernorm, h))
+                h = h + mlp(layer.mlp, self.norm(layer.post_attention_layernorm, h))
         logits = self.model.lm_head(self.norm(self.inner.norm, h[logits_to_keep]))
         return LeanOutput(logits[None])
 
 
 def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm(x)
+
+
+def _module(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module(x)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -265,3 +265,23 @@ def test_a_shared_prefix_reads_as_a_copied_one(cpu_kernels_built, monkeypatch, d
                                                   scale=0.125, enable_gqa=True).transpose(0, 1)
         tol = TOLERANCE[dtype]
         torch.testing.assert_close(shared[first:first + q.shape[0]].float(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tokens", [1, 7, 700])
+def test_kv_writes_equal_index_copy(cpu_kernels_built, dtype, tokens):
+    """The step's new keys and values written in one pass, as two index_copy_ calls wrote them: from
+    contiguous rows and from the strided views transformers' attention interface hands over."""
+    kv_heads, dim, slots = 4, 24, 2048
+    pool = torch.randn(2, kv_heads, slots, dim).to(dtype)
+    where = torch.randperm(slots)[:tokens]
+    k = torch.randn(tokens, kv_heads, dim).to(dtype)
+    v = torch.randn(1, kv_heads, tokens, dim).to(dtype)[0].transpose(0, 1)  # [tokens, kv_heads, dim], strided
+    expected = pool.clone()
+    expected[0].index_copy_(1, where, k.transpose(0, 1))
+    expected[1].index_copy_(1, where, v.transpose(0, 1))
+    cpu_attention.write(pool, where, k, v)
+    assert torch.equal(pool, expected)
+    with pytest.raises(RuntimeError, match=f"slot {slots} is not in the pool"):
+        cpu_attention.write(pool, torch.full((tokens,), slots), k, v)
+    assert torch.equal(pool, expected)  # a refused write changed nothing

@@ -41,3 +41,27 @@ def test_float32_rms_norm_is_the_modules_own(cpu_kernels_built):
     norm = LlamaRMSNorm(64, eps=1e-6)
     x = torch.randn(5, 64)
     assert torch.equal(rowwise.rms_norm(norm, x), norm(x))
+
+
+@pytest.mark.parametrize("rows, width", [(1, 1360), (64, 1360), (7, 37)])  # 37: a masked tail of 5
+def test_silu_mul_is_atens_within_a_last_bit(rows, width, cpu_kernels_built):
+    """bfloat16: ATen's silu then multiply, each rounded as ATen rounds; its own exponential may move a
+    product across a rounding edge (its last bfloat16 bit), rarely. float32: ATen's own, bit for bit."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    gate = torch.randn(rows, width) * 6
+    gate[0, :4] = torch.tensor([-120.0, 95.0, 0.0, -0.0])  # e^-x past float's range both ways, and zeros
+    up = torch.randn(rows, width)
+    ops = torch.ops.softprompt
+    assert torch.equal(ops.silu_mul(gate, up), torch.nn.functional.silu(gate) * up)
+    g, u = gate.bfloat16(), up.bfloat16()
+    ours, aten = ops.silu_mul(g, u), torch.nn.functional.silu(g) * u
+    differ = ours != aten
+    assert differ.float().mean() < 1e-3
+    torch.testing.assert_close(ours, aten, atol=0, rtol=2 ** -7)  # at most a bfloat16 last bit
+    config = type("C", (), {"hidden_size": width, "intermediate_size": 16, "hidden_act": "silu",
+                            "mlp_bias": False})()
+    mlp = LlamaMLP(config).bfloat16()
+    x = torch.randn(rows, width).bfloat16()
+    torch.testing.assert_close(rowwise.mlp(mlp, x), mlp(x), atol=2e-2, rtol=2e-2)

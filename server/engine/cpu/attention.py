@@ -57,6 +57,12 @@ def attend(query: torch.Tensor, kv: torch.Tensor, q_lens: torch.Tensor, starts: 
                                        window or 0)
 
 
+def write(kv: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """A step's new keys and values into a layer of the pool: kv [2, kv_heads, slots, head_dim]; k, v
+    [tokens, kv_heads, head_dim]; slots [tokens] int64. Only where `supports` says so."""
+    cpu_kernels.ops().write_kv(kv, slots, k, v)
+
+
 @contextlib.contextmanager
 def isa(most: str):
     """Holds the kernel to `most` of ISAS or below (tests and benchmarks run each path the CPU has);

@@ -28,7 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("common.cpp", "attention.cpp", "attention_avx512.cpp", "linear.cpp",
+           for name in ("common.cpp", "attention.cpp", "avx512.cpp", "linear.cpp",
                         "rowwise.cpp", "forward.cpp")]
 # Plain -O3, no -march: the cache may be shared by machines with different CPUs (a mounted home, a
 # baked image), where a foreign instruction kills the process instead of falling back. Code that needs

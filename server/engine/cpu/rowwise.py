@@ -1,5 +1,5 @@
-"""A layer's row-wise work on CPU in one C++ pass each (csrc/rowwise.cpp): the rotary embedding, and
-the RMS norm of bfloat16 rows.
+"""A layer's row-wise work on CPU in one C++ pass each (csrc/rowwise.cpp): the rotary embedding, the
+RMS norm of bfloat16 rows, and the MLP's silu(gate) * up of bfloat16 rows on AVX-512.
 
 Written out with ATen operations, transformers' rotary embedding is six of them (two slices, a negation,
 a concatenation, two multiplies and an add) and its bfloat16 RMS norm eight (two casts, pow, mean, add,
@@ -7,6 +7,9 @@ rsqrt, two multiplies): a decoding step's rows are small ([64, 512] on the bench
 its call, 10-30 us, and a step runs 32 of these chains. One pass each:
 - `rotary` rounds where ATen's operations round (each product, then their sum), so its results are
   ATen's to the last bit, float32 and bfloat16 alike;
+- `mlp`'s activation rounds where ATen's silu and multiply round, with an exponential of its own
+  within 2 ulp of ATen's (float32 rows, and CPUs without AVX-512, take ATen's two operations). On a
+  4,096-token bfloat16 prefill step of the bench model, ATen's silu and multiply were 30 ms of 217;
 - `rms_norm` takes bfloat16 rows (float32 rows keep the module's own operations, which transformers'
   float32 results are equal to, to the last bit): the row's mean square in float32, summed in a fixed
   order of its own, then transformers' roundings. A row's result depends on that row alone.
@@ -35,6 +38,12 @@ def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.bfloat16 and norm.weight.dtype == torch.bfloat16:
         return cpu_kernels.ops().rms_norm_bf16(x, norm.weight, norm.variance_epsilon)
     return norm(x)
+
+
+def mlp(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` for a Llama/Qwen2/Mistral MLP with SiLU: down(silu(gate(x)) * up(x)), the activation
+    and product of bfloat16 rows in one pass on AVX-512 (csrc/avx512.cpp), else ATen's two operations."""
+    return module.down_proj(cpu_kernels.ops().silu_mul(module.gate_proj(x), module.up_proj(x)))
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@
 namespace softprompt {  // rowwise.cpp
 at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up);
 }  // namespace softprompt
 
 namespace {
@@ -44,6 +45,13 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t)>();
   return op.call(q, kv, q_lens, starts, kv_lens, prefix_starts, prefix_lens, scale, window);
+}
+
+void write_kv(at::Tensor& kv, const at::Tensor& slots, const at::Tensor& k, const at::Tensor& v) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("softprompt::write_kv", "")
+                       .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  op.call(kv, slots, k, v);
 }
 
 // torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], ""): a oneDNN-packed weight's layer.
@@ -132,13 +140,12 @@ at::Tensor lean_decode(at::Tensor h, const at::Tensor& cos, const at::Tensor& si
     const at::Tensor v = proj(x, kV, kVOut).view({tokens, -1, head_dim});
     q = rotate(q, cos, sin);
     k = rotate(k, cos, sin);
-    kv[l][0].index_copy_(1, slots, k.transpose(0, 1));
-    kv[l][1].index_copy_(1, slots, v.transpose(0, 1));
+    write_kv(kv[l], slots, k, v);
     const at::Tensor attended = attention(q.contiguous(), kv[l], q_lens, starts, kv_lens, prefix_starts, prefix_lens,
                                           scales[l], windows[l]);
     h = h + proj(attended.reshape({tokens, -1}), kO, kOOut);
     x = rms_norm(h, need(weights, w + kPostNorm), eps[2 * l + 1]);
-    h = h + proj(at::silu(proj(x, kGate, kGateOut)) * proj(x, kUp, kUpOut), kDown, kDownOut);
+    h = h + proj(softprompt::silu_mul(proj(x, kGate, kGateOut), proj(x, kUp, kUpOut)), kDown, kDownOut);
   }
   return h;
 }

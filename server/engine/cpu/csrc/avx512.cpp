@@ -1,7 +1,9 @@
-// Attention's per-row code written for AVX-512 (attention.cpp takes it where the CPU has AVX-512 F and
-// BW and the head size is a multiple of 16 up to 128; its portable loops take the rest).
+// What is written for AVX-512 (one file, as the code under its pragma must be: see below):
+// - attention's per-row code (attention.cpp takes it where the CPU has AVX-512 F and BW and the head
+//   size is a multiple of 16 up to 128; its portable loops take the rest);
+// - the MLP's activation, silu(gate) * up, for bfloat16 rows (rowwise.cpp's `silu_mul`).
 //
-// Same work as attention.cpp's portable row: one query row, a kv head's `group` query heads, against
+// Attention: the same work as attention.cpp's portable row: one query row, a kv head's `group` query heads, against
 // the keys of its two ranges (shared prefix, own segment). What differs is how the registers are
 // used, which the compiler did not find on its own:
 // - scores: 16 keys at a time, each key's products summed in a register of its own, then the 16
@@ -61,14 +63,22 @@ SP_INLINE __m512 load16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
-SP_INLINE void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
-SP_INLINE void store16(c10::BFloat16* p, __m512 x) {  // round to nearest even, NaN kept quiet
+// x's bfloat16 bits, rounded to nearest even as c10::BFloat16's constructor (a NaN its quiet NaN), in
+// each lane's low half.
+SP_INLINE __m512i bf16_bits(__m512 x) {
   const __m512i bits = _mm512_castps_si512(x);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))),
+                                            16);
+  return _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+}
+
+// x rounded to bfloat16 and widened back.
+SP_INLINE __m512 round_bf16(__m512 x) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(x), 16)); }
+
+SP_INLINE void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+SP_INLINE void store16(c10::BFloat16* p, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits(x)));
 }
 
 // s[i] = the sum of a[i]'s 16 lanes, for 16 registers at once.
@@ -248,6 +258,29 @@ void attend_row(const T* q, const T* k0, const T* v0, int64_t n0, const T* k1, c
   for (; h < group; ++h) weigh_heads<D16, 1>(values, w + h * n, n, total + h, out + h * dim);
 }
 
+// out[i] = bf16(bf16(silu(gate[i])) * up[i]) for i in [begin, end): ATen's silu then multiply, each
+// rounded to bfloat16 as theirs are; silu(x) = x / (1 + e^-x) in float32, e^-x from exp16 (within
+// 2 ulp of ATen's, so a product can differ from ATen's in its last bfloat16 bit, rarely).
+void silu_mul_bf16(const c10::BFloat16* gate, const c10::BFloat16* up, c10::BFloat16* out, int64_t begin,
+                   int64_t end) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  auto silu_times = [&](__m512 g, __m512 u) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    return _mm512_mul_ps(round_bf16(_mm512_div_ps(g, _mm512_add_ps(one, e))), u);
+  };
+  int64_t i = begin;
+  for (; i + 16 <= end; i += 16) store16(out + i, silu_times(load16(gate + i), load16(up + i)));
+  if (i < end) {  // the last 1-15: masked loads and store
+    const __mmask32 tail = (1u << (end - i)) - 1;
+    auto load = [&](const c10::BFloat16* p) {
+      const __m256i bits = _mm512_castsi512_si256(_mm512_maskz_loadu_epi16(tail, p));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+    };
+    const __m256i bits = _mm512_cvtepi32_epi16(bf16_bits(silu_times(load(gate + i), load(up + i))));
+    _mm512_mask_storeu_epi16(out + i, tail, _mm512_castsi256_si512(bits));
+  }
+}
+
 template <typename T, bool Pairs = false>
 softprompt::RowFn<T> row_fn(int64_t dim) {
   switch (dim) {
@@ -273,11 +306,16 @@ namespace softprompt {
 // nullptr for others (the portable loops take them). Call it only where cpu_has_avx512(), and with
 // `pairs` (bfloat16 scores in vdpbf16ps) only where cpu_has_avx512_bf16().
 #if defined(__x86_64__)
+void avx512_silu_mul(const c10::BFloat16* gate, const c10::BFloat16* up, c10::BFloat16* out, int64_t begin,
+                     int64_t end) {
+  silu_mul_bf16(gate, up, out, begin, end);
+}
 RowFn<float> avx512_row_fn(float*, int64_t dim, bool) { return row_fn<float>(dim); }
 RowFn<c10::BFloat16> avx512_row_fn(c10::BFloat16*, int64_t dim, bool pairs) {
   return pairs ? row_fn<c10::BFloat16, true>(dim) : row_fn<c10::BFloat16>(dim);
 }
 #else
+void avx512_silu_mul(const c10::BFloat16*, const c10::BFloat16*, c10::BFloat16*, int64_t, int64_t) {}
 RowFn<float> avx512_row_fn(float*, int64_t, bool) { return nullptr; }
 RowFn<c10::BFloat16> avx512_row_fn(c10::BFloat16*, int64_t, bool) { return nullptr; }
 #endif
