@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not cpu_kernels.available():
-        raise SystemExit("the CPU decode attention kernel did not build: see the warning above")
+        raise SystemExit("the CPU attention kernel did not build: see the warning above")
 
     scale = HEAD_DIM ** -0.5
     isas = [isa for isa in cpu_attention.ISAS if _takes(isa)]

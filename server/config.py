@@ -31,7 +31,7 @@ class Config:
     revision: str | None = None  # hub revision of --model
     max_batch_size: int = 64  # requests decoded together at most
     max_waiting: int = 256  # queued requests before new ones are refused (503)
-    max_prefill_tokens: int = 512  # prompt tokens computed in one engine step (longer prompts: in chunks)
+    max_prefill_tokens: int = 2048  # prompt tokens computed in one engine step (longer prompts: in chunks)
     cpu_threads: str = "auto"  # auto | N | a CPU list ("8-15"): the engine's torch threads on CPU
     compile: str = "off"  # on | off: the packed forward under torch.compile (measured slower so far; --no-compile)
     fast_path: str = "on"  # on | off: off serves through transformers' forward, plain linears and SDPA attention
@@ -86,7 +86,8 @@ _HELP = {
     "max_batch_size": "most requests decoded together",
     "max_waiting": "most queued requests; more are refused with 503 and Retry-After",
     "max_prefill_tokens": "prompt tokens computed in one engine step; longer prompts are prefilled in chunks "
-                          "of this size alongside the running requests' decoding",
+                          "of this size alongside the running requests' decoding (larger: prompts computed "
+                          "faster, running streams paused longer while a chunk computes)",
     "cpu_threads": "the engine's torch threads on CPU: auto (torch's default, but no more than the CPUs the process "
                    "may use nor its cgroup's CPU quota), a count N, or a list of CPUs to confine them to, one "
                    "thread each, like 8-15, 0,2,4,6 or 3-3",

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 class Engine:
     def __init__(self, model, tokenizer, spec: ModelSpec, max_batch_size: int = 64, max_waiting: int = 256,
-                 max_prefill_tokens: int = 512, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, compile: bool = False,
+                 max_prefill_tokens: int = 2048, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, compile: bool = False,
                  paths: FastPaths = FastPaths(), check: bool = False):
         """kv_cache_bytes: the KV pool, allocated once; requests are admitted and preempted to fit it.
         compile: run the packed forward compiled (`compiled.py`), compiling it now. paths: the fast paths

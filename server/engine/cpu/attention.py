@@ -9,7 +9,7 @@ the same whatever its step holds or however its prompt was chunked (batch-invari
 well; SDPA's bfloat16 rounding changed with the chunk's length). The kernel (csrc/attention.cpp)
 shares (request, kv head, run of rows) tasks among torch's threads (csrc/common.cpp) and takes a kv
 head's query heads together, so each key and value row is read once per query row. Its per-row code
-is written for AVX-512F (csrc/attention_avx512.cpp: head sizes multiple of 16 up to 128) and as
+is written for AVX-512F (csrc/avx512.cpp: head sizes multiple of 16 up to 128) and as
 plain loops built for AVX2 with FMA and for baseline x86-64, picked by the CPU at run time (`isa`
 holds it to one, for tests and benchmarks).
 

@@ -1,6 +1,7 @@
 """The engine's C++ kernels for CPU (`csrc/`), built into one extension on first use.
 
-`attention.cpp`, `attention_avx512.cpp`: every request's attention over its pool segments (`cpu_attention`);
+`attention.cpp`: every request's attention over its pool segments, and its new keys' writes (`cpu_attention`);
+`avx512.cpp`: the code written for AVX-512 (attention's rows, the bfloat16 MLP activation);
 `linear.cpp`: linear layers on weights packed for AVX2 (`cpu_linear`); `rowwise.cpp`: the rotary
 embedding and bfloat16 RMS norms in one pass each (`cpu_rowwise`); `forward.cpp`: a decoding step's
 layers in one call, calling the others and oneDNN's linear op (`native_decode`). They register torch ops under

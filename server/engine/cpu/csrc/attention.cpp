@@ -12,7 +12,7 @@
 // The work is shared as (request, kv head, up to kRowsPerTask rows) tasks among torch's threads
 // (common.cpp); a task takes a kv head's query heads together, so each key and value row is read
 // once per query row. The per-row code exists twice: the portable loops below (built for baseline
-// x86-64 and for AVX2 with FMA) and attention_avx512.cpp's, picked by the CPU at run time.
+// x86-64 and for AVX2 with FMA) and avx512.cpp's, picked by the CPU at run time.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -31,7 +31,7 @@
 namespace softprompt {
 void shared_for(int64_t tasks, const std::function<void(int64_t, int64_t)>& fn);  // common.cpp
 bool cpu_has_avx2_fma();
-bool cpu_has_avx512();  // attention_avx512.cpp
+bool cpu_has_avx512();  // avx512.cpp
 bool cpu_has_avx512_bf16();
 
 // One query row's `group` heads (q, out: [group, dim]) against n0 keys from rows k0, v0 then n1 from
@@ -50,7 +50,7 @@ namespace {
 constexpr int64_t kRowsPerTask = 16;  // a long prompt's rows are shared among threads in runs of this many
 
 // The instruction sets the op may use, best first, and the most it may use (`attention_isa`): 0
-// avx512-bf16 and 1 avx512 (attention_avx512.cpp; the first for bfloat16 scores in vdpbf16ps), 2 avx2
+// avx512-bf16 and 1 avx512 (avx512.cpp; the first for bfloat16 scores in vdpbf16ps), 2 avx2
 // (with FMA), 3 baseline.
 const char* const kIsas[] = {"avx512-bf16", "avx512", "avx2", "baseline"};
 constexpr int kIsaCount = 4;
