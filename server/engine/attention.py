@@ -13,8 +13,9 @@ segment (prompt + generated). Each request attends over exactly those keys, so n
 goes to padding. On CPU the whole step, decoding and prefilling requests alike, goes to one call of
 a C++ kernel (`cpu_attention`, float32 and bfloat16, when it builds; it reads both ranges in place,
 each query row on its own, so a prompt's outputs do not depend on its chunking or its step's other
-requests); without the kernel every request takes one SDPA call over its prefix and own keys,
-concatenated. On accelerators the decoding requests take one SDPA call over a padded window, and each
+requests); on CPUs without AVX-512, where its portable loops are slower than SDPA on prompt rows,
+the kernel takes the decoding requests and each prefilling request one SDPA call over its prefix and
+own keys, concatenated, as every request does without the kernel. On accelerators the decoding requests take one SDPA call over a padded window, and each
 prefilling request one SDPA call. On CUDA with half precision the whole step is variable-length flash attention
 (`flash_varlen.py`: own segments and prefixes in two calls, merged by their log-sum-exps), used once
 a self-check on first use shows it matches the per-request path.
@@ -108,31 +109,41 @@ def attend(ragged: RaggedStep, layer: int, q, k, v, scaling, window) -> torch.Te
 
 def _per_request(ragged: RaggedStep, q, kv, scaling, window) -> torch.Tensor:
     """[tokens, heads, head_dim]: each request's queries (q [tokens, heads, head_dim], contiguous) against
-    its prefix and own segment, in packing order. On CPU the whole step is one call of the `cpu_attention`
-    kernel when it handles the tensors; on an accelerator the decoding requests take one padded SDPA
-    call and prefilling requests one SDPA call each; else every request one SDPA call."""
+    its prefix and own segment, in packing order. On CPU the `cpu_attention` kernel takes the whole step
+    in one call where its prefill rows pay (its AVX-512 code), else its decoding rows, the prefilling
+    requests then one SDPA call each; on an accelerator the decoding requests take one padded SDPA
+    call and prefilling requests one SDPA call each; without either kernel every request one SDPA call."""
     if q.device.type == "cpu":
-        if ragged.kernels and cpu_attention.supports(q, kv):
+        if not ragged.kernels or not cpu_attention.supports(q, kv):
+            return torch.cat(_sdpa_each(ragged, q, kv, scaling, window, range(len(ragged.q_lens))))
+        if cpu_attention.prefill_pays() or all(n == 1 for n in ragged.q_lens):
             return cpu_attention.attend(q, kv, *ranges(ragged), scaling, window)
-        return torch.cat(_sdpa_each(ragged, q, kv, scaling, window, range(len(ragged.q_lens))))
+        return _decode_and_sdpa(ragged, q, kv, scaling, window, _cpu_decode)
     # cuDNN's attention builds a plan for every new shape (seconds, per prompt length): not for ragged steps
     with sdpa_kernel(_ACCELERATOR_SDPA):
-        return _padded_and_sdpa(ragged, q, kv, scaling, window)
+        return _decode_and_sdpa(ragged, q, kv, scaling, window, _padded_decode)
 
 
 _ACCELERATOR_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def _padded_and_sdpa(ragged: RaggedStep, q, kv, scaling, window) -> torch.Tensor:
+def _decode_and_sdpa(ragged: RaggedStep, q, kv, scaling, window, decode) -> torch.Tensor:
+    """The decoding requests in one `decode` call (`_padded_decode`'s arguments), each prefilling one in an SDPA call."""
     step = decoding(ragged)
     args = step.starts, step.kv_lens, step.prefix_starts, step.prefix_lens, scaling, window
     if not step.prefills:
-        return _padded_decode(step.max_kv, q, kv, *args)
+        return decode(step.max_kv, q, kv, *args)
     out = torch.empty_like(q)
     if len(step.decode_rows):
-        out.index_copy_(0, step.decode_rows, _padded_decode(step.max_kv, q[step.decode_rows], kv, *args))
+        out.index_copy_(0, step.decode_rows, decode(step.max_kv, q[step.decode_rows], kv, *args))
     out.index_copy_(0, step.prefill_rows, torch.cat(_sdpa_each(ragged, q, kv, scaling, window, step.prefills)))
     return out
+
+
+def _cpu_decode(max_kv: int, q, kv, starts, kv_lens, prefix_starts, prefix_lens, scaling, window) -> torch.Tensor:
+    """`_padded_decode` on the CPU kernel: one row per request."""
+    return cpu_attention.attend(q, kv, torch.ones_like(starts), starts, kv_lens, prefix_starts, prefix_lens, scaling,
+                                window)
 
 
 PADDED_DECODE_ELEMENTS = 1 << 26  # keys gathered per call at most (x2 for values): bounds the transient copy

@@ -34,6 +34,24 @@ DTYPES = (torch.float32, torch.bfloat16)
 ISAS = ("avx512-bf16", "avx512", "avx2", "baseline")  # the kernel's instruction sets, best first
 
 
+_taken: str | None = None  # the instruction set the kernel now takes, once asked
+
+
+def taken() -> str:
+    """The one of ISAS the kernel takes now (the best the CPU has, unless `isa` holds it lower)."""
+    global _taken
+    if _taken is None:
+        _taken = cpu_kernels.ops().attention_isa("auto")
+    return _taken
+
+
+def prefill_pays() -> bool:
+    """Whether the kernel's prompt rows beat one SDPA call per prefilling request: its AVX-512 code
+    (3.3-3.7 ms a layer against 10.4-12.6 at `bench.attention_micro --prefill --prefix 16`); its portable
+    loops are slower (12-17 ms), so without AVX-512 it takes the decoding rows only. Only after `supports`."""
+    return taken().startswith("avx512")
+
+
 def supports(query: torch.Tensor, kv: torch.Tensor) -> bool:
     """Whether `attend` takes these tensors: on CPU, in one dtype it handles, with the kernel loaded."""
     return query.device.type == "cpu" and query.dtype in DTYPES and kv.dtype == query.dtype and cpu_kernels.available()
@@ -67,9 +85,11 @@ def write(kv: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 def isa(most: str):
     """Holds the kernel to `most` of ISAS or below (tests and benchmarks run each path the CPU has);
     yields the one it takes, the best this CPU has within that. Back to the best on exit."""
+    global _taken
     if not cpu_kernels.available():
         raise RuntimeError("the CPU kernels are not built: see the warning logged")
     try:
-        yield cpu_kernels.ops().attention_isa(most)
+        _taken = cpu_kernels.ops().attention_isa(most)
+        yield _taken
     finally:
-        cpu_kernels.ops().attention_isa("auto")
+        _taken = cpu_kernels.ops().attention_isa("auto")

@@ -1,8 +1,8 @@
 """A step's layers in one C++ call (`torch.ops.softprompt.lean_decode`, csrc/forward.cpp):
 `LeanForward`'s operations in the same order, so the same numbers, without the GIL between them.
-Named for decoding steps, which it was first written for (`--native-decode`); it takes any step whose
-attention runs on the CPU kernel, prefilling rows included (the kernel takes a whole step, each
-query row on its own), so a short prompt's step leaves Python too.
+Named for decoding steps, which it was first written for (`--native-decode`); where the attention
+kernel's prompt rows pay (its AVX-512 code) it takes prefilling steps too, so a short prompt's step
+leaves Python as well.
 
 The linear layers run on whichever backend `cpu_linear.install` packed them for: forward.cpp's `linear`
 calls oneDNN's `mkldnn::_linear_pointwise` through the dispatcher for a oneDNN (mkldnn) weight, with
@@ -83,8 +83,10 @@ class NativeDecode:
         return native
 
     def takes(self, ragged: attention.RaggedStep, h: torch.Tensor) -> bool:
-        """Whether this step is one for the call: unpadded, in a dtype the kernels take."""
-        return ragged.tokens == h.shape[0] and cpu_attention.supports(h, ragged.pool.kv[0])
+        """Whether this step is one for the call: unpadded, in a dtype the kernels take, every request
+        decoding unless the attention kernel's prompt rows pay (`cpu_attention.prefill_pays`)."""
+        return (ragged.tokens == h.shape[0] and cpu_attention.supports(h, ragged.pool.kv[0])
+                and (cpu_attention.prefill_pays() or all(n == 1 for n in ragged.q_lens)))
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  ragged: attention.RaggedStep) -> torch.Tensor:
