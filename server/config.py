@@ -100,10 +100,12 @@ _HELP = {
     "cpu_linear": "the CPU linear layers: auto (our AVX2 kernel where AVX2 is the CPU's best vector unit, else oneDNN), "
                   "avx2 (our kernel, on any CPU with AVX2 and FMA), onednn (oneDNN's packed weights), torch (plain "
                   "F.linear); a backend that cannot run here stops the start",
-    "native_decode": "a CPU decoding step's layers in one C++ call without the GIL: auto (where the linears run on packed "
-                     "weights, the AVX2 kernel's or oneDNN's, and attention on the kernel), on (or stop the start), off",
-    "attention_kernel": "decoding requests' attention in one call: auto and kernel (our C++ kernel on CPU, variable-"
-                        "length flash attention on CUDA), sdpa (one SDPA call per request)",
+    "native_decode": "a CPU step's layers in one C++ call without the GIL (decoding steps; prefilling ones too on "
+                     "AVX-512 CPUs): auto (where the linears run on packed weights, the AVX2 kernel's or oneDNN's, "
+                     "and attention on the kernel), on (or stop the start), off",
+    "attention_kernel": "a step's attention in one call: auto and kernel (our C++ kernel on CPU, every request's rows "
+                        "on AVX-512 CPUs, decoding requests' elsewhere; variable-length flash attention on CUDA), "
+                        "sdpa (one SDPA call per request)",
     "cuda_graphs": "on a GPU, decoding steps replayed from CUDA graphs recorded at start-up, one per batch size "
                    "(1, 2, 4, then every 8 up to --max-batch-size): auto (where the written-out forward and flash "
                    "attention run), on (or stop the start), off",

@@ -9,14 +9,17 @@ the same whatever its step holds or however its prompt was chunked (batch-invari
 well; SDPA's bfloat16 rounding changed with the chunk's length). The kernel (csrc/attention.cpp)
 shares (request, kv head, run of rows) tasks among torch's threads (csrc/common.cpp) and takes a kv
 head's query heads together, so each key and value row is read once per query row. Its per-row code
-is written for AVX-512F (csrc/avx512.cpp: head sizes multiple of 16 up to 128) and as
+is written for AVX-512 (csrc/avx512.cpp: head sizes multiple of 16 up to 128; bfloat16 scores in
+`vdpbf16ps` where the CPU has AVX512-BF16) and as
 plain loops built for AVX2 with FMA and for baseline x86-64, picked by the CPU at run time (`isa`
 holds it to one, for tests and benchmarks).
 
 Measured with `python -m bench.attention_micro` (one layer, 8 heads, 4 KV heads, head_dim 64, 2
 threads of an AVX-512 Xeon, median of 400 calls): 64 decoding requests with 40-200 keys, float32
 0.36 ms (0.55 ms on AVX2 loops, 1.47 ms with one SDPA call per request), bfloat16 0.23 ms (0.64, 1.80);
---prefill, 64 prompts of 40-90 tokens (4,257 rows): see that benchmark's output in bench/README.md.
+--prefill --prefix 16, 64 prompts of 40-90 tokens (4,257 rows): float32 3.5 ms (13.2 on the AVX2 loops, 11.2
+with one SDPA call per request), bfloat16 3.7 (15.1, 12.6). So the engine sends prompt rows here only
+where the AVX-512 code runs (`prefill_pays`); elsewhere the kernel takes the decoding rows.
 
 The kernel is built with the engine's other CPU kernels (`cpu_kernels`); when they cannot be built,
 `supports` is False and attention takes one SDPA call per request.

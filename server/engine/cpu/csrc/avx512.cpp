@@ -55,6 +55,7 @@ bool cpu_has_avx512_bf16() { return false; }
 namespace {
 
 #define SP_INLINE inline __attribute__((always_inline))
+#define SP_LAMBDA __attribute__((always_inline))
 
 // 16 floats of a row: float32 loaded, bfloat16 widened (shifted into a float's top half).
 SP_INLINE __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -123,21 +124,16 @@ struct Range {
   int64_t count;
 };
 
-// scores[j] = scale * q . key j for the rows of one range; q: D16 registers of one query head.
-template <int D16, typename T>
-SP_INLINE void score_range(const __m512 q[D16], Range<T> keys, float scale, float* scores) {
-  constexpr int64_t dim = 16 * D16;
+// scores[j] = scale * the dot product of key j and the query, for the rows of one range: 16 keys at a
+// time, dot(zeros, key row) giving a key's products with the query in 16 lanes, summed together.
+template <typename T, typename Dot>
+SP_INLINE void score_range(Range<T> keys, int64_t dim, float scale, float* scores, Dot dot) {
   const __m512 scaled = _mm512_set1_ps(scale);
   for (int64_t j = 0; j < keys.count; j += 16) {
     const int64_t m = keys.count - j < 16 ? keys.count - j : 16;
     __m512 acc[16];
-    for (int64_t i = 0; i < 16; ++i) {
-      acc[i] = _mm512_setzero_ps();
-      if (i < m) {
-        const T* key = keys.rows + (j + i) * dim;
-        for (int c = 0; c < D16; ++c) acc[i] = _mm512_fmadd_ps(q[c], load16(key + 16 * c), acc[i]);
-      }
-    }
+    for (int64_t i = 0; i < 16; ++i) acc[i] = i < m ? dot(_mm512_setzero_ps(), keys.rows + (j + i) * dim)
+                                                   : _mm512_setzero_ps();
     _mm512_mask_storeu_ps(scores + j, static_cast<__mmask16>((1u << m) - 1),
                           _mm512_mul_ps(sum_each(acc), scaled));
   }
@@ -155,28 +151,6 @@ SP_INLINE __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
 // 32 bfloat16 of a row as 16 pairs; `half`: only 16, the rest zeros (a head size an odd multiple of 16).
 SP_INLINE __m512i load_pairs(const c10::BFloat16* p, bool half) {
   return half ? _mm512_maskz_loadu_epi16(0xFFFF, p) : _mm512_loadu_si512(p);
-}
-
-// score_range for bfloat16 query and keys in vdpbf16ps: q as (D16 + 1) / 2 registers of pairs.
-template <int D16>
-SP_INLINE void score_range_pairs(const __m512i q[(D16 + 1) / 2], Range<c10::BFloat16> keys, float scale,
-                                 float* scores) {
-  constexpr int64_t dim = 16 * D16;
-  const __m512 scaled = _mm512_set1_ps(scale);
-  for (int64_t j = 0; j < keys.count; j += 16) {
-    const int64_t m = keys.count - j < 16 ? keys.count - j : 16;
-    __m512 acc[16];
-    for (int64_t i = 0; i < 16; ++i) {
-      acc[i] = _mm512_setzero_ps();
-      if (i < m) {
-        const c10::BFloat16* key = keys.rows + (j + i) * dim;
-        for (int c = 0; c < (D16 + 1) / 2; ++c)
-          acc[i] = dot_pairs(acc[i], q[c], load_pairs(key + 32 * c, 2 * c + 1 == D16));
-      }
-    }
-    _mm512_mask_storeu_ps(scores + j, static_cast<__mmask16>((1u << m) - 1),
-                          _mm512_mul_ps(sum_each(acc), scaled));
-  }
 }
 
 // Turns scores[0, n) into e^(score - max) in place; returns their sum.
@@ -238,16 +212,24 @@ void attend_row(const T* q, const T* k0, const T* v0, int64_t n0, const T* k1, c
   float* w = work;  // [group, n]: scores, then weights
   float* total = w + group * n;
   for (int64_t h = 0; h < group; ++h) {
-    if constexpr (Pairs) {
+    if constexpr (Pairs) {  // bfloat16 query and keys: (D16 + 1) / 2 registers of pairs
       __m512i qh[(D16 + 1) / 2];
       for (int c = 0; c < (D16 + 1) / 2; ++c) qh[c] = load_pairs(q + h * dim + 32 * c, 2 * c + 1 == D16);
-      score_range_pairs<D16>(qh, keys[0], scale, w + h * n);
-      score_range_pairs<D16>(qh, keys[1], scale, w + h * n + n0);
+      auto dot = [&](__m512 acc, const T* key) SP_LAMBDA {
+        for (int c = 0; c < (D16 + 1) / 2; ++c) acc = dot_pairs(acc, qh[c], load_pairs(key + 32 * c, 2 * c + 1 == D16));
+        return acc;
+      };
+      score_range(keys[0], dim, scale, w + h * n, dot);
+      score_range(keys[1], dim, scale, w + h * n + n0, dot);
     } else {
       __m512 qh[D16];
       for (int c = 0; c < D16; ++c) qh[c] = load16(q + h * dim + 16 * c);
-      score_range<D16>(qh, keys[0], scale, w + h * n);
-      score_range<D16>(qh, keys[1], scale, w + h * n + n0);
+      auto dot = [&](__m512 acc, const T* key) SP_LAMBDA {
+        for (int c = 0; c < D16; ++c) acc = _mm512_fmadd_ps(qh[c], load16(key + 16 * c), acc);
+        return acc;
+      };
+      score_range(keys[0], dim, scale, w + h * n, dot);
+      score_range(keys[1], dim, scale, w + h * n + n0, dot);
     }
     total[h] = softmax_weights(w + h * n, n);
   }
