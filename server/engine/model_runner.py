@@ -26,7 +26,7 @@ import torch
 from adapters import ModelSpec
 
 from . import attention, grammar, rope
-from .cpu import kernels as cpu_kernels, linear as cpu_linear
+from .cpu import attention as cpu_attention, kernels as cpu_kernels, linear as cpu_linear
 from .compiled import CompiledForward
 from .fast_path import FastPaths
 from .kv_cache import KVPool, first_capacity, growth, prefix_key
@@ -127,7 +127,7 @@ class ModelRunner:
         if not self.attention_kernels:
             attend = "SDPA per request"
         elif cpu:
-            attend = "C++ decode kernel, SDPA per prefill" if cpu_kernels.available() else "SDPA per request"
+            attend = cpu_attention.describe() if cpu_kernels.available() else "SDPA per request"
         else:
             attend = "variable-length flash attention where it passes its check, else SDPA"
         return {

@@ -55,6 +55,13 @@ def prefill_pays() -> bool:
     return taken().startswith("avx512")
 
 
+def describe() -> str:
+    """What the kernel takes on this CPU, for /info (only where the kernels are built)."""
+    if prefill_pays():
+        return f"C++ kernel ({taken()}), decoding and prefilling rows"
+    return f"C++ kernel ({taken()}) for decoding rows, SDPA per prefilling request"
+
+
 def supports(query: torch.Tensor, kv: torch.Tensor) -> bool:
     """Whether `attend` takes these tensors: on CPU, in one dtype it handles, with the kernel loaded."""
     return query.device.type == "cpu" and query.dtype in DTYPES and kv.dtype == query.dtype and cpu_kernels.available()
