@@ -3,8 +3,8 @@
 `attention.cpp`: every request's attention over its pool segments, and its new keys' writes (`cpu_attention`);
 `avx512.cpp`: the code written for AVX-512 (attention's rows, the bfloat16 MLP activation);
 `linear.cpp`: linear layers on weights packed for AVX2 (`cpu_linear`); `rowwise.cpp`: the rotary
-embedding and bfloat16 RMS norms in one pass each (`cpu_rowwise`); `forward.cpp`: a decoding step's
-layers in one call, calling the others and oneDNN's linear op (`native_decode`). They register torch ops under
+embedding, bfloat16 RMS norms and the MLP's activation in one pass each (`cpu_rowwise`); `forward.cpp`:
+a step's layers in one call, calling the others and oneDNN's linear op (`native_decode`). They register torch ops under
 `torch.ops.softprompt`, and share `common.cpp`: tasks handed out to torch's threads from a counter,
 and the CPU's AVX2/FMA check.
 
