@@ -56,7 +56,7 @@ from . import flash_varlen
 from .cpu import attention as cpu_attention
 from .ragged import RaggedStep, decoding, keys, ranges
 
-__all__ = ["NAME", "NO_MASK", "RaggedStep", "attend", "decoding", "install", "ragged_attention"]
+__all__ = ["NAME", "NO_MASK", "RaggedStep", "attend", "decoding", "install", "ragged_attention", "whole_step_on_kernel"]
 
 log = logging.getLogger(__name__)
 
@@ -116,34 +116,44 @@ def _per_request(ragged: RaggedStep, q, kv, scaling, window) -> torch.Tensor:
     if q.device.type == "cpu":
         if not ragged.kernels or not cpu_attention.supports(q, kv):
             return torch.cat(_sdpa_each(ragged, q, kv, scaling, window, range(len(ragged.q_lens))))
-        if cpu_attention.prefill_pays() or all(n == 1 for n in ragged.q_lens):
+        if whole_step_on_kernel(ragged):
             return cpu_attention.attend(q, kv, *ranges(ragged), scaling, window)
         return _decode_and_sdpa(ragged, q, kv, scaling, window, _cpu_decode)
     # cuDNN's attention builds a plan for every new shape (seconds, per prompt length): not for ragged steps
     with sdpa_kernel(_ACCELERATOR_SDPA):
-        return _decode_and_sdpa(ragged, q, kv, scaling, window, _padded_decode)
+        return _decode_and_sdpa(ragged, q, kv, scaling, window, _padded_step)
+
+
+def whole_step_on_kernel(ragged: RaggedStep) -> bool:
+    """Whether the CPU kernel takes all of this step's rows (once `cpu_attention.supports` said it runs):
+    where its prompt rows pay (its AVX-512 code), or when every request decodes."""
+    return cpu_attention.prefill_pays() or ragged.all_decoding
 
 
 _ACCELERATOR_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _decode_and_sdpa(ragged: RaggedStep, q, kv, scaling, window, decode) -> torch.Tensor:
-    """The decoding requests in one `decode` call (`_padded_decode`'s arguments), each prefilling one in an SDPA call."""
+    """The decoding requests in one `decode(step, q, kv, scaling, window)` call, each prefilling one in an SDPA call."""
     step = decoding(ragged)
-    args = step.starts, step.kv_lens, step.prefix_starts, step.prefix_lens, scaling, window
     if not step.prefills:
-        return decode(step.max_kv, q, kv, *args)
+        return decode(step, q, kv, scaling, window)
     out = torch.empty_like(q)
     if len(step.decode_rows):
-        out.index_copy_(0, step.decode_rows, decode(step.max_kv, q[step.decode_rows], kv, *args))
+        out.index_copy_(0, step.decode_rows, decode(step, q[step.decode_rows], kv, scaling, window))
     out.index_copy_(0, step.prefill_rows, torch.cat(_sdpa_each(ragged, q, kv, scaling, window, step.prefills)))
     return out
 
 
-def _cpu_decode(max_kv: int, q, kv, starts, kv_lens, prefix_starts, prefix_lens, scaling, window) -> torch.Tensor:
-    """`_padded_decode` on the CPU kernel: one row per request."""
-    return cpu_attention.attend(q, kv, torch.ones_like(starts), starts, kv_lens, prefix_starts, prefix_lens, scaling,
-                                window)
+def _cpu_decode(step, q, kv, scaling, window) -> torch.Tensor:
+    """The decoding requests' rows on the CPU kernel."""
+    return cpu_attention.attend(q, kv, step.q_lens, step.starts, step.kv_lens, step.prefix_starts, step.prefix_lens,
+                                scaling, window)
+
+
+def _padded_step(step, q, kv, scaling, window) -> torch.Tensor:
+    return _padded_decode(step.max_kv, q, kv, step.starts, step.kv_lens, step.prefix_starts, step.prefix_lens,
+                          scaling, window)
 
 
 PADDED_DECODE_ELEMENTS = 1 << 26  # keys gathered per call at most (x2 for values): bounds the transient copy

@@ -60,12 +60,10 @@ class LeanForward:
         self.windows = [window(layer.self_attn, model.config) for layer in self.layers]
         self.native: NativeDecode | None = None  # set by `find_native` once the linears are packed
         # the rotary embedding and the norms: on CPU each in one C++ pass (`cpu/rowwise.py`), as the native decode
-        if cpu_rowwise.available(self.layers[0].input_layernorm.weight.device):
-            self.norm, self.rotate = cpu_rowwise.rms_norm, cpu_rowwise.rotary
-        else:
-            self.norm, self.rotate = _norm, _rotate
-        self.mlps = [cpu_rowwise.mlp if self.rotate is cpu_rowwise.rotary and type(layer.mlp.act_fn).__name__ in SILU
-                     else _module for layer in self.layers]
+        rowwise = cpu_rowwise.available(self.layers[0].input_layernorm.weight.device)
+        self.norm, self.rotate = (cpu_rowwise.rms_norm, cpu_rowwise.rotary) if rowwise else (_norm, _rotate)
+        self.mlps = [cpu_rowwise.mlp if rowwise and type(layer.mlp.act_fn).__name__ in SILU else _module
+                     for layer in self.layers]
 
     def find_native(self, mode: str = "auto", attention_kernel: bool = True) -> None:
         """Take the one-call decoding step (`mode` on, or auto) if the layers now allow it (after

@@ -43,6 +43,11 @@ class RaggedStep:
         """The step's tokens (a forward padded for a CUDA graph runs more)."""
         return self.slots.shape[0]
 
+    @functools.cached_property
+    def all_decoding(self) -> bool:
+        """Whether every request of the step decodes (one token each)."""
+        return all(n == 1 for n in self.q_lens)
+
     def own_len(self, i: int) -> int:
         """Request i's keys in its own segment after this forward."""
         return self.kv_lens[i] - self.prefix_lens[i]
@@ -90,6 +95,7 @@ class Decoding:
     """A step split for the decode kernels: decoding requests (one query each) and prefilling ones."""
 
     decode_rows: torch.Tensor  # [decoding] int64, the decoding requests' token rows in the packed step
+    q_lens: torch.Tensor  # [decoding] int64 ones: their rows, as the CPU kernel takes them
     starts: torch.Tensor  # [decoding] int64, their own segments' first slots
     kv_lens: torch.Tensor  # [decoding] int64, their keys, prefix included
     prefix_starts: torch.Tensor  # [decoding] int64, their shared prefixes' first slots
@@ -108,6 +114,7 @@ def decoding(ragged: RaggedStep) -> Decoding:
         longs = functools.partial(torch.tensor, dtype=torch.long, device=ragged.pool.device)
         ragged._decoding = Decoding(
             decode_rows=longs([first_rows[i] for i in decoding]),
+            q_lens=longs([1] * len(decoding)),
             starts=longs([ragged.starts[i] for i in decoding]),
             kv_lens=longs([ragged.kv_lens[i] for i in decoding]),
             prefix_starts=longs([ragged.prefix_starts[i] for i in decoding]),

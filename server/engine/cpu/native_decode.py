@@ -84,9 +84,9 @@ class NativeDecode:
 
     def takes(self, ragged: attention.RaggedStep, h: torch.Tensor) -> bool:
         """Whether this step is one for the call: unpadded, in a dtype the kernels take, every request
-        decoding unless the attention kernel's prompt rows pay (`cpu_attention.prefill_pays`)."""
+        decoding unless the attention kernel's prompt rows pay (`attention.whole_step_on_kernel`)."""
         return (ragged.tokens == h.shape[0] and cpu_attention.supports(h, ragged.pool.kv[0])
-                and (cpu_attention.prefill_pays() or all(n == 1 for n in ragged.q_lens)))
+                and attention.whole_step_on_kernel(ragged))
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  ragged: attention.RaggedStep) -> torch.Tensor:
