@@ -102,8 +102,8 @@ def weight_bytes(model) -> int:
             if param is embed and module is not head:
                 continue
             total += param.numel() * param.element_size()
-        if hasattr(module, cpu_linear.PACKED) and module.weight.numel() == 0:  # packed on CPU: the plain one freed
-            total += cpu_linear.weight_numel(module) * module.weight.element_size()
+        if cpu_linear.is_packed(module) and module.weight.numel() == 0:  # packed on CPU: the plain one freed
+            total += module.in_features * module.out_features * module.weight.element_size()
     return total
 
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         weights = weight_bytes(base.model)
         bytes_per_s, source = bandwidth(device, args.bandwidth)
         params = sum(p.numel() for p in base.model.parameters()) + sum(
-            cpu_linear.weight_numel(m) - m.weight.numel() for m in base.model.modules() if hasattr(m, cpu_linear.PACKED))
+            cpu_linear.weight_numel(m) - m.weight.numel() for m in base.model.modules() if cpu_linear.is_packed(m))
         print(f"model: Llama hidden {args.hidden}, {args.layers} layers, {params / 1e9:.2f} B parameters, "
               f"{spec.dtype}, on {device} ({time.perf_counter() - began:.0f} s to build and load)")
         print(f"weights read per step {weights / 1e9:.3f} GB; KV {slot} bytes per token; memory bandwidth "

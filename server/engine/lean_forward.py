@@ -32,7 +32,7 @@ from torch import nn
 
 from . import attention, rope
 from .ragged import ranges
-from .cpu import rowwise as cpu_rowwise
+from .cpu import linear as cpu_linear, rowwise as cpu_rowwise
 from .cpu.native_decode import SILU, NativeDecode
 
 # the classes written out, each with where its attention finds its sliding window (as its own forward does)
@@ -78,6 +78,13 @@ class LeanForward:
         if not why:
             self.native = NativeDecode.build(self)
 
+    def siblings(self) -> list[list[nn.Linear]]:
+        """The linears that read the same input, which `cpu_linear.install` may pack as one: each layer's
+        q/k/v projections, and its MLP's gate and up where its MLP runs here (`mlps`)."""
+        groups = [[layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj] for layer in self.layers]
+        return groups + [[layer.mlp.gate_proj, layer.mlp.up_proj] for layer, mlp in zip(self.layers, self.mlps)
+                         if mlp is cpu_rowwise.mlp]
+
     @staticmethod
     def supports(model: nn.Module) -> bool:
         """Whether `model` is a class written out here, with the modules this code calls and nothing more."""
@@ -108,9 +115,8 @@ class LeanForward:
             for layer, window, mlp in zip(self.layers, self.windows, self.mlps):
                 attn = layer.self_attn
                 x = self.norm(layer.input_layernorm, h)
-                q = attn.q_proj(x).view(tokens, -1, head_dim)
-                k = attn.k_proj(x).view(tokens, -1, head_dim)
-                v = attn.v_proj(x).view(tokens, -1, head_dim)
+                q, k, v = (y.view(tokens, -1, head_dim)
+                           for y in cpu_linear.siblings((attn.q_proj, attn.k_proj, attn.v_proj), x))
                 q = self.rotate(q, cos, sin)
                 k = self.rotate(k, cos, sin)
                 o = attention.attend(ragged, attn.layer_idx, q, k, v, attn.scaling, window)

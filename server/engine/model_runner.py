@@ -95,7 +95,8 @@ class ModelRunner:
             self.graphs = None
         try:
             if cpu:
-                cpu_linear.install(self.model, paths.linear if paths.enabled and compiled is None else "torch")
+                cpu_linear.install(self.model, paths.linear if paths.enabled and compiled is None else "torch",
+                                   merge=self.lean.siblings() if self.lean is not None else ())
                 if paths.attention == "kernel" and self.attention_kernels and not cpu_kernels.available():
                     raise ValueError("the attention kernel cannot run here: the CPU kernels did not build")
             if self.lean is not None:

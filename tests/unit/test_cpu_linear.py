@@ -71,6 +71,55 @@ def test_packed_model_computes_the_same_and_unpacks_exactly(arch, backend):
     torch.testing.assert_close(_logits(model, ids), want, atol=0, rtol=0)
 
 
+def _siblings(model) -> list[list[torch.nn.Linear]]:
+    """What `LeanForward.siblings` merges: each layer's q/k/v, and its gate/up."""
+    layers = model.model.layers
+    return ([[l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj] for l in layers]
+            + [[l.mlp.gate_proj, l.mlp.up_proj] for l in layers])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v with biases
+def test_merged_siblings_give_their_own_columns_and_unpack_exactly(arch, backend):
+    """q/k/v and gate/up packed as one layer each: every layer's columns are, in float32, the bits it gives
+    packed alone, from the group's one call and from the layer called alone; no weight is held twice;
+    unpacking gives every weight back exactly."""
+    model, alone = _model(arch), _model(arch)
+    plain = {name: m.weight.detach().clone() for name, m in _linears(model).items()}
+    ids = torch.randint(3, 200, (2, 11), generator=torch.Generator().manual_seed(0))
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    assert cpu_linear.install(alone, backend) == cpu_linear.install(model, backend, merge=_siblings(model)) == len(plain)
+    assert cpu_linear.install(model, backend, merge=_siblings(model)) == 0  # once only
+    with torch.inference_mode():
+        for group, singles in zip(_siblings(model), _siblings(alone)):
+            one = cpu_linear.merged(group[0])
+            assert one is not None and all(cpu_linear.merged(m) is None for m in group[1:])
+            assert getattr(one, cpu_linear.PACKED).is_mkldnn == (backend == "onednn")
+            outs = cpu_linear.siblings(group, x)
+            for layer, single, out in zip(group, singles, outs):
+                want = single(x)
+                assert torch.equal(out, want) and torch.equal(layer(x), want)
+                assert layer.weight.numel() == 0 and cpu_linear.is_packed(layer)
+                assert cpu_linear.weight_numel(layer) == cpu_linear.weight_numel(single)
+            assert cpu_linear.siblings(group[:2], x)[0].shape == (5, group[0].out_features)  # not the whole group: each alone
+    assert torch.equal(_logits(model, ids), _logits(alone, ids))
+
+    cpu_linear.unpack(model)
+    for name, layer in _linears(model).items():
+        assert torch.equal(layer.weight, plain[name]), name
+        assert not cpu_linear.is_packed(layer) and "forward" not in vars(layer)
+
+
+def test_layers_that_cannot_be_one_are_packed_each_alone(backend):
+    """A group whose layers differ in input features or in having a bias is not merged."""
+    model = _model("llama")
+    layer = model.model.layers[0]
+    layer.self_attn.k_proj.bias = torch.nn.Parameter(torch.zeros(layer.self_attn.k_proj.out_features))
+    groups = [[layer.self_attn.q_proj, layer.self_attn.k_proj], [layer.mlp.gate_proj, layer.mlp.down_proj]]
+    assert cpu_linear.install(model, backend, merge=groups) == len(_linears(model))
+    assert not any(cpu_linear.merged(m) for m in _linears(model).values())
+    assert all(hasattr(m, cpu_linear.PACKED) for m in _linears(model).values())
+
+
 def test_bfloat16_is_packed_natively_or_widened_to_float32(backend):
     """The kernel keeps bfloat16 weights and oneDNN packs them natively where it can; elsewhere oneDNN
     packs them as float32. Each output is rounded back to bfloat16."""

@@ -65,3 +65,22 @@ def test_silu_mul_is_atens_within_a_last_bit(rows, width, cpu_kernels_built):
     mlp = LlamaMLP(config).bfloat16()
     x = torch.randn(rows, width).bfloat16()
     torch.testing.assert_close(rowwise.mlp(mlp, x), mlp(x), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_and_silu_mul_take_columns_of_a_merged_output(dtype, cpu_kernels_built):
+    """A merged projection's outputs are column ranges of one tensor (rows strided): both kernels read
+    them in place and give the bits they give on contiguous copies."""
+    torch.manual_seed(0)
+    ops = torch.ops.softprompt
+    qkv = (torch.randn(9, 4 * 16 + 2 * 2 * 16) * 3).to(dtype)  # 9 tokens: 4 query heads, 2 key and 2 value heads of 16
+    q, k, _ = qkv.split([64, 32, 32], dim=-1)
+    angles = torch.randn(9, 1, 16)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    for x in (q.view(9, 4, 16), k.view(9, 2, 16)):
+        assert not x.is_contiguous()
+        assert torch.equal(ops.rotary(x, cos, sin), ops.rotary(x.contiguous(), cos, sin))
+    gate_up = (torch.randn(7, 2 * 40) * 4).to(dtype)
+    gate, up = gate_up.split([40, 40], dim=-1)
+    got = ops.silu_mul(gate, up)
+    assert got.is_contiguous() and torch.equal(got, ops.silu_mul(gate.contiguous(), up.contiguous()))

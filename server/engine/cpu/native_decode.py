@@ -58,10 +58,9 @@ class NativeDecode:
         if not cpu_kernels.available():
             return "the CPU kernels did not build"
         for layer in lean.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-            if any(cpu_linear.packed_weight(m) is None for m in linears):
+            if any(cpu_linear.packed_weight(m) is None and not hasattr(m, cpu_linear.MERGED) for m in _linears(layer)):
                 return "the linear layers are not packed (the AVX2 kernel or oneDNN)"
+            mlp = layer.mlp
             if type(mlp.act_fn).__name__ not in SILU:
                 return f"the MLP's activation is {type(mlp.act_fn).__name__}, not SiLU"
         return ""
@@ -72,11 +71,10 @@ class NativeDecode:
         native = cls([], [], [], [], [w or 0 for w in lean.windows], [], lean.head_dim)
         for layer in lean.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-            pairs = [[cpu_linear.packed_weight(m), m.bias] for m in linears]
-            native.weights += [layer.input_layernorm.weight, *pairs[0], *pairs[1], *pairs[2], *pairs[3],
-                               layer.post_attention_layernorm.weight, *pairs[4], *pairs[5], *pairs[6]]
-            native.out_features += [m.out_features for m in linears]
+            pairs = _packed(layer)
+            native.weights += [layer.input_layernorm.weight, *pairs[:8], layer.post_attention_layernorm.weight,
+                               *pairs[8:]]
+            native.out_features += [m.out_features for m in _linears(layer)]
             native.eps += [layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon]
             native.scales.append(attn.scaling if attn.scaling is not None else lean.head_dim ** -0.5)
             native.layer_ids.append(attn.layer_idx)
@@ -96,3 +94,25 @@ class NativeDecode:
 
 
 SILU = {"SiLUActivation", "SiLU"}  # transformers' "silu" and "swish"
+
+
+def _linears(layer) -> list:
+    """A decoder layer's linears in forward.cpp's `Out` order."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+
+
+def _packed(layer) -> list[torch.Tensor | None]:
+    """(packed weight, bias) of each of a layer's linears, flat, in forward.cpp's `Slot` order: a merged
+    group's (q/k/v, gate/up: `cpu_linear.merged`) in its first layer's place, None in the others'. A weight
+    is None where its layer is not packed."""
+    out = []
+    for m in _linears(layer):
+        one = cpu_linear.merged(m)
+        if one is not None:
+            out += [cpu_linear.packed_weight(one), one.bias]
+        elif hasattr(m, cpu_linear.MERGED):  # packed inside the group's first layer
+            out += [None, None]
+        else:
+            out += [cpu_linear.packed_weight(m), m.bias]
+    return out

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import kernels as cpu_kernels
+from . import kernels as cpu_kernels, linear as cpu_linear
 
 
 def available(device: torch.device) -> bool:
@@ -43,7 +43,8 @@ def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def mlp(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`module(x)` for a Llama/Qwen2/Mistral MLP with SiLU: down(silu(gate(x)) * up(x)), the activation
     and product of bfloat16 rows in one pass on AVX-512 (csrc/avx512.cpp), else ATen's two operations."""
-    return module.down_proj(cpu_kernels.ops().silu_mul(module.gate_proj(x), module.up_proj(x)))
+    gate, up = cpu_linear.siblings((module.gate_proj, module.up_proj), x)  # one call where they are merged
+    return module.down_proj(cpu_kernels.ops().silu_mul(gate, up))
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,9 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up);
 
 namespace {
 
-// Each layer's tensors in `weights`, in this order; a bias may be None.
+// Each layer's tensors in `weights`, in this order; a bias may be None. Where q/k/v (gate/up) are packed
+// as one layer (cpu_linear's merge), its weight and bias are in kQ's (kGate's) slots and kK's and kV's
+// (kUp's) are None: one call, its output cut into the layers' columns.
 enum Slot : int64_t { kInNorm, kQ, kQBias, kK, kKBias, kV, kVBias, kO, kOBias, kPostNorm, kGate, kGateBias, kUp,
                       kUpBias, kDown, kDownBias, kSlots };
 // Each layer's out_features in `out_features`, in this order.
@@ -134,10 +136,25 @@ at::Tensor lean_decode(at::Tensor h, const at::Tensor& cos, const at::Tensor& si
     auto proj = [&](const at::Tensor& in, int64_t slot, int64_t out) {  // a weight's bias is the slot after it
       return linear(in, need(weights, w + slot), get(weights, w + slot + 1), out_features[o + out]);
     };
+    // the layers at `slots` (`count` of them from `first`'s Out): one call each, or one merged call cut in columns
+    auto siblings = [&](const at::Tensor& in, int64_t slot, int64_t first, int64_t count) {
+      std::vector<at::Tensor> outs;
+      if (get(weights, w + slot + 2).has_value()) {
+        for (int64_t i = 0; i < count; ++i) outs.push_back(proj(in, slot + 2 * i, first + i));
+        return outs;
+      }
+      int64_t width = 0;
+      for (int64_t i = 0; i < count; ++i) width += out_features[o + first + i];
+      const at::Tensor all = linear(in, need(weights, w + slot), get(weights, w + slot + 1), width);
+      for (int64_t i = 0, col = 0; i < count; col += out_features[o + first + i], ++i)
+        outs.push_back(all.narrow(-1, col, out_features[o + first + i]));
+      return outs;
+    };
     at::Tensor x = rms_norm(h, need(weights, w + kInNorm), eps[2 * l]);
-    at::Tensor q = proj(x, kQ, kQOut).view({tokens, -1, head_dim});
-    at::Tensor k = proj(x, kK, kKOut).view({tokens, -1, head_dim});
-    const at::Tensor v = proj(x, kV, kVOut).view({tokens, -1, head_dim});
+    const std::vector<at::Tensor> qkv = siblings(x, kQ, kQOut, 3);
+    at::Tensor q = qkv[0].view({tokens, -1, head_dim});
+    at::Tensor k = qkv[1].view({tokens, -1, head_dim});
+    const at::Tensor v = qkv[2].view({tokens, -1, head_dim});
     q = rotate(q, cos, sin);
     k = rotate(k, cos, sin);
     write_kv(kv[l], slots, k, v);
@@ -145,7 +162,8 @@ at::Tensor lean_decode(at::Tensor h, const at::Tensor& cos, const at::Tensor& si
                                           scales[l], windows[l]);
     h = h + proj(attended.reshape({tokens, -1}), kO, kOOut);
     x = rms_norm(h, need(weights, w + kPostNorm), eps[2 * l + 1]);
-    h = h + proj(softprompt::silu_mul(proj(x, kGate, kGateOut), proj(x, kUp, kUpOut)), kDown, kDownOut);
+    const std::vector<at::Tensor> gate_up = siblings(x, kGate, kGateOut, 2);
+    h = h + proj(softprompt::silu_mul(gate_up[0], gate_up[1]), kDown, kDownOut);
   }
   return h;
 }

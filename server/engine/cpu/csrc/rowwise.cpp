@@ -17,6 +17,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/silu.h>
@@ -84,11 +85,12 @@ SP_INLINE void rotate_token(const T* x, const T* cos, const T* sin, T* out, int6
   }
 }
 
+// x's tokens `ldx` elements apart (a token's heads contiguous), out's back to back.
 template <typename T>
-SP_INLINE void rotate_tokens(const T* x, const T* cos, const T* sin, T* out, int64_t begin, int64_t end,
+SP_INLINE void rotate_tokens(const T* x, int64_t ldx, const T* cos, const T* sin, T* out, int64_t begin, int64_t end,
                              int64_t heads, int64_t dim) {
   for (int64_t t = begin; t < end; ++t)
-    rotate_token(x + t * heads * dim, cos + t * dim, sin + t * dim, out + t * heads * dim, heads, dim);
+    rotate_token(x + t * ldx, cos + t * dim, sin + t * dim, out + t * heads * dim, heads, dim);
 }
 
 SP_INLINE void norm_rows(const c10::BFloat16* x, const c10::BFloat16* weight, c10::BFloat16* out, int64_t begin,
@@ -109,13 +111,14 @@ SP_INLINE void norm_rows(const c10::BFloat16* x, const c10::BFloat16* weight, c1
 }
 
 #define SP_ENTRY_POINTS(suffix, target)                                                                          \
-  target void rotate_f32_##suffix(const float* x, const float* cos, const float* sin, float* out, int64_t begin,  \
-                                  int64_t end, int64_t heads, int64_t dim) {                                      \
-    rotate_tokens(x, cos, sin, out, begin, end, heads, dim);                                                      \
+  target void rotate_f32_##suffix(const float* x, int64_t ldx, const float* cos, const float* sin, float* out,     \
+                                  int64_t begin, int64_t end, int64_t heads, int64_t dim) {                       \
+    rotate_tokens(x, ldx, cos, sin, out, begin, end, heads, dim);                                                 \
   }                                                                                                               \
-  target void rotate_bf16_##suffix(const c10::BFloat16* x, const c10::BFloat16* cos, const c10::BFloat16* sin,    \
-                                   c10::BFloat16* out, int64_t begin, int64_t end, int64_t heads, int64_t dim) {  \
-    rotate_tokens(x, cos, sin, out, begin, end, heads, dim);                                                      \
+  target void rotate_bf16_##suffix(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* cos,                 \
+                                   const c10::BFloat16* sin, c10::BFloat16* out, int64_t begin, int64_t end,      \
+                                   int64_t heads, int64_t dim) {                                                  \
+    rotate_tokens(x, ldx, cos, sin, out, begin, end, heads, dim);                                                 \
   }                                                                                                               \
   target void norm_bf16_##suffix(const c10::BFloat16* x, const c10::BFloat16* weight, c10::BFloat16* out,        \
                                  int64_t begin, int64_t end, int64_t hidden, float eps) {                         \
@@ -129,29 +132,40 @@ SP_ENTRY_POINTS(avx2, __attribute__((target("avx2"))))
 SP_ENTRY_POINTS(avx2, )
 #endif
 
-void rotate_part(const float* x, const float* cos, const float* sin, float* out, int64_t begin, int64_t end,
-                 int64_t heads, int64_t dim) {
-  (softprompt::cpu_has_avx2_fma() ? rotate_f32_avx2 : rotate_f32_baseline)(x, cos, sin, out, begin, end, heads, dim);
+void rotate_part(const float* x, int64_t ldx, const float* cos, const float* sin, float* out, int64_t begin,
+                 int64_t end, int64_t heads, int64_t dim) {
+  (softprompt::cpu_has_avx2_fma() ? rotate_f32_avx2 : rotate_f32_baseline)(x, ldx, cos, sin, out, begin, end, heads,
+                                                                           dim);
 }
-void rotate_part(const c10::BFloat16* x, const c10::BFloat16* cos, const c10::BFloat16* sin, c10::BFloat16* out,
-                 int64_t begin, int64_t end, int64_t heads, int64_t dim) {
-  (softprompt::cpu_has_avx2_fma() ? rotate_bf16_avx2 : rotate_bf16_baseline)(x, cos, sin, out, begin, end, heads,
-                                                                             dim);
+void rotate_part(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* cos, const c10::BFloat16* sin,
+                 c10::BFloat16* out, int64_t begin, int64_t end, int64_t heads, int64_t dim) {
+  (softprompt::cpu_has_avx2_fma() ? rotate_bf16_avx2 : rotate_bf16_baseline)(x, ldx, cos, sin, out, begin, end,
+                                                                             heads, dim);
 }
 
 template <typename T>
-void rotate_rows(const T* x, const T* cos, const T* sin, T* out, int64_t tokens, int64_t heads, int64_t dim) {
+void rotate_rows(const T* x, int64_t ldx, const T* cos, const T* sin, T* out, int64_t tokens, int64_t heads,
+                 int64_t dim) {
   at::parallel_for(0, tokens, grain(heads * dim), [&](int64_t begin, int64_t end) {
-    rotate_part(x, cos, sin, out, begin, end, heads, dim);
+    rotate_part(x, ldx, cos, sin, out, begin, end, heads, dim);
   });
+}
+
+// `t` itself where its last two dimensions are contiguous (its rows may be columns of a wider tensor:
+// a merged projection's output), else a contiguous copy.
+at::Tensor rows_contiguous(const at::Tensor& t) {
+  if (t.dim() < 2 || t.size(0) == 0) return t.contiguous();
+  const int64_t row = t.numel() / t.size(0);
+  const bool inner = t.stride(-1) == 1 && (t.dim() == 2 || (t.dim() == 3 && t.stride(1) == t.size(2)));
+  return inner && t.stride(0) >= row ? t : t.contiguous();
 }
 
 }  // namespace
 
 namespace softprompt {
 
-// x: [tokens, heads, head_dim]; cos, sin: [tokens, 1, head_dim], in x's dtype (float32 or bfloat16).
-// Returns x * cos + rotate_half(x) * sin, contiguous.
+// x: [tokens, heads, head_dim], a token's heads contiguous (its tokens may be strided); cos, sin:
+// [tokens, 1, head_dim], in x's dtype (float32 or bfloat16). Returns x * cos + rotate_half(x) * sin, contiguous.
 at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.dim() == 3 && cos.dim() == 3 && sin.dim() == 3 && cos.size(0) == x.size(0) && cos.size(1) == 1 &&
                   cos.size(2) == x.size(2) && sin.sizes() == cos.sizes() && x.size(2) % 2 == 0,
@@ -159,14 +173,14 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
                   cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
               "float32 or bfloat16 CPU tensors of one dtype expected");
-  const at::Tensor xc = x.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
-  at::Tensor out = at::empty_like(xc);
-  const int64_t heads = x.size(1), dim = x.size(2);
+  const at::Tensor xc = rows_contiguous(x), cc = cos.contiguous(), sc = sin.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const int64_t heads = x.size(1), dim = x.size(2), ldx = xc.stride(0);
   if (x.scalar_type() == at::kFloat)
-    rotate_rows(xc.data_ptr<float>(), cc.data_ptr<float>(), sc.data_ptr<float>(), out.data_ptr<float>(), x.size(0),
-                heads, dim);
+    rotate_rows(xc.data_ptr<float>(), ldx, cc.data_ptr<float>(), sc.data_ptr<float>(), out.data_ptr<float>(),
+                x.size(0), heads, dim);
   else
-    rotate_rows(xc.data_ptr<c10::BFloat16>(), cc.data_ptr<c10::BFloat16>(), sc.data_ptr<c10::BFloat16>(),
+    rotate_rows(xc.data_ptr<c10::BFloat16>(), ldx, cc.data_ptr<c10::BFloat16>(), sc.data_ptr<c10::BFloat16>(),
                 out.data_ptr<c10::BFloat16>(), x.size(0), heads, dim);
   return out;
 }
@@ -189,19 +203,30 @@ at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double e
   return out;
 }
 
-// gate, up: [rows, intermediate] of one dtype. silu(gate) * up: for bfloat16 on AVX-512 in one pass
-// (avx512.cpp: ATen's roundings, its exponential within 2 ulp of ATen's), else ATen's two operations.
+// gate, up: [rows, intermediate] of one dtype, each row contiguous (the rows may be strided: gate and up
+// the two halves of a merged projection's output). silu(gate) * up, contiguous: for bfloat16 on AVX-512
+// in one pass (avx512.cpp: ATen's roundings, its exponential within 2 ulp of ATen's), else ATen's two operations.
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   TORCH_CHECK(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type() && gate.device().is_cpu(),
               "gate and up of one shape and dtype, on CPU, expected");
-  if (gate.scalar_type() != at::kBFloat16 || !softprompt::cpu_has_avx512()) return at::mul(at::silu(gate), up);
-  const at::Tensor g = gate.contiguous(), u = up.contiguous();
-  at::Tensor out = at::empty_like(g);
+  if (gate.scalar_type() != at::kBFloat16 || !softprompt::cpu_has_avx512())  // on copies: ATen's silu of a view
+    return at::mul(at::silu(gate.contiguous()), up.contiguous());        // takes another path, with other bits
+  const int64_t width = gate.size(-1), rows = gate.numel() / std::max<int64_t>(1, width);
+  at::Tensor g = rows_contiguous(gate).reshape({rows, width}), u = rows_contiguous(up).reshape({rows, width});
+  if (g.stride(0) != u.stride(0)) g = g.contiguous(), u = u.contiguous();
+  at::Tensor out = at::empty(gate.sizes(), gate.options());
   const c10::BFloat16 *gp = g.data_ptr<c10::BFloat16>(), *upp = u.data_ptr<c10::BFloat16>();
   c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, g.numel(), 16384, [&](int64_t begin, int64_t end) {
-    softprompt::avx512_silu_mul(gp, upp, op, begin, end);
-  });
+  const int64_t ld = g.stride(0);
+  if (ld == width) {  // contiguous: one run over every element
+    at::parallel_for(0, g.numel(), 16384, [&](int64_t begin, int64_t end) {
+      softprompt::avx512_silu_mul(gp, upp, op, begin, end);
+    });
+  } else {
+    at::parallel_for(0, rows, grain(width), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) softprompt::avx512_silu_mul(gp + r * ld, upp + r * ld, op + r * width, 0, width);
+    });
+  }
   return out;
 }
 
