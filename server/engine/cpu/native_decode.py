@@ -58,11 +58,10 @@ class NativeDecode:
         if not cpu_kernels.available():
             return "the CPU kernels did not build"
         for layer in lean.layers:
-            if any(cpu_linear.packed_weight(m) is None and not hasattr(m, cpu_linear.MERGED) for m in _linears(layer)):
+            if not all(cpu_linear.is_packed(m) for m in _linears(layer)):
                 return "the linear layers are not packed (the AVX2 kernel or oneDNN)"
-            mlp = layer.mlp
-            if type(mlp.act_fn).__name__ not in SILU:
-                return f"the MLP's activation is {type(mlp.act_fn).__name__}, not SiLU"
+            if type(layer.mlp.act_fn).__name__ not in SILU:
+                return f"the MLP's activation is {type(layer.mlp.act_fn).__name__}, not SiLU"
         return ""
 
     @classmethod
@@ -70,8 +69,7 @@ class NativeDecode:
         """The call's arguments for `lean`'s layers; only where `unavailable` says ''."""
         native = cls([], [], [], [], [w or 0 for w in lean.windows], [], lean.head_dim)
         for layer in lean.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            pairs = _packed(layer)
+            attn, pairs = layer.self_attn, _packed(layer)
             native.weights += [layer.input_layernorm.weight, *pairs[:8], layer.post_attention_layernorm.weight,
                                *pairs[8:]]
             native.out_features += [m.out_features for m in _linears(layer)]
