@@ -73,6 +73,8 @@ log = logging.getLogger(__name__)
 
 PACKED = "_softprompt_packed"  # the attribute holding a packed layer's weight
 MERGED = "_softprompt_merged"  # on a layer packed inside a merged one: (the merged layer, its first column)
+ROWS = "_softprompt_rows"  # on a packed layer: the most rows `onednn_rows` takes for it (0: none)
+ONEDNN_ROWS = 4  # csrc/linear.cpp's kOnednnRows
 BLOCK = 16  # output columns per block of the AVX2 kernel's packing (csrc/linear.cpp's kBlock)
 CACHE_CAPACITY = 32  # shapes kept by oneDNN's primitive cache and by ideep's, each
 CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
@@ -119,10 +121,9 @@ def install(model: nn.Module, choice: str = "auto", merge: Iterable[Sequence[nn.
     for layer in packed:
         if id(layer) not in todo:
             continue
-        setattr(layer, PACKED, _pack(layer.weight.detach(), backend))
+        _set_packed(layer, layer.weight.detach(), backend)
         if id(layer.weight) not in tied:  # the packed copy replaces it: no second copy of the model
             layer.weight = nn.Parameter(layer.weight.new_empty(0), requires_grad=False)
-        layer.forward = types.MethodType(backend.forward, layer)
     setattr(model, _CHOSEN, backend)
     if packed:
         log.info("packed %d linear layers for %s (%s), %d of them merged with the layers reading their input",
@@ -157,11 +158,23 @@ def _mergeable(group: Sequence[nn.Linear]) -> bool:
                and (m.bias is None) == (head.bias is None) for m in group)
 
 
-def _pack(weight: torch.Tensor, backend: _Backend) -> torch.Tensor:
+def _set_packed(layer: nn.Linear, weight: torch.Tensor, backend: _Backend) -> None:
+    """Pack `weight` (the layer's, or a merged group's) on `layer` and run the layer on it; where our
+    kernel reads oneDNN's bfloat16 layout in place (`onednn_rows`), it takes the layer's few-row calls."""
     blocked = backend.pack(weight.to(backend.compute))
     if not torch.equal(_plain(blocked, weight.shape[0]).to(weight.dtype), weight):
         raise RuntimeError(f"packing a {tuple(weight.shape)} weight for {backend.name} lost values")
-    return blocked
+    setattr(layer, PACKED, blocked)
+    setattr(layer, ROWS, ONEDNN_ROWS if _rows_kernel_reads(blocked, weight) else 0)
+    layer.forward = types.MethodType(backend.forward, layer)
+
+
+def _rows_kernel_reads(blocked: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `onednn_rows` can run on oneDNN's packing `blocked` of `weight`: bfloat16, an AVX512-BF16 CPU,
+    the kernels built, and the bytes in the layout it reads (checked, every one)."""
+    return (blocked.is_mkldnn and blocked.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+            and torch.cpu._is_avx512_bf16_supported() and cpu_kernels.available()
+            and cpu_kernels.ops().onednn_layout(blocked, weight))
 
 
 def _pack_merged(group: list[nn.Linear], backend: _Backend) -> None:
@@ -172,8 +185,7 @@ def _pack_merged(group: list[nn.Linear], backend: _Backend) -> None:
     one = nn.Linear(head.in_features, sum(m.out_features for m in group), bias=bias is not None, device="meta")
     one.weight = nn.Parameter(head.weight.new_empty(0), requires_grad=False)
     one.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-    setattr(one, PACKED, _pack(torch.cat([m.weight.detach() for m in group]), backend))
-    one.forward = types.MethodType(backend.forward, one)
+    _set_packed(one, torch.cat([m.weight.detach() for m in group]), backend)
     one.parts = len(group)
     first = 0
     for layer in group:
@@ -215,6 +227,7 @@ def unpack(model: nn.Module) -> None:
             layer.weight = nn.Parameter(_plain(packed, layer.out_features).to(layer.weight.dtype), requires_grad=False)
         del layer.forward
         delattr(layer, PACKED)
+        delattr(layer, ROWS)
     if hasattr(model, _CHOSEN):
         delattr(model, _CHOSEN)
 
@@ -320,6 +333,10 @@ def _kernel_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def _onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     packed = getattr(self, PACKED)
     if packed.dtype == x.dtype:
+        rows = x.numel() // self.in_features
+        if rows <= getattr(self, ROWS) and x.stride(-1) == 1:  # a few bfloat16 rows: our kernel, on oneDNN's bytes
+            return cpu_kernels.ops().onednn_rows(x.reshape(rows, self.in_features), packed, self.bias).view(
+                *x.shape[:-1], self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
     bias = None if self.bias is None else self.bias.to(packed.dtype)  # widened bfloat16: computed in float32
     return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, bias, "none", [], "").to(x.dtype)
@@ -341,19 +358,20 @@ def _probe(backend: _Backend, dtype: torch.dtype) -> str:
     """Why `backend` cannot serve linears of `dtype` here ('' when it can): packing refused, or a result off
     from plain F.linear. The shapes take every tile size of the AVX2 kernel, a partly filled block, input
     features past its slice depths (64 and 256: partial sums carried across slices), and row counts on both
-    sides of its memory-bound/compute-bound split."""
+    sides of its memory-bound/compute-bound split; and for oneDNN, a few rows, which `onednn_rows` takes where
+    it reads oneDNN's bfloat16 layout."""
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(37, 300, generator=generator).to(dtype)
     bias = torch.randn(37, generator=generator).to(dtype)
     layer = nn.Linear(300, 37).to(dtype)
-    for rows in (21, 50):  # 21: tiles of 6 and one of 3, sliced; 50: one pass per tile
+    for rows in (3, 21, 50):  # 21: tiles of 6 and one of 3, sliced; 50: one pass per tile
         x = torch.randn(rows, 300, generator=generator).to(dtype)
         want = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
         try:
             with torch.no_grad():
                 layer.bias.copy_(bias)
-                setattr(layer, PACKED, backend.pack(weight.to(backend.compute)))
-                got = backend.forward(layer, x)
+                _set_packed(layer, weight, backend)
+                got = layer(x)
         except RuntimeError as exc:
             return str(exc).strip().splitlines()[0]
         tolerance = 1e-4 if dtype == torch.float32 else 5e-2

@@ -44,6 +44,7 @@ class NativeDecode:
 
     weights: list[torch.Tensor | None]  # per layer, in forward.cpp's `Slot` order
     out_features: list[int]  # per layer, in forward.cpp's `Out` order
+    small_rows: list[int]  # likewise: the most rows `onednn_rows` takes for the layer (`cpu_linear.ROWS`), 0 for none
     eps: list[float]  # per layer: the input norm's, the post-attention norm's
     scales: list[float]
     windows: list[int]  # 0: none
@@ -67,12 +68,13 @@ class NativeDecode:
     @classmethod
     def build(cls, lean: LeanForward) -> NativeDecode:
         """The call's arguments for `lean`'s layers; only where `unavailable` says ''."""
-        native = cls([], [], [], [], [w or 0 for w in lean.windows], [], lean.head_dim)
+        native = cls([], [], [], [], [], [w or 0 for w in lean.windows], [], lean.head_dim)
         for layer in lean.layers:
             attn, pairs = layer.self_attn, _packed(layer)
             native.weights += [layer.input_layernorm.weight, *pairs[:8], layer.post_attention_layernorm.weight,
                                *pairs[8:]]
             native.out_features += [m.out_features for m in _linears(layer)]
+            native.small_rows += [getattr(cpu_linear.merged(m) or m, cpu_linear.ROWS, 0) for m in _linears(layer)]
             native.eps += [layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon]
             native.scales.append(attn.scaling if attn.scaling is not None else lean.head_dim ** -0.5)
             native.layer_ids.append(attn.layer_idx)
@@ -87,7 +89,8 @@ class NativeDecode:
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  ragged: attention.RaggedStep) -> torch.Tensor:
         return cpu_kernels.ops().lean_decode(
-            h, cos, sin, self.weights, self.out_features, [ragged.pool.kv[i] for i in self.layer_ids], ragged.slots,
+            h, cos, sin, self.weights, self.out_features, self.small_rows, [ragged.pool.kv[i] for i in self.layer_ids],
+            ragged.slots,
             *ranges(ragged), self.eps, self.scales, self.windows, self.head_dim)
 
 

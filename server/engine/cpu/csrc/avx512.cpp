@@ -1,7 +1,8 @@
 // What is written for AVX-512 (one file, as the code under its pragma must be: see below):
 // - attention's per-row code (attention.cpp takes it where the CPU has AVX-512 F and BW and the head
 //   size is a multiple of 16 up to 128; its portable loops take the rest);
-// - the MLP's activation, silu(gate) * up, for bfloat16 rows (rowwise.cpp's `silu_mul`).
+// - the MLP's activation, silu(gate) * up, for bfloat16 rows (rowwise.cpp's `silu_mul`);
+// - a bfloat16 linear layer's few rows on oneDNN's packed weight (linear.cpp's `onednn_rows`).
 //
 // Attention: the same work as attention.cpp's portable row: one query row, a kv head's `group` query heads, against
 // the keys of its two ranges (shared prefix, own segment). What differs is how the registers are
@@ -263,6 +264,60 @@ void silu_mul_bf16(const c10::BFloat16* gate, const c10::BFloat16* up, c10::BFlo
   }
 }
 
+// A linear layer's few rows on oneDNN's packed bfloat16 weight (linear.cpp's `onednn_rows`): R rows of x
+// (bfloat16, `in` features, rows `ldx` apart) times one block of 32 output columns in oneDNN's
+// AB16b32a2b layout (per pair of input features, the 32 columns' pairs: 128 bytes), into out [R, 32]
+// float32. Each output's pairs go alternately into two partial sums, added at the end: one order of
+// sums whatever R. The weight is streamed once, prefetched 8 pairs ahead.
+template <int R>
+void rows_block(const c10::BFloat16* x, int64_t ldx, int64_t in, const c10::BFloat16* block, float* out) {
+  __m512 acc[R][4];  // per row: columns 0-15 and 16-31 of the even pairs, then of the odd ones
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_ps();
+  auto pair = [&](int r, int64_t p) SP_LAMBDA {  // row r's features 2p, 2p+1 in every lane
+    return _mm512_broadcastd_epi32(_mm_loadu_si32(x + r * ldx + 2 * p));
+  };
+  auto weights = [&](int64_t p, int half) SP_LAMBDA {
+    return _mm512_loadu_si512(block + p * 64 + half * 32);
+  };
+  const int64_t pairs = in / 2;
+  int64_t p = 0;
+  for (; p + 2 <= pairs; p += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(block + (p + 8) * 64), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(block + (p + 8) * 64 + 32), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(block + (p + 9) * 64), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(block + (p + 9) * 64 + 32), _MM_HINT_T0);
+    const __m512i w0 = weights(p, 0), w1 = weights(p, 1), w2 = weights(p + 1, 0), w3 = weights(p + 1, 1);
+    for (int r = 0; r < R; ++r) {
+      const __m512i a = pair(r, p), b = pair(r, p + 1);
+      acc[r][0] = dot_pairs(acc[r][0], w0, a);
+      acc[r][1] = dot_pairs(acc[r][1], w1, a);
+      acc[r][2] = dot_pairs(acc[r][2], w2, b);
+      acc[r][3] = dot_pairs(acc[r][3], w3, b);
+    }
+  }
+  if (p < pairs || in % 2) {  // a last even pair, or the odd last feature with a zero (its weight pair: oneDNN's zero padding)
+    const __m512i w0 = weights(p, 0), w1 = weights(p, 1);
+    for (int r = 0; r < R; ++r) {
+      const __m512i a = p < pairs ? pair(r, p) : _mm512_set1_epi32(x[r * ldx + in - 1].x);
+      acc[r][0] = dot_pairs(acc[r][0], w0, a);
+      acc[r][1] = dot_pairs(acc[r][1], w1, a);
+    }
+    if (p < pairs && in % 2) {  // both: the odd feature is the next pair's first, into the odd sums
+      const __m512i w2 = weights(p + 1, 0), w3 = weights(p + 1, 1);
+      for (int r = 0; r < R; ++r) {
+        const __m512i b = _mm512_set1_epi32(x[r * ldx + in - 1].x);
+        acc[r][2] = dot_pairs(acc[r][2], w2, b);
+        acc[r][3] = dot_pairs(acc[r][3], w3, b);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(out + r * 32, _mm512_add_ps(acc[r][0], acc[r][2]));
+    _mm512_storeu_ps(out + r * 32 + 16, _mm512_add_ps(acc[r][1], acc[r][3]));
+  }
+}
+
 template <typename T, bool Pairs = false>
 softprompt::RowFn<T> row_fn(int64_t dim) {
   switch (dim) {
@@ -292,12 +347,25 @@ void avx512_silu_mul(const c10::BFloat16* gate, const c10::BFloat16* up, c10::BF
                      int64_t end) {
   silu_mul_bf16(gate, up, out, begin, end);
 }
+// linear.cpp's `onednn_rows`: `rows` (1 to kOnednnRows) rows of x times one 32-column block of oneDNN's
+// packed weight, into out [rows, 32]. Call it only where cpu_has_avx512_bf16().
+void avx512_rows_block(const c10::BFloat16* x, int64_t rows, int64_t ldx, int64_t in, const c10::BFloat16* block,
+                       float* out) {
+  switch (rows) {
+    case 1: rows_block<1>(x, ldx, in, block, out); break;
+    case 2: rows_block<2>(x, ldx, in, block, out); break;
+    case 3: rows_block<3>(x, ldx, in, block, out); break;
+    case 4: rows_block<4>(x, ldx, in, block, out); break;
+    default: break;
+  }
+}
 RowFn<float> avx512_row_fn(float*, int64_t dim, bool) { return row_fn<float>(dim); }
 RowFn<c10::BFloat16> avx512_row_fn(c10::BFloat16*, int64_t dim, bool pairs) {
   return pairs ? row_fn<c10::BFloat16, true>(dim) : row_fn<c10::BFloat16>(dim);
 }
 #else
 void avx512_silu_mul(const c10::BFloat16*, const c10::BFloat16*, c10::BFloat16*, int64_t, int64_t) {}
+void avx512_rows_block(const c10::BFloat16*, int64_t, int64_t, int64_t, const c10::BFloat16*, float*) {}
 RowFn<float> avx512_row_fn(float*, int64_t, bool) { return nullptr; }
 RowFn<c10::BFloat16> avx512_row_fn(c10::BFloat16*, int64_t, bool) { return nullptr; }
 #endif

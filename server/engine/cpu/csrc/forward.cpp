@@ -56,6 +56,14 @@ void write_kv(at::Tensor& kv, const at::Tensor& slots, const at::Tensor& k, cons
   op.call(kv, slots, k, v);
 }
 
+// linear.cpp's onednn_rows: a few bfloat16 rows on a oneDNN-packed weight, read in place.
+at::Tensor onednn_rows(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("softprompt::onednn_rows", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>();
+  return op.call(x, packed, bias);
+}
+
 // torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], ""): a oneDNN-packed weight's layer.
 at::Tensor linear_pointwise(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
   static auto op = c10::Dispatcher::singleton()
@@ -66,10 +74,16 @@ at::Tensor linear_pointwise(const at::Tensor& x, const at::Tensor& packed, const
   return op.call(x, packed, bias, "none", c10::List<std::optional<c10::Scalar>>(), c10::string_view(""));
 }
 
-// cpu_linear._onednn_forward: in the packed weight's dtype when x has it (bfloat16 on AVX512-BF16, AMX);
-// bfloat16 x on a weight packed widened to float32 computed in float32, the result rounded back.
-at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
-  if (packed.scalar_type() == x.scalar_type()) return linear_pointwise(x, packed, bias);
+// cpu_linear._onednn_forward: in the packed weight's dtype when x has it (bfloat16 on AVX512-BF16, AMX),
+// up to `small_rows` rows (the layer's cpu_linear.ROWS) on onednn_rows; bfloat16 x on a weight packed
+// widened to float32 computed in float32, the result rounded back.
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                         int64_t small_rows) {
+  if (packed.scalar_type() == x.scalar_type()) {
+    const int64_t rows = x.numel() / x.size(-1);
+    if (rows <= small_rows && x.stride(-1) == 1) return onednn_rows(x.reshape({rows, x.size(-1)}), packed, bias);
+    return linear_pointwise(x, packed, bias);
+  }
   std::optional<at::Tensor> b = bias;
   if (b) b = b->to(packed.scalar_type());
   return linear_pointwise(x.to(packed.scalar_type()), packed, b).to(x.scalar_type());
@@ -79,8 +93,8 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed, const st
 // (mkldnn) tensor, our AVX2 kernel for a [blocks, in, 16] one. For the kernel, as
 // cpu_linear._kernel_forward: bfloat16 rows and bias computed in float32, the result rounded back.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
-                  int64_t out_features) {
-  if (packed.is_mkldnn()) return onednn_linear(x, packed, bias);
+                  int64_t out_features, int64_t small_rows) {
+  if (packed.is_mkldnn()) return onednn_linear(x, packed, bias, small_rows);
   at::Tensor rows = x.reshape({-1, x.size(-1)});
   std::optional<at::Tensor> b = bias;
   if (x.scalar_type() != at::kFloat) {
@@ -119,6 +133,7 @@ at::Tensor need(const c10::List<std::optional<at::Tensor>>& weights, int64_t i) 
 // included). Returns h after the last layer (before the final norm).
 at::Tensor lean_decode(at::Tensor h, const at::Tensor& cos, const at::Tensor& sin,
                        const c10::List<std::optional<at::Tensor>>& weights, std::vector<int64_t> out_features,
+                       std::vector<int64_t> small_rows,
                        std::vector<at::Tensor> kv, const at::Tensor& slots, const at::Tensor& q_lens,
                        const at::Tensor& starts,
                        const at::Tensor& kv_lens, const at::Tensor& prefix_starts, const at::Tensor& prefix_lens,
@@ -126,7 +141,8 @@ at::Tensor lean_decode(at::Tensor h, const at::Tensor& cos, const at::Tensor& si
                        std::vector<int64_t> windows, int64_t head_dim) {
   const int64_t layers = static_cast<int64_t>(kv.size());
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * kSlots && static_cast<int64_t>(out_features.size()) ==
-                  layers * kOuts && static_cast<int64_t>(eps.size()) == 2 * layers &&
+                  layers * kOuts && static_cast<int64_t>(small_rows.size()) == layers * kOuts &&
+                  static_cast<int64_t>(eps.size()) == 2 * layers &&
                   static_cast<int64_t>(scales.size()) == layers && static_cast<int64_t>(windows.size()) == layers,
               "per-layer arguments for ", layers, " layers expected");
   const int64_t tokens = h.size(0);
@@ -134,7 +150,8 @@ at::Tensor lean_decode(at::Tensor h, const at::Tensor& cos, const at::Tensor& si
   for (int64_t l = 0; l < layers; ++l) {
     const int64_t w = l * kSlots, o = l * kOuts;
     auto proj = [&](const at::Tensor& in, int64_t slot, int64_t out) {  // a weight's bias is the slot after it
-      return linear(in, need(weights, w + slot), get(weights, w + slot + 1), out_features[o + out]);
+      return linear(in, need(weights, w + slot), get(weights, w + slot + 1), out_features[o + out],
+                    small_rows[o + out]);
     };
     // the layers at `slots` (`count` of them from `first`'s Out): one call each, or one merged call cut in columns
     auto siblings = [&](const at::Tensor& in, int64_t slot, int64_t first, int64_t count) {
@@ -145,7 +162,8 @@ at::Tensor lean_decode(at::Tensor h, const at::Tensor& cos, const at::Tensor& si
       }
       int64_t width = 0;
       for (int64_t i = 0; i < count; ++i) width += out_features[o + first + i];
-      const at::Tensor all = linear(in, need(weights, w + slot), get(weights, w + slot + 1), width);
+      const at::Tensor all = linear(in, need(weights, w + slot), get(weights, w + slot + 1), width,
+                                    small_rows[o + first]);
       for (int64_t i = 0, col = 0; i < count; col += out_features[o + first + i], ++i)
         outs.push_back(all.narrow(-1, col, out_features[o + first + i]));
       return outs;
@@ -172,7 +190,7 @@ at::Tensor lean_decode(at::Tensor h, const at::Tensor& cos, const at::Tensor& si
 
 TORCH_LIBRARY_FRAGMENT(softprompt, m) {
   m.def(
-      "lean_decode(Tensor h, Tensor cos, Tensor sin, Tensor?[] weights, int[] out_features, Tensor[] kv, "
+      "lean_decode(Tensor h, Tensor cos, Tensor sin, Tensor?[] weights, int[] out_features, int[] small_rows, Tensor[] kv, "
       "Tensor slots, Tensor q_lens, Tensor starts, Tensor kv_lens, Tensor prefix_starts, Tensor prefix_lens, float[] eps, float[] scales, int[] windows, int head_dim) "
       "-> Tensor");
 }

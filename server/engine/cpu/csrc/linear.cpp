@@ -15,6 +15,7 @@
 // Every output is the same sequence of FMAs down the input features either way: results do not
 // depend on the row count or the blocking.
 
+#include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -33,7 +34,17 @@
 namespace softprompt {  // common.cpp
 void shared_for(int64_t tasks, const std::function<void(int64_t, int64_t)>& fn);
 bool cpu_has_avx2_fma();
+bool cpu_has_avx512_bf16();  // avx512.cpp
+void avx512_rows_block(const c10::BFloat16* x, int64_t rows, int64_t ldx, int64_t in, const c10::BFloat16* block,
+                       float* out);
 }  // namespace softprompt
+
+#if AT_MKLDNN_ENABLED()
+namespace at::native {  // exported by libtorch_cpu (ATen/native/mkldnn/MKLDNNCommon.h, not shipped in its headers)
+void* data_ptr_from_mkldnn(const at::Tensor& mkldnn_tensor);
+int64_t nbytes_from_mkldnn(const at::Tensor& mkldnn_tensor);
+}  // namespace at::native
+#endif
 
 namespace {
 
@@ -200,10 +211,99 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const st
   return y;
 }
 
+// A bfloat16 layer's few rows on the weight oneDNN packed (linear.py's `_onednn_forward` and forward.cpp take
+// it for up to kOnednnRows rows, where `onednn_layout` said yes for the weight): oneDNN's call costs
+// about 16 us beyond its arithmetic, and this reads the same bytes in place, in AVX512-BF16 dot
+// products of bfloat16 pairs (avx512.cpp's `rows_block`), so no second copy of the weight. oneDNN's
+// layout for it on AMX CPUs is AB16b32a2b: blocks of 32 output columns one after another, in each the
+// input features' pairs (padded with zeros to a multiple of 32 features), each pair's 32 columns side by side.
+constexpr int64_t kOnednnBlock = 32;  // output columns per block of that layout; input features padded to it
+constexpr int64_t kOnednnRows = 4;    // the most rows a call takes (avx512.cpp's rows_block tiles)
+
+int64_t padded(int64_t n) { return (n + kOnednnBlock - 1) / kOnednnBlock * kOnednnBlock; }
+
+#if AT_MKLDNN_ENABLED()
+const c10::BFloat16* onednn_bytes(const at::Tensor& packed, int64_t out, int64_t in) {
+  TORCH_CHECK(packed.is_mkldnn() && packed.scalar_type() == at::kBFloat16 && packed.dim() == 2 &&
+                  packed.size(0) == out && packed.size(1) == in,
+              "a oneDNN-packed bfloat16 weight [", out, ", ", in, "] expected");
+  TORCH_CHECK(at::native::nbytes_from_mkldnn(packed) == padded(out) * padded(in) * 2,
+              "the packed weight's size is not the AB16b32a2b layout's");
+  return static_cast<const c10::BFloat16*>(at::native::data_ptr_from_mkldnn(packed));
+}
+
+// Whether `packed` (oneDNN's, bfloat16) holds `plain` [out, in] in the AB16b32a2b layout, padding zeros included.
+bool onednn_layout(const at::Tensor& packed, const at::Tensor& plain) {
+  if (!packed.is_mkldnn() || packed.scalar_type() != at::kBFloat16 || plain.dim() != 2 ||
+      plain.scalar_type() != at::kBFloat16 || packed.sizes() != plain.sizes() ||
+      at::native::nbytes_from_mkldnn(packed) != padded(plain.size(0)) * padded(plain.size(1)) * 2)
+    return false;
+  const int64_t out = plain.size(0), in = plain.size(1), in_pad = padded(in);
+  const at::Tensor w = plain.contiguous();
+  const uint16_t* want = reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>());
+  const uint16_t* got = reinterpret_cast<const uint16_t*>(onednn_bytes(packed, out, in));
+  for (int64_t n = 0; n < padded(out); ++n)
+    for (int64_t k = 0; k < in_pad; ++k) {
+      const int64_t at = (n / kOnednnBlock) * kOnednnBlock * in_pad + (k / 2) * 2 * kOnednnBlock + (n % kOnednnBlock) * 2 + k % 2;
+      if (got[at] != (n < out && k < in ? want[n * in + k] : 0)) return false;
+    }
+  return true;
+}
+
+// x [rows <= kOnednnRows, in] bfloat16, rows contiguous; packed: oneDNN's, in that layout; bias bfloat16 or
+// none. y = x W^T + b, each output summed in float32 and rounded to bfloat16, as oneDNN's output is.
+at::Tensor onednn_rows(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(softprompt::cpu_has_avx512_bf16(), "onednn_rows needs a CPU with AVX512-BF16");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1 && x.size(0) <= kOnednnRows,
+              "x [rows <= ", kOnednnRows, ", in] bfloat16, rows contiguous, expected");
+  const int64_t rows = x.size(0), in = x.size(1), out = packed.size(0);
+  const c10::BFloat16* w = onednn_bytes(packed, out, in);
+  const c10::BFloat16* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == out,
+                "a contiguous bfloat16 bias of ", out, " expected");
+    b = bias->data_ptr<c10::BFloat16>();
+  }
+  at::Tensor y = at::empty({rows, out}, x.options());
+  if (rows == 0) return y;
+  const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
+  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  const int64_t ldx = x.stride(0), in_pad = padded(in);
+  softprompt::shared_for(padded(out) / kOnednnBlock, [&](int64_t first, int64_t last) {
+    float acc[kOnednnRows * kOnednnBlock];
+    for (int64_t block = first; block < last; ++block) {
+      softprompt::avx512_rows_block(xp, rows, ldx, in, w + block * kOnednnBlock * in_pad, acc);
+      const int64_t n0 = block * kOnednnBlock, cols = std::min(kOnednnBlock, out - n0);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c)
+          yp[r * out + n0 + c] = c10::BFloat16(acc[r * kOnednnBlock + c] + (b ? static_cast<float>(b[n0 + c]) : 0.f));
+    }
+  });
+  return y;
+}
+#else
+bool onednn_layout(const at::Tensor&, const at::Tensor&) { return false; }
+at::Tensor onednn_rows(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&) {
+  TORCH_CHECK(false, "this build of torch has no oneDNN");
+}
+#endif
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(softprompt, m) {
   m.def("packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
+  m.def("onednn_layout(Tensor packed, Tensor plain) -> bool");
+  m.def("onednn_rows(Tensor x, Tensor packed, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(softprompt, CPU, m) { m.impl("packed_linear", packed_linear); }
+// The packed weight is a oneDNN (mkldnn) tensor: the dispatcher looks these up for its backend (and for
+// CPU, where the call's other tensors decide).
+TORCH_LIBRARY_IMPL(softprompt, MkldnnCPU, m) {
+  m.impl("onednn_layout", onednn_layout);
+  m.impl("onednn_rows", onednn_rows);
+}
+TORCH_LIBRARY_IMPL(softprompt, CPU, m) {
+  m.impl("onednn_layout", onednn_layout);
+  m.impl("onednn_rows", onednn_rows);
+}
