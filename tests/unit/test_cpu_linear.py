@@ -156,6 +156,7 @@ def test_few_bfloat16_rows_run_on_onednns_bytes_in_place(onednn_rows, out_featur
             for r in range(rows):
                 assert torch.equal(got[r], layer(x[r:r + 1])[0])
         assert torch.equal(layer(x), onednn(x))  # more rows: oneDNN's own call
+        assert layer(x[:0]).shape == (0, out_features)  # none: oneDNN's too
         with pytest.raises(RuntimeError, match="rows <="):
             ops.onednn_rows(x, packed, bias)
         with pytest.raises(RuntimeError, match="bfloat16"):

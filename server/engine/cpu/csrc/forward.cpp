@@ -81,7 +81,7 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed, const st
                          int64_t small_rows) {
   if (packed.scalar_type() == x.scalar_type()) {
     const int64_t rows = x.numel() / x.size(-1);
-    if (rows <= small_rows && x.stride(-1) == 1) return onednn_rows(x.reshape({rows, x.size(-1)}), packed, bias);
+    if (rows > 0 && rows <= small_rows && x.stride(-1) == 1) return onednn_rows(x.reshape({rows, x.size(-1)}), packed, bias);
     return linear_pointwise(x, packed, bias);
   }
   std::optional<at::Tensor> b = bias;
