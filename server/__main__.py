@@ -12,6 +12,10 @@ import signal
 import sys
 import time
 
+from server import openmp
+
+openmp.apply()  # before torch loads OpenMP
+
 import torch
 import uvicorn
 

@@ -44,6 +44,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from server import openmp
 from server.config import Config, load_config
 
 log = logging.getLogger("softprompt.ray_serve")
@@ -262,7 +263,8 @@ def deployment(args: dict):
     engine = serve.deployment(
         engine_class, name="Engine", **scaling,
         max_ongoing_requests=config.max_batch_size + config.max_waiting,
-        ray_actor_options={"num_gpus": num_gpus, "num_cpus": float(args.get("num_cpus", 1))},
+        ray_actor_options={"num_gpus": num_gpus, "num_cpus": float(args.get("num_cpus", 1)),
+                           "runtime_env": {"env_vars": openmp.environment()}},  # set before the replica loads torch
         health_check_period_s=5, graceful_shutdown_timeout_s=config.shutdown_timeout)
     ingress = serve.deployment(Ingress, name="Ingress",
                                max_ongoing_requests=10 * (config.max_batch_size + config.max_waiting),

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from server import openmp
 from server.engine.cpu.threads import cgroup_cpu_quota
 
 from .conftest import PROMPT
@@ -60,6 +61,9 @@ def test_info(server, client):
     assert info["compile"] == {"mode": "off"}  # the default: the packed forward runs eager
     threads = info["cpu_threads"]  # --cpu-threads auto: torch's default within the CPUs and the quota
     assert 1 <= threads["threads"] <= len(os.sched_getaffinity(0)) and threads["cpus"] is None
+    # OpenMP's idle workers spin longer (server/openmp.py), set by the entry point before torch loaded
+    operators = os.environ.get("GOMP_SPINCOUNT") or (None if "OMP_WAIT_POLICY" in os.environ else openmp.SPIN_COUNT)
+    assert threads["openmp_spin_count"] == operators
 
 
 def test_start_up_heap_is_frozen(server):

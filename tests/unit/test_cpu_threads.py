@@ -143,3 +143,18 @@ def test_a_confined_plan_confines_the_engine_thread_and_its_workers():
     assert own == {cpus[-1]}
     assert new and all(c == {cpus[-1]} for c in new.values())
     assert os.sched_getaffinity(0) == set(cpus)  # this thread is untouched
+
+
+def test_openmp_workers_spin_longer_unless_the_operator_chose(monkeypatch):
+    """server/openmp.py: GOMP_SPINCOUNT for the server's entry points, unless OpenMP's waiting was set."""
+    from server import openmp
+
+    for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+        monkeypatch.setenv(name, "")  # noted as it was, so that what `apply` sets is undone too
+        monkeypatch.delenv(name)
+    assert openmp.environment() == {"GOMP_SPINCOUNT": openmp.SPIN_COUNT}
+    openmp.apply()
+    assert os.environ["GOMP_SPINCOUNT"] == openmp.SPIN_COUNT and openmp.environment() == {}
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert openmp.environment() == {}

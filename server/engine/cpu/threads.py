@@ -48,8 +48,9 @@ class ThreadPlan:
         return f"{self.threads} torch threads {where} ({self.why}){loop}"
 
     def info(self) -> dict:
-        """For /info."""
-        return {"threads": self.threads, "cpus": list(self.cpus) if self.cpus else None, "spare": self.spare}
+        """For /info; `openmp_spin_count`: how long OpenMP's idle workers spin (server/openmp.py), None: libgomp's default."""
+        return {"threads": self.threads, "cpus": list(self.cpus) if self.cpus else None, "spare": self.spare,
+                "openmp_spin_count": os.environ.get("GOMP_SPINCOUNT")}
 
 
 def plan_threads(setting: str | int | list[int], cpus: list[int] | None = None,
