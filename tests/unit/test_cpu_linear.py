@@ -120,47 +120,56 @@ def test_layers_that_cannot_be_one_are_packed_each_alone(backend):
     assert all(hasattr(m, cpu_linear.PACKED) for m in _linears(model).values())
 
 
-@pytest.fixture
-def onednn_rows(cpu_kernels_built):
-    """`onednn_rows`: our kernel for a bfloat16 layer's few rows, on the bytes oneDNN packed (AVX512-BF16 CPUs)."""
-    if not torch.cpu._is_avx512_bf16_supported():
-        pytest.skip("this CPU has no AVX512-BF16")
-    if cpu_linear.unavailable("onednn", torch.bfloat16):
-        pytest.skip(f"oneDNN cannot pack bfloat16 here: {cpu_linear.unavailable('onednn', torch.bfloat16)}")
+@pytest.fixture(params=[torch.bfloat16, torch.float32])
+def onednn_rows(request, cpu_kernels_built) -> torch.dtype:
+    """`onednn_rows`: our kernel for a layer's few rows, on the bytes oneDNN packed (AVX-512 CPUs; bfloat16 also
+    AVX512-BF16), in each dtype."""
+    dtype = request.param
+    if not (torch.cpu._is_avx512_bf16_supported() if dtype == torch.bfloat16 else torch.cpu._is_avx512_supported()):
+        pytest.skip(f"this CPU has no AVX-512{' BF16' if dtype == torch.bfloat16 else ''}")
+    if cpu_linear.unavailable("onednn", dtype) or cpu_linear._native_problem(dtype):
+        pytest.skip(f"oneDNN cannot pack {dtype} natively here")
+    return dtype
 
 
 @pytest.mark.parametrize("out_features, in_features", [(37, 300), (64, 64), (50, 33), (3, 7), (1024, 512)])
-def test_few_bfloat16_rows_run_on_onednns_bytes_in_place(onednn_rows, out_features, in_features):
-    """Up to ONEDNN_ROWS rows of a bfloat16 layer on oneDNN's packed weight run on our kernel, reading oneDNN's
-    bytes (no second copy): each output the float32 sum rounded once to bfloat16 (so nearly always oneDNN's
-    own bits: the sums' order differs), each row's the same alone or beside others. More rows go to oneDNN."""
+def test_few_rows_run_on_onednns_bytes_in_place(onednn_rows, out_features, in_features):
+    """Up to ONEDNN_ROWS rows of a layer packed by oneDNN run on our kernel, reading oneDNN's bytes (no second
+    copy): each output its float32 sum (bfloat16: rounded once, so nearly always oneDNN's own bits; the sums'
+    order differs), each row's the same alone or beside others. More rows, or none, go to oneDNN."""
+    dtype = onednn_rows
+    most = cpu_linear.ONEDNN_ROWS[dtype]
     generator = torch.Generator().manual_seed(out_features)
-    layer = torch.nn.Linear(in_features, out_features).bfloat16()
+    layer = torch.nn.Linear(in_features, out_features).to(dtype)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(out_features, in_features, generator=generator))
         layer.bias.copy_(torch.randn(out_features, generator=generator))
     weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
     model = torch.nn.Sequential(layer)
-    assert cpu_linear.install(model, "onednn") == 1 and getattr(layer, cpu_linear.ROWS) == cpu_linear.ONEDNN_ROWS
+    assert cpu_linear.install(model, "onednn") == 1 and getattr(layer, cpu_linear.ROWS) == most
     packed, ops = getattr(layer, cpu_linear.PACKED), torch.ops.softprompt
     assert ops.onednn_layout(packed, weight) and not ops.onednn_layout(packed, weight.flip(0))
     onednn = lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")  # noqa: E731
-    x = torch.randn(cpu_linear.ONEDNN_ROWS + 1, in_features, generator=generator).bfloat16()
+    x = torch.randn(most + 1, in_features, generator=generator).to(dtype)
     with torch.inference_mode():
-        for rows in range(1, cpu_linear.ONEDNN_ROWS + 1):
+        for rows in range(1, most + 1):
             got = layer(x[:rows])
-            exact = torch.nn.functional.linear(x[:rows].float(), weight.float(), bias.float())
+            exact = torch.nn.functional.linear(x[:rows].double(), weight.double(), bias.double())
             assert torch.equal(got, ops.onednn_rows(x[:rows], packed, bias))
-            torch.testing.assert_close(got.float(), exact, atol=1e-3, rtol=2 ** -8)  # one rounding to bfloat16
-            assert (got != onednn(x[:rows])).float().mean() < 0.02
+            if dtype == torch.bfloat16:
+                torch.testing.assert_close(got.double(), exact, atol=1e-3, rtol=2 ** -8)  # one rounding to bfloat16
+                assert (got != onednn(x[:rows])).float().mean() < 0.02
+            else:
+                torch.testing.assert_close(got.double(), exact, atol=1e-4, rtol=1e-5)
+                torch.testing.assert_close(got, onednn(x[:rows]), atol=1e-4, rtol=1e-5)
             for r in range(rows):
                 assert torch.equal(got[r], layer(x[r:r + 1])[0])
         assert torch.equal(layer(x), onednn(x))  # more rows: oneDNN's own call
         assert layer(x[:0]).shape == (0, out_features)  # none: oneDNN's too
         with pytest.raises(RuntimeError, match="rows <="):
             ops.onednn_rows(x, packed, bias)
-        with pytest.raises(RuntimeError, match="bfloat16"):
-            ops.onednn_rows(x[:1].float(), packed, bias)
+        with pytest.raises(RuntimeError, match="float32 x expected"):
+            ops.onednn_rows(x[:1].double(), packed, bias)
     cpu_linear.unpack(model)
     assert torch.equal(layer.weight, weight) and not hasattr(layer, cpu_linear.ROWS)
 

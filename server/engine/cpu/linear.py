@@ -50,16 +50,19 @@ were checked equal at 1 to 2,048 rows), in bfloat16 oneDNN's AMX blocking may ch
 bits at some row counts. `siblings` runs a merged group's layers as one call; each layer called alone
 still answers (its columns of the merged call), so transformers' own forward runs on a merged model.
 
-A bfloat16 layer's calls of up to ONEDNN_ROWS rows (one to four decoding streams) run on a kernel of
-ours (csrc/linear.cpp's `onednn_rows`, AVX512-BF16 `vdpbf16ps` dot products) that reads the weight
-oneDNN packed, in place: on AMX CPUs oneDNN lays a bfloat16 weight out as AB16b32a2b (32 output
-columns a block, each pair of input features' 32 columns side by side), which is the layout such a
-kernel wants, so no second copy is needed. Packing checks every byte of each weight against that
-layout (`onednn_layout`) and takes the kernel only where it matches. The bench model's weights, one
-pass, merged, Xeon here, oneDNN / ours: 1 row 1.66 / 0.85 ms (ours 54 GB/s), 2 rows 1.67 / 0.92,
-4 rows 1.64 / 1.15-1.29. Each output is its float32 sum rounded once to bfloat16, as oneDNN's; the
-sums' order differs, so 57 of 381,440 outputs differed from oneDNN's in their last bit. A row's
-outputs do not depend on the other rows of the call.
+A layer's calls of a few rows (ONEDNN_ROWS: up to 4 in bfloat16, 16 in float32; a few decoding
+streams) run on a kernel of ours (csrc/linear.cpp's `onednn_rows`; AVX512-BF16 `vdpbf16ps` dot
+products of bfloat16 pairs, AVX-512 FMAs for float32) that reads the weight oneDNN packed, in place,
+so no second copy is needed: on AVX-512 CPUs oneDNN lays a bfloat16 weight out as AB16b32a2b (32
+output columns a block, each pair of input features' 32 columns side by side) and a float32 one as
+AB16b64a (64 columns a block, each input feature's 64 columns side by side), the layouts such
+kernels want. Packing checks every byte of each weight against that layout (`onednn_layout`) and
+takes the kernel only where it matches. One pass over the bench model's weights, merged, on the
+Xeon here, oneDNN / ours, ms: bfloat16 1 row 1.66 / 0.85 (54 GB/s), 2 rows 1.67 / 0.92, 4 rows
+1.64 / 1.15-1.29; float32 1 row 3.20 / 2.02, 4 rows 3.77 / 2.43, 8 rows 4.87 / 3.43, 16 rows 6.20 /
+5.06. Each output is one float32 sum (bfloat16: rounded once, as oneDNN's); the sums' order differs
+from oneDNN's, so 57 of 381,440 bfloat16 outputs differed in their last bit, float32 ones by 1e-5
+relative. A row's outputs do not depend on the other rows of the call.
 
 Either packing runs inside the one-call decoding step too (`native_decode.py`): csrc/forward.cpp's
 `linear` computes a layer as `_kernel_forward` or `_onednn_forward` here does, oneDNN's op called
@@ -85,7 +88,7 @@ log = logging.getLogger(__name__)
 PACKED = "_softprompt_packed"  # the attribute holding a packed layer's weight
 MERGED = "_softprompt_merged"  # on a layer packed inside a merged one: (the merged layer, its first column)
 ROWS = "_softprompt_rows"  # on a packed layer: the most rows `onednn_rows` takes for it (0: none)
-ONEDNN_ROWS = 4  # csrc/linear.cpp's kOnednnRows
+ONEDNN_ROWS = {torch.bfloat16: 4, torch.float32: 16}  # csrc/linear.cpp's Layout::max_rows
 BLOCK = 16  # output columns per block of the AVX2 kernel's packing (csrc/linear.cpp's kBlock)
 CACHE_CAPACITY = 32  # shapes kept by oneDNN's primitive cache and by ideep's, each
 CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
@@ -176,16 +179,17 @@ def _set_packed(layer: nn.Linear, weight: torch.Tensor, backend: _Backend) -> No
     if not torch.equal(_plain(blocked, weight.shape[0]).to(weight.dtype), weight):
         raise RuntimeError(f"packing a {tuple(weight.shape)} weight for {backend.name} lost values")
     setattr(layer, PACKED, blocked)
-    setattr(layer, ROWS, ONEDNN_ROWS if _rows_kernel_reads(blocked, weight) else 0)
+    setattr(layer, ROWS, ONEDNN_ROWS[weight.dtype] if _rows_kernel_reads(blocked, weight) else 0)
     layer.forward = types.MethodType(backend.forward, layer)
 
 
 def _rows_kernel_reads(blocked: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `onednn_rows` can run on oneDNN's packing `blocked` of `weight`: bfloat16, an AVX512-BF16 CPU,
-    the kernels built, and the bytes in the layout it reads (checked, every one)."""
-    return (blocked.is_mkldnn and blocked.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and torch.cpu._is_avx512_bf16_supported() and cpu_kernels.available()
-            and cpu_kernels.ops().onednn_layout(blocked, weight))
+    """Whether `onednn_rows` can run on oneDNN's packing `blocked` of `weight`: packed in the weight's own dtype,
+    an AVX-512 CPU (bfloat16: with AVX512-BF16), the kernels built, and the bytes in the layout it reads
+    (checked, every one)."""
+    cpu = {torch.bfloat16: torch.cpu._is_avx512_bf16_supported, torch.float32: torch.cpu._is_avx512_supported}
+    return (blocked.is_mkldnn and blocked.dtype == weight.dtype and weight.dtype in cpu and cpu[weight.dtype]()
+            and cpu_kernels.available() and cpu_kernels.ops().onednn_layout(blocked, weight))
 
 
 def _pack_merged(group: list[nn.Linear], backend: _Backend) -> None:
@@ -345,7 +349,7 @@ def _onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     packed = getattr(self, PACKED)
     if packed.dtype == x.dtype:
         rows = x.numel() // self.in_features
-        if 0 < rows <= getattr(self, ROWS) and x.stride(-1) == 1:  # a few bfloat16 rows: our kernel, on oneDNN's bytes
+        if 0 < rows <= getattr(self, ROWS) and x.stride(-1) == 1:  # a few rows: our kernel, on oneDNN's bytes
             return cpu_kernels.ops().onednn_rows(x.reshape(rows, self.in_features), packed, self.bias).view(
                 *x.shape[:-1], self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")

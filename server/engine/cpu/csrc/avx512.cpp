@@ -2,7 +2,7 @@
 // - attention's per-row code (attention.cpp takes it where the CPU has AVX-512 F and BW and the head
 //   size is a multiple of 16 up to 128; its portable loops take the rest);
 // - the MLP's activation, silu(gate) * up, for bfloat16 rows (rowwise.cpp's `silu_mul`);
-// - a bfloat16 linear layer's few rows on oneDNN's packed weight (linear.cpp's `onednn_rows`).
+// - a linear layer's few rows on oneDNN's packed weight (linear.cpp's `onednn_rows`), bfloat16 and float32.
 //
 // Attention: the same work as attention.cpp's portable row: one query row, a kv head's `group` query heads, against
 // the keys of its two ranges (shared prefix, own segment). What differs is how the registers are
@@ -318,6 +318,31 @@ void rows_block(const c10::BFloat16* x, int64_t ldx, int64_t in, const c10::BFlo
   }
 }
 
+// The float32 counterpart: R rows of x (float32) times one block of 64 output columns in oneDNN's AB16b64a
+// layout (per input feature, its 64 columns: 256 bytes), into out [R, 64]. Each output is one chain of
+// fused multiply-adds down the input features, whatever R.
+template <int R>
+void rows_block_f32(const float* x, int64_t ldx, int64_t in, const float* block, float* out) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < in; ++k) {
+    const float* w = block + k * 64;
+    for (int i = 0; i < 4; ++i) _mm_prefetch(reinterpret_cast<const char*>(w + 8 * 64 + 16 * i), _MM_HINT_T0);
+    const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16), w2 = _mm512_loadu_ps(w + 32),
+                 w3 = _mm512_loadu_ps(w + 48);
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(x[r * ldx + k]);
+      acc[r][0] = _mm512_fmadd_ps(a, w0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(a, w1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(a, w2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(a, w3, acc[r][3]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out + r * 64 + 16 * i, acc[r][i]);
+}
+
 template <typename T, bool Pairs = false>
 softprompt::RowFn<T> row_fn(int64_t dim) {
   switch (dim) {
@@ -359,6 +384,21 @@ void avx512_rows_block(const c10::BFloat16* x, int64_t rows, int64_t ldx, int64_
     default: break;
   }
 }
+// Its float32 counterpart (AB16b64a, 64-column blocks), in tiles of up to 6 rows. Call it only where cpu_has_avx512().
+void avx512_rows_block(const float* x, int64_t rows, int64_t ldx, int64_t in, const float* block, float* out) {
+  for (int64_t r = 0; r < rows; r += 6) {
+    const float* xr = x + r * ldx;
+    float* o = out + r * 64;
+    switch (rows - r < 6 ? rows - r : 6) {
+      case 1: rows_block_f32<1>(xr, ldx, in, block, o); break;
+      case 2: rows_block_f32<2>(xr, ldx, in, block, o); break;
+      case 3: rows_block_f32<3>(xr, ldx, in, block, o); break;
+      case 4: rows_block_f32<4>(xr, ldx, in, block, o); break;
+      case 5: rows_block_f32<5>(xr, ldx, in, block, o); break;
+      default: rows_block_f32<6>(xr, ldx, in, block, o); break;
+    }
+  }
+}
 RowFn<float> avx512_row_fn(float*, int64_t dim, bool) { return row_fn<float>(dim); }
 RowFn<c10::BFloat16> avx512_row_fn(c10::BFloat16*, int64_t dim, bool pairs) {
   return pairs ? row_fn<c10::BFloat16, true>(dim) : row_fn<c10::BFloat16>(dim);
@@ -366,6 +406,7 @@ RowFn<c10::BFloat16> avx512_row_fn(c10::BFloat16*, int64_t dim, bool pairs) {
 #else
 void avx512_silu_mul(const c10::BFloat16*, const c10::BFloat16*, c10::BFloat16*, int64_t, int64_t) {}
 void avx512_rows_block(const c10::BFloat16*, int64_t, int64_t, int64_t, const c10::BFloat16*, float*) {}
+void avx512_rows_block(const float*, int64_t, int64_t, int64_t, const float*, float*) {}
 RowFn<float> avx512_row_fn(float*, int64_t, bool) { return nullptr; }
 RowFn<c10::BFloat16> avx512_row_fn(c10::BFloat16*, int64_t, bool) { return nullptr; }
 #endif

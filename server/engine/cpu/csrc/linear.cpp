@@ -34,9 +34,11 @@
 namespace softprompt {  // common.cpp
 void shared_for(int64_t tasks, const std::function<void(int64_t, int64_t)>& fn);
 bool cpu_has_avx2_fma();
-bool cpu_has_avx512_bf16();  // avx512.cpp
+bool cpu_has_avx512();  // avx512.cpp
+bool cpu_has_avx512_bf16();
 void avx512_rows_block(const c10::BFloat16* x, int64_t rows, int64_t ldx, int64_t in, const c10::BFloat16* block,
                        float* out);
+void avx512_rows_block(const float* x, int64_t rows, int64_t ldx, int64_t in, const float* block, float* out);
 }  // namespace softprompt
 
 #if AT_MKLDNN_ENABLED()
@@ -211,74 +213,104 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const st
   return y;
 }
 
-// A bfloat16 layer's few rows on the weight oneDNN packed (linear.py's `_onednn_forward` and forward.cpp take
-// it for up to kOnednnRows rows, where `onednn_layout` said yes for the weight): oneDNN's call costs
-// about 16 us beyond its arithmetic, and this reads the same bytes in place, in AVX512-BF16 dot
-// products of bfloat16 pairs (avx512.cpp's `rows_block`), so no second copy of the weight. oneDNN's
-// layout for it on AMX CPUs is AB16b32a2b: blocks of 32 output columns one after another, in each the
-// input features' pairs (padded with zeros to a multiple of 32 features), each pair's 32 columns side by side.
-constexpr int64_t kOnednnBlock = 32;  // output columns per block of that layout; input features padded to it
-constexpr int64_t kOnednnRows = 4;    // the most rows a call takes (avx512.cpp's rows_block tiles)
+// A layer's few rows on the weight oneDNN packed (linear.py's `_onednn_forward` and forward.cpp take it
+// for up to `max_rows` rows, where `onednn_layout` said yes for the weight): oneDNN's call costs about
+// 16 us beyond its arithmetic, and this reads the same bytes in place (avx512.cpp's `rows_block`), so no
+// second copy of the weight. oneDNN's layouts for a linear weight on this class of CPU: blocks of `cols`
+// output columns one after another; in each, the input features (padded to a multiple of `depth`) in
+// groups of `pair`, each group's `cols` columns side by side (bfloat16 AB16b32a2b: `vdpbf16ps` pairs;
+// float32 AB16b64a).
+struct Layout {
+  int64_t cols, depth, pair, max_rows;
+};
+constexpr Layout kBFloat16Layout{32, 32, 2, 4};  // max_rows: avx512.cpp's rows_block tiles
+constexpr Layout kFloatLayout{64, 16, 1, 16};    // max_rows: measured (linear.py's ONEDNN_ROWS)
 
-int64_t padded(int64_t n) { return (n + kOnednnBlock - 1) / kOnednnBlock * kOnednnBlock; }
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 #if AT_MKLDNN_ENABLED()
-const c10::BFloat16* onednn_bytes(const at::Tensor& packed, int64_t out, int64_t in) {
-  TORCH_CHECK(packed.is_mkldnn() && packed.scalar_type() == at::kBFloat16 && packed.dim() == 2 &&
-                  packed.size(0) == out && packed.size(1) == in,
-              "a oneDNN-packed bfloat16 weight [", out, ", ", in, "] expected");
-  TORCH_CHECK(at::native::nbytes_from_mkldnn(packed) == padded(out) * padded(in) * 2,
-              "the packed weight's size is not the AB16b32a2b layout's");
-  return static_cast<const c10::BFloat16*>(at::native::data_ptr_from_mkldnn(packed));
+Layout layout_of(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 ? kBFloat16Layout : kFloatLayout; }
+
+int64_t layout_bytes(const Layout& l, int64_t out, int64_t in, int64_t element) {
+  return round_up(out, l.cols) * round_up(in, l.depth) * element;
 }
 
-// Whether `packed` (oneDNN's, bfloat16) holds `plain` [out, in] in the AB16b32a2b layout, padding zeros included.
-bool onednn_layout(const at::Tensor& packed, const at::Tensor& plain) {
-  if (!packed.is_mkldnn() || packed.scalar_type() != at::kBFloat16 || plain.dim() != 2 ||
-      plain.scalar_type() != at::kBFloat16 || packed.sizes() != plain.sizes() ||
-      at::native::nbytes_from_mkldnn(packed) != padded(plain.size(0)) * padded(plain.size(1)) * 2)
-    return false;
-  const int64_t out = plain.size(0), in = plain.size(1), in_pad = padded(in);
+template <typename T>
+const T* onednn_bytes(const at::Tensor& packed, int64_t out, int64_t in) {
+  TORCH_CHECK(packed.is_mkldnn() && packed.scalar_type() == c10::CppTypeToScalarType<T>::value && packed.dim() == 2 &&
+                  packed.size(0) == out && packed.size(1) == in,
+              "a oneDNN-packed weight [", out, ", ", in, "] of x's dtype expected");
+  TORCH_CHECK(at::native::nbytes_from_mkldnn(packed) == layout_bytes(layout_of(packed), out, in, sizeof(T)),
+              "the packed weight's size is not its layout's");
+  return static_cast<const T*>(at::native::data_ptr_from_mkldnn(packed));
+}
+
+template <typename Bits>
+bool same_layout(const at::Tensor& packed, const at::Tensor& plain) {
+  const Layout l = layout_of(plain);
+  const int64_t out = plain.size(0), in = plain.size(1), in_pad = round_up(in, l.depth);
   const at::Tensor w = plain.contiguous();
-  const uint16_t* want = reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>());
-  const uint16_t* got = reinterpret_cast<const uint16_t*>(onednn_bytes(packed, out, in));
-  for (int64_t n = 0; n < padded(out); ++n)
+  const Bits* want = static_cast<const Bits*>(w.data_ptr());
+  const Bits* got = static_cast<const Bits*>(at::native::data_ptr_from_mkldnn(packed));
+  for (int64_t n = 0; n < round_up(out, l.cols); ++n)
     for (int64_t k = 0; k < in_pad; ++k) {
-      const int64_t at = (n / kOnednnBlock) * kOnednnBlock * in_pad + (k / 2) * 2 * kOnednnBlock + (n % kOnednnBlock) * 2 + k % 2;
-      if (got[at] != (n < out && k < in ? want[n * in + k] : 0)) return false;
+      const int64_t at = (n / l.cols) * l.cols * in_pad + (k / l.pair) * l.pair * l.cols + (n % l.cols) * l.pair + k % l.pair;
+      if (got[at] != (n < out && k < in ? want[n * in + k] : Bits{0})) return false;
     }
   return true;
 }
 
-// x [rows <= kOnednnRows, in] bfloat16, rows contiguous; packed: oneDNN's, in that layout; bias bfloat16 or
-// none. y = x W^T + b, each output summed in float32 and rounded to bfloat16, as oneDNN's output is.
-at::Tensor onednn_rows(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(softprompt::cpu_has_avx512_bf16(), "onednn_rows needs a CPU with AVX512-BF16");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1 && x.size(0) <= kOnednnRows,
-              "x [rows <= ", kOnednnRows, ", in] bfloat16, rows contiguous, expected");
-  const int64_t rows = x.size(0), in = x.size(1), out = packed.size(0);
-  const c10::BFloat16* w = onednn_bytes(packed, out, in);
-  const c10::BFloat16* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == out,
-                "a contiguous bfloat16 bias of ", out, " expected");
-    b = bias->data_ptr<c10::BFloat16>();
-  }
-  at::Tensor y = at::empty({rows, out}, x.options());
-  if (rows == 0) return y;
-  const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
-  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
-  const int64_t ldx = x.stride(0), in_pad = padded(in);
-  softprompt::shared_for(padded(out) / kOnednnBlock, [&](int64_t first, int64_t last) {
-    float acc[kOnednnRows * kOnednnBlock];
+// Whether `packed` (oneDNN's, bfloat16 or float32) holds `plain` [out, in] in its dtype's layout above, padding
+// zeros included.
+bool onednn_layout(const at::Tensor& packed, const at::Tensor& plain) {
+  const at::ScalarType dtype = plain.scalar_type();
+  if (!packed.is_mkldnn() || packed.scalar_type() != dtype || (dtype != at::kBFloat16 && dtype != at::kFloat) ||
+      plain.dim() != 2 || packed.sizes() != plain.sizes() ||
+      at::native::nbytes_from_mkldnn(packed) !=
+          layout_bytes(layout_of(plain), plain.size(0), plain.size(1), plain.element_size()))
+    return false;
+  return dtype == at::kBFloat16 ? same_layout<uint16_t>(packed, plain) : same_layout<uint32_t>(packed, plain);
+}
+
+template <typename T>
+void rows_times_blocks(const at::Tensor& x, const at::Tensor& packed, const T* bias, at::Tensor& y) {
+  const Layout l = layout_of(packed);
+  const int64_t rows = x.size(0), in = x.size(1), out = packed.size(0), ldx = x.stride(0), in_pad = round_up(in, l.depth);
+  const T* w = onednn_bytes<T>(packed, out, in);
+  const T* xp = x.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  softprompt::shared_for(round_up(out, l.cols) / l.cols, [&](int64_t first, int64_t last) {
+    float acc[16 * 64];  // the most rows of either layout times its columns
     for (int64_t block = first; block < last; ++block) {
-      softprompt::avx512_rows_block(xp, rows, ldx, in, w + block * kOnednnBlock * in_pad, acc);
-      const int64_t n0 = block * kOnednnBlock, cols = std::min(kOnednnBlock, out - n0);
+      softprompt::avx512_rows_block(xp, rows, ldx, in, w + block * l.cols * in_pad, acc);
+      const int64_t n0 = block * l.cols, cols = std::min(l.cols, out - n0);
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < cols; ++c)
-          yp[r * out + n0 + c] = c10::BFloat16(acc[r * kOnednnBlock + c] + (b ? static_cast<float>(b[n0 + c]) : 0.f));
+          yp[r * out + n0 + c] = static_cast<T>(acc[r * l.cols + c] + (bias ? static_cast<float>(bias[n0 + c]) : 0.f));
     }
   });
+}
+
+// x [rows <= the layout's max_rows, in], rows contiguous; packed: oneDNN's, of x's dtype (bfloat16 or float32),
+// in its layout; bias of that dtype or none. y = x W^T + b, each output summed in float32 (bfloat16: rounded
+// once, as oneDNN's is).
+at::Tensor onednn_rows(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || x.scalar_type() == at::kFloat, "bfloat16 or float32 x expected");
+  TORCH_CHECK(bf16 ? softprompt::cpu_has_avx512_bf16() : softprompt::cpu_has_avx512(),
+              "onednn_rows needs a CPU with AVX-512", bf16 ? " and AVX512-BF16" : "");
+  const int64_t max_rows = layout_of(x).max_rows;
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(0) <= max_rows, "x [rows <= ", max_rows,
+              ", in], rows contiguous, expected");
+  const int64_t out = packed.size(0);
+  if (bias.has_value())
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == out,
+                "a contiguous bias of ", out, " in x's dtype expected");
+  at::Tensor y = at::empty({x.size(0), out}, x.options());
+  if (bf16)
+    rows_times_blocks<c10::BFloat16>(x, packed, bias ? bias->data_ptr<c10::BFloat16>() : nullptr, y);
+  else
+    rows_times_blocks<float>(x, packed, bias ? bias->data_ptr<float>() : nullptr, y);
   return y;
 }
 #else
