@@ -41,28 +41,20 @@ float32 / bfloat16 in us: q_proj [512 -> 512] 209 / 45, gate_proj [512 -> 1360] 
 
 Layers that read the same input (a decoder layer's q/k/v projections, its MLP's gate and up) are
 packed side by side as one layer when `install` is given them (`merge`; `LeanForward.siblings` names
-them): one call computes all their columns. oneDNN's call costs about 16 us beyond its arithmetic
-(ideep's primitive lookup; 3 us for torch's plain F.linear), so the bench model's 56 calls a step
-became 32: a pass over its bfloat16 weights, one step's linears, 2.08 -> 1.62 ms at 1 row and 3.17 ->
-2.53 ms at 64 rows on the Xeon here (float32: 3.17 -> 2.62 ms at 1 row). Each column is the same sum
-as before: in float32 bit for bit (the AVX2 kernel sums every column alone; oneDNN's float32 columns
-were checked equal at 1 to 2,048 rows), in bfloat16 oneDNN's AMX blocking may change a column's last
-bits at some row counts. `siblings` runs a merged group's layers as one call; each layer called alone
-still answers (its columns of the merged call), so transformers' own forward runs on a merged model.
+them): one call for the group, since oneDNN's call costs about 16 us beyond its arithmetic. Each
+column is the same sum as before (float32: bit for bit, checked at 1 to 2,048 rows; bfloat16: AMX's
+blocking may move a last bit at some row counts). `siblings` runs a merged group as one call; a
+member called alone answers with its columns, so transformers' own forward runs on a merged model.
 
-A layer's calls of a few rows (ONEDNN_ROWS: up to 4 in bfloat16, 16 in float32; a few decoding
-streams) run on a kernel of ours (csrc/linear.cpp's `onednn_rows`; AVX512-BF16 `vdpbf16ps` dot
-products of bfloat16 pairs, AVX-512 FMAs for float32) that reads the weight oneDNN packed, in place,
-so no second copy is needed: on AVX-512 CPUs oneDNN lays a bfloat16 weight out as AB16b32a2b (32
-output columns a block, each pair of input features' 32 columns side by side) and a float32 one as
-AB16b64a (64 columns a block, each input feature's 64 columns side by side), the layouts such
-kernels want. Packing checks every byte of each weight against that layout (`onednn_layout`) and
-takes the kernel only where it matches. One pass over the bench model's weights, merged, on the
-Xeon here, oneDNN / ours, ms: bfloat16 1 row 1.66 / 0.85 (54 GB/s), 2 rows 1.67 / 0.92, 4 rows
-1.64 / 1.15-1.29; float32 1 row 3.20 / 2.02, 4 rows 3.77 / 2.43, 8 rows 4.87 / 3.43, 16 rows 6.20 /
-5.06. Each output is one float32 sum (bfloat16: rounded once, as oneDNN's); the sums' order differs
-from oneDNN's, so 57 of 381,440 bfloat16 outputs differed in their last bit, float32 ones by 1e-5
-relative. A row's outputs do not depend on the other rows of the call.
+A layer's calls of a few rows (ONEDNN_ROWS: a few decoding streams) run on a kernel of ours
+(csrc/linear.cpp's `onednn_rows`: AVX512-BF16 `vdpbf16ps` pairs, float32 AVX-512 FMAs) reading the
+weight oneDNN packed, in place: on AVX-512 CPUs oneDNN lays bfloat16 weights out as AB16b32a2b and
+float32 ones as AB16b64a, the layouts such kernels want, so no second copy is needed. Packing checks
+every byte against that layout (`onednn_layout`) and takes the kernel only where it matches. Each
+output is one float32 sum (bfloat16: rounded once, as oneDNN's), in an order of its own, the same
+whatever the call's other rows. Measured (bench/README.md, "Linears: merged, and a few rows on
+oneDNN's bytes"): one pass over the bench model's weights at 1 row, bfloat16 1.66 -> 0.85 ms, float32
+3.20 -> 2.02.
 
 Either packing runs inside the one-call decoding step too (`native_decode.py`): csrc/forward.cpp's
 `linear` computes a layer as `_kernel_forward` or `_onednn_forward` here does, oneDNN's op called
@@ -174,7 +166,7 @@ def _mergeable(group: Sequence[nn.Linear]) -> bool:
 
 def _set_packed(layer: nn.Linear, weight: torch.Tensor, backend: _Backend) -> None:
     """Pack `weight` (the layer's, or a merged group's) on `layer` and run the layer on it; where our
-    kernel reads oneDNN's bfloat16 layout in place (`onednn_rows`), it takes the layer's few-row calls."""
+    kernel reads oneDNN's layout in place (`onednn_rows`), it takes the layer's few-row calls."""
     blocked = backend.pack(weight.to(backend.compute))
     if not torch.equal(_plain(blocked, weight.shape[0]).to(weight.dtype), weight):
         raise RuntimeError(f"packing a {tuple(weight.shape)} weight for {backend.name} lost values")
