@@ -4,6 +4,8 @@ packing cannot be used."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -78,8 +80,15 @@ def _siblings(model) -> list[list[torch.nn.Linear]]:
             + [[l.mlp.gate_proj, l.mlp.up_proj] for l in layers])
 
 
+@pytest.fixture
+def merging(monkeypatch):
+    """Either backend merging its groups whatever the dtype (it merges only where that measured faster)."""
+    choose = cpu_linear._choose
+    monkeypatch.setattr(cpu_linear, "_choose", lambda *a: dataclasses.replace(choose(*a), merges=True))
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v with biases
-def test_merged_siblings_give_their_own_columns_and_unpack_exactly(arch, backend):
+def test_merged_siblings_give_their_own_columns_and_unpack_exactly(arch, backend, merging):
     """q/k/v and gate/up packed as one layer each: every layer's columns are, in float32, the bits it gives
     packed alone, from the group's one call and from the layer called alone; no weight is held twice;
     unpacking gives every weight back exactly."""
@@ -109,7 +118,16 @@ def test_merged_siblings_give_their_own_columns_and_unpack_exactly(arch, backend
         assert not cpu_linear.is_packed(layer) and "forward" not in vars(layer)
 
 
-def test_layers_that_cannot_be_one_are_packed_each_alone(backend):
+def test_groups_are_merged_where_that_measured_faster(backend):
+    """oneDNN's native bfloat16: merged; float32, widened bfloat16 and the AVX2 kernel: each layer apart."""
+    for dtype in (torch.float32, torch.bfloat16):
+        model = _model("llama").to(dtype)
+        cpu_linear.install(model, backend, merge=_siblings(model))
+        native = backend == "onednn" and dtype == torch.bfloat16 and not cpu_linear._native_problem(dtype)
+        assert all((cpu_linear.merged(group[0]) is not None) == native for group in _siblings(model))
+
+
+def test_layers_that_cannot_be_one_are_packed_each_alone(backend, merging):
     """A group whose layers differ in input features or in having a bias is not merged."""
     model = _model("llama")
     layer = model.model.layers[0]

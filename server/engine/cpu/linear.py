@@ -41,9 +41,10 @@ float32 / bfloat16 in us: q_proj [512 -> 512] 209 / 45, gate_proj [512 -> 1360] 
 
 Layers that read the same input (a decoder layer's q/k/v projections, its MLP's gate and up) are
 packed side by side as one layer when `install` is given them (`merge`; `LeanForward.siblings` names
-them): one call for the group, since oneDNN's call costs about 16 us beyond its arithmetic. Each
-column is the same sum as before (float32: bit for bit, checked at 1 to 2,048 rows; bfloat16: AMX's
-blocking may move a last bit at some row counts). `siblings` runs a merged group as one call; a
+them), where oneDNN computes bfloat16 natively: one call for the group, since oneDNN's call costs
+about 16 us beyond its arithmetic (float32 groups measured 2-3% slower merged from 64 rows up, and
+AVX2-kernel ones are unmeasured, so those stay apart). AMX's blocking may move a merged column's last
+bfloat16 bit at some row counts. `siblings` runs a merged group as one call; a
 member called alone answers with its columns, so transformers' own forward runs on a merged model.
 
 A layer's calls of a few rows (ONEDNN_ROWS: a few decoding streams) run on a kernel of ours
@@ -96,6 +97,7 @@ class _Backend:
     pack: Callable[[torch.Tensor], torch.Tensor]  # plain [out, in] weight -> packed
     forward: Callable  # the layer's new forward(self, x)
     compute: torch.dtype  # the packed weights' dtype
+    merges: bool = False  # whether `install`'s merge groups are packed as one layer (where measured to pay)
 
 
 CHOICES = ("auto", "avx2", "onednn", "torch")  # --cpu-linear
@@ -120,7 +122,7 @@ def install(model: nn.Module, choice: str = "auto", merge: Iterable[Sequence[nn.
     tied = _shared_weights(model)
     packed = [layer for layer in layers if not is_packed(layer)]
     todo = set(map(id, packed))
-    for group in merge:
+    for group in merge if backend.merges else ():
         if len(group) > 1 and all(id(m) in todo and id(m.weight) not in tied for m in group) and _mergeable(group):
             _pack_merged(list(group), backend)
             todo -= set(map(id, group))
@@ -350,7 +352,9 @@ def _onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _onednn(dtype: torch.dtype) -> _Backend:
-    return _Backend("oneDNN", torch.ops.mkldnn._reorder_linear_weight, _onednn_forward, dtype)
+    # merged: bfloat16 only; float32 groups ran 2-3% slower merged from 64 rows up (the few-row calls go to onednn_rows)
+    return _Backend("oneDNN", torch.ops.mkldnn._reorder_linear_weight, _onednn_forward, dtype,
+                    merges=dtype == torch.bfloat16)
 
 
 def _kernel(dtype: torch.dtype) -> _Backend:
