@@ -7,8 +7,9 @@ leaves Python as well.
 The linear layers run on whichever backend `cpu_linear.install` packed them for: forward.cpp's `linear`
 calls oneDNN's `mkldnn::_linear_pointwise` through the dispatcher for a oneDNN (mkldnn) weight, with
 `cpu_linear._onednn_forward`'s dtype handling (bfloat16 natively where the weight is packed bfloat16,
-widened to float32 where it is packed float32), and our AVX2 kernel for a [blocks, in, 16] one. So on
-AVX-512 and AMX CPUs, where the linears go to oneDNN, decoding steps leave Python too.
+widened to float32 where it is packed float32; a few rows on `onednn_rows`, as there), and our AVX2
+kernel for a [blocks, in, 16] one. So on AVX-512 and AMX CPUs, where the linears go to oneDNN,
+decoding steps leave Python too. A merged q/k/v or gate/up layer (`cpu_linear.merged`) is one call.
 
 Without the GIL: a call through `torch.ops` releases it for the op's whole run (torch's
 `invokeOperatorFromPython` runs the op under `gil_scoped_release`), and nothing in forward.cpp calls

@@ -56,7 +56,7 @@ void write_kv(at::Tensor& kv, const at::Tensor& slots, const at::Tensor& k, cons
   op.call(kv, slots, k, v);
 }
 
-// linear.cpp's onednn_rows: a few bfloat16 rows on a oneDNN-packed weight, read in place.
+// linear.cpp's onednn_rows: a few rows on a oneDNN-packed weight (bfloat16 or float32), read in place.
 at::Tensor onednn_rows(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("softprompt::onednn_rows", "")
@@ -153,7 +153,7 @@ at::Tensor lean_decode(at::Tensor h, const at::Tensor& cos, const at::Tensor& si
       return linear(in, need(weights, w + slot), get(weights, w + slot + 1), out_features[o + out],
                     small_rows[o + out]);
     };
-    // the layers at `slots` (`count` of them from `first`'s Out): one call each, or one merged call cut in columns
+    // `count` layers from `slot` (their Outs from `first`): one call each, or one merged call cut into columns
     auto siblings = [&](const at::Tensor& in, int64_t slot, int64_t first, int64_t count) {
       std::vector<at::Tensor> outs;
       if (get(weights, w + slot + 2).has_value()) {
