@@ -15,10 +15,11 @@ a C++ kernel (`cpu_attention`, float32 and bfloat16, when it builds; it reads bo
 each query row on its own, so a prompt's outputs do not depend on its chunking or its step's other
 requests); on CPUs without AVX-512, where its portable loops are slower than SDPA on prompt rows,
 the kernel takes the decoding requests and each prefilling request one SDPA call over its prefix and
-own keys, concatenated, as every request does without the kernel. On accelerators the decoding requests take one SDPA call over a padded window, and each
-prefilling request one SDPA call. On CUDA with half precision the whole step is variable-length flash attention
-(`flash_varlen.py`: own segments and prefixes in two calls, merged by their log-sum-exps), used once
-a self-check on first use shows it matches the per-request path.
+own keys, concatenated, as every request does without the kernel. On accelerators the decoding
+requests take one SDPA call over a padded window, and each prefilling request one SDPA call. On CUDA
+with half precision the whole step is variable-length flash attention (`flash_varlen.py`: own
+segments and prefixes in two calls, merged by their log-sum-exps), used once a self-check on first
+use shows it matches the per-request path.
 
 What the project relies on in transformers beyond its documented API, and the test guarding each
 (`self_check.py` also checks the whole packed forward against transformers' own at every start):

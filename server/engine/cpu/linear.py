@@ -205,7 +205,9 @@ def _pack_merged(group: list[nn.Linear], backend: _Backend) -> None:
 
 
 def _part_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    one, first = getattr(self, MERGED)  # contiguous, as a layer's own output: what follows may take another path on a view
+    """A merged layer's member called alone: its columns of the group's call, contiguous as a layer's own
+    output would be (what follows may take another path on a view, with other bits)."""
+    one, first = getattr(self, MERGED)
     return one(x).narrow(-1, first, self.out_features).contiguous()
 
 
