@@ -25,11 +25,19 @@ def test_materialization_runs_between_steps_on_the_engine_thread(llama, monkeypa
 
     monkeypatch.setattr(adapters.loading, "materialize", recorded_materialize)
     engine = AsyncEngine(llama.engine())
-    registry = AdapterRegistry(llama.spec, llama.model, run_model=engine.run_between_steps)
+    upload_queued = threading.Event()
+
+    def run_between_steps(fn):
+        upload_queued.set()
+        return engine.run_between_steps(fn)
+
+    registry = AdapterRegistry(llama.spec, llama.model, run_model=run_between_steps)
     spans, forwards = [], []
     run = engine.engine.runner.run
 
     def timed_run(step):
+        if len(spans) == 3:  # hold the batch until the upload waits for it, however fast the steps are
+            upload_queued.wait(timeout=60)
         began = time.perf_counter()
         try:
             return run(step)
