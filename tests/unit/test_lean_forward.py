@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from adapters import Adapter, ModelSpec
 from adapters.adapter import virtual_tokens_to_kv
 from server.demo.tiny import seeded_init, tiny_config
-from server.engine.cpu import attention as cpu_attention, linear as cpu_linear
+from server.engine.cpu import attention as cpu_attention, linear as cpu_linear, rowwise
 from server.engine.fast_path import FastPaths
 from server.engine.lean_forward import LeanForward
 from server.engine.model_runner import ModelRunner, ScheduledStep
@@ -63,11 +63,11 @@ def test_lean_forward_equals_transformers_on_packed_steps(variant):
     _packed_steps(model, lean, plain)
 
 
-@pytest.mark.parametrize("attention_isa", ["auto", "avx2"])  # avx2: attention as on CPUs without AVX-512
+@pytest.mark.parametrize("isa", ["auto", "avx2"])  # avx2: attention and row-wise passes as on CPUs without AVX-512
 @pytest.mark.parametrize("backend", ["avx2", "onednn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_steps_in_one_call_equal_the_layers_in_python(variant, dtype, backend, attention_isa, cpu_kernels_built):
+def test_steps_in_one_call_equal_the_layers_in_python(variant, dtype, backend, isa, cpu_kernels_built):
     """Each step's layers in one C++ call (`NativeDecode`; the prefill's where the attention kernel's prompt
     rows pay, the decoding steps' everywhere), taken wherever the linear layers
     run on packed weights (each backend forced here: the AVX2 kernel runs on any CPU with AVX2, oneDNN
@@ -87,7 +87,7 @@ def test_steps_in_one_call_equal_the_layers_in_python(variant, dtype, backend, a
         assert all(w is None or w.is_mkldnn for w in native.lean.native.weights[1:9:2])  # q, k, v, o: oneDNN's
     calls = []
     native.lean.native = _Counted(native.lean.native, calls)
-    with cpu_attention.isa(attention_isa):
+    with cpu_attention.isa(isa), rowwise.isa("avx2" if isa == "avx2" else "auto"):
         _packed_steps(model, native, python)
         # the prefill too where the attention kernel takes prompt rows (its AVX-512 code), then three decoding steps
         assert len(calls) == 3 + cpu_attention.prefill_pays()

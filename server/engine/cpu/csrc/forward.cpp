@@ -12,12 +12,15 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace softprompt {  // rowwise.cpp
 at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up);
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_bf16(const at::Tensor& x, const at::Tensor& delta,
+                                                     const at::Tensor& weight, double eps);
 }  // namespace softprompt
 
 namespace {
@@ -114,6 +117,16 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return weight * (h * at::rsqrt(variance + eps)).to(x.scalar_type());
 }
 
+// (x + delta, rms_norm of that sum): for bfloat16 in one pass (rowwise.cpp), the same bits as the two ops.
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight,
+                                                double eps) {
+  if (x.scalar_type() == at::kBFloat16 && delta.scalar_type() == at::kBFloat16 &&
+      weight.scalar_type() == at::kBFloat16)
+    return softprompt::add_rms_norm_bf16(x, delta, weight, eps);
+  at::Tensor sum = x + delta;
+  return {sum, rms_norm(sum, weight, eps)};
+}
+
 // x * cos + rotate_half(x) * sin in one pass (rowwise.cpp): the same bits as those ATen operations.
 at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   return softprompt::rotary(x, cos, sin);
@@ -147,6 +160,7 @@ at::Tensor lean_decode(at::Tensor h, const at::Tensor& cos, const at::Tensor& si
               "per-layer arguments for ", layers, " layers expected");
   const int64_t tokens = h.size(0);
   c10::InferenceMode inference;
+  at::Tensor x = layers > 0 ? rms_norm(h, need(weights, kInNorm), eps[0]) : h;  // each layer's input, normed
   for (int64_t l = 0; l < layers; ++l) {
     const int64_t w = l * kSlots, o = l * kOuts;
     auto proj = [&](const at::Tensor& in, int64_t slot, int64_t out) {  // a weight's bias is the slot after it
@@ -168,7 +182,6 @@ at::Tensor lean_decode(at::Tensor h, const at::Tensor& cos, const at::Tensor& si
         outs.push_back(all.narrow(-1, col, out_features[o + first + i]));
       return outs;
     };
-    at::Tensor x = rms_norm(h, need(weights, w + kInNorm), eps[2 * l]);
     const std::vector<at::Tensor> qkv = siblings(x, kQ, kQOut, 3);
     at::Tensor q = qkv[0].view({tokens, -1, head_dim});
     at::Tensor k = qkv[1].view({tokens, -1, head_dim});
@@ -178,10 +191,14 @@ at::Tensor lean_decode(at::Tensor h, const at::Tensor& cos, const at::Tensor& si
     write_kv(kv[l], slots, k, v);
     const at::Tensor attended = attention(q.contiguous(), kv[l], q_lens, starts, kv_lens, prefix_starts, prefix_lens,
                                           scales[l], windows[l]);
-    h = h + proj(attended.reshape({tokens, -1}), kO, kOOut);
-    x = rms_norm(h, need(weights, w + kPostNorm), eps[2 * l + 1]);
+    std::tie(h, x) = add_rms_norm(h, proj(attended.reshape({tokens, -1}), kO, kOOut), need(weights, w + kPostNorm),
+                                  eps[2 * l + 1]);
     const std::vector<at::Tensor> gate_up = siblings(x, kGate, kGateOut, 2);
-    h = h + proj(softprompt::silu_mul(gate_up[0], gate_up[1]), kDown, kDownOut);
+    const at::Tensor mlp = proj(softprompt::silu_mul(gate_up[0], gate_up[1]), kDown, kDownOut);
+    if (l + 1 < layers)  // the residual add and the next layer's input norm in one pass
+      std::tie(h, x) = add_rms_norm(h, mlp, need(weights, w + kSlots + kInNorm), eps[2 * l + 2]);
+    else
+      h = h + mlp;
   }
   return h;
 }

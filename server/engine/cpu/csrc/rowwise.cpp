@@ -1,5 +1,6 @@
 // A layer's row-wise work in one pass each instead of a chain of ATen operations: the RMS norm of
-// bfloat16 rows, and the rotary embedding of float32 or bfloat16 queries and keys. Built by
+// bfloat16 rows (alone, or after the residual add it follows), and the rotary embedding of float32 or
+// bfloat16 queries and keys. Built by
 // server/engine/cpu/kernels.py, called by rowwise.py (the Python layers) and forward.cpp (the native
 // decode), so both compute the same bits; rowwise.py documents when and why.
 //
@@ -14,6 +15,8 @@
 //   of the mean square's sum differs from ATen's (16 partial sums, added up in one fixed order): a
 //   row's result depends on that row alone, never on the row count or the threads. float32 rows keep
 //   ATen's chain, whose sum transformers' float32 results are equal to, to the last bit.
+// - residual add then RMS norm (bfloat16 only): the sum rounded as ATen's add rounds it, then the norm
+//   of that sum, as above: the bits of the two ops, in one pass over the rows instead of two.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -24,9 +27,13 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <tuple>
 
 namespace softprompt {
 bool cpu_has_avx2_fma();  // common.cpp
@@ -39,8 +46,9 @@ namespace {
 
 constexpr int64_t kLanes = 16;  // partial sums of a row's squares: vectorizable without reassociating one sum
 
-// The loops below are inlined whole into two entry points each, for baseline x86-64 (SSE2) and for
-// AVX2 without FMA (so never contracted: the same bits either way), one of which the CPU check picks.
+// The loops below are inlined whole into three entry points each: baseline x86-64 (SSE2), AVX2 without
+// FMA, and AVX-512 with contraction off (never a fused multiply-add: the same bits each way). The CPU
+// check picks one (`level`).
 #define SP_INLINE inline __attribute__((always_inline))
 
 SP_INLINE float widen(c10::BFloat16 x) {
@@ -110,6 +118,18 @@ SP_INLINE void norm_rows(const c10::BFloat16* x, const c10::BFloat16* weight, c1
   }
 }
 
+// sum = x + delta (rounded as ATen's add rounds), then out = the RMS norm of sum, row by row (the row
+// still in cache for its norm).
+SP_INLINE void add_norm_rows(const c10::BFloat16* x, const c10::BFloat16* delta, const c10::BFloat16* weight,
+                             c10::BFloat16* sum, c10::BFloat16* out, int64_t begin, int64_t end, int64_t hidden,
+                             float eps) {
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t at = r * hidden;
+    for (int64_t c = 0; c < hidden; ++c) sum[at + c] = narrow(widen(x[at + c]) + widen(delta[at + c]));
+    norm_rows(sum + at, weight, out + at, 0, 1, hidden, eps);
+  }
+}
+
 #define SP_ENTRY_POINTS(suffix, target)                                                                          \
   target void rotate_f32_##suffix(const float* x, int64_t ldx, const float* cos, const float* sin, float* out,     \
                                   int64_t begin, int64_t end, int64_t heads, int64_t dim) {                       \
@@ -123,24 +143,48 @@ SP_INLINE void norm_rows(const c10::BFloat16* x, const c10::BFloat16* weight, c1
   target void norm_bf16_##suffix(const c10::BFloat16* x, const c10::BFloat16* weight, c10::BFloat16* out,        \
                                  int64_t begin, int64_t end, int64_t hidden, float eps) {                         \
     norm_rows(x, weight, out, begin, end, hidden, eps);                                                           \
+  }                                                                                                               \
+  target void add_norm_bf16_##suffix(const c10::BFloat16* x, const c10::BFloat16* delta,                         \
+                                     const c10::BFloat16* weight, c10::BFloat16* sum, c10::BFloat16* out,         \
+                                     int64_t begin, int64_t end, int64_t hidden, float eps) {                     \
+    add_norm_rows(x, delta, weight, sum, out, begin, end, hidden, eps);                                           \
   }
 
 SP_ENTRY_POINTS(baseline, )
 #if defined(__x86_64__)
 SP_ENTRY_POINTS(avx2, __attribute__((target("avx2"))))
+SP_ENTRY_POINTS(avx512, __attribute__((target("avx512f,avx512bw"), optimize("fp-contract=off"))))
 #else
 SP_ENTRY_POINTS(avx2, )
+SP_ENTRY_POINTS(avx512, )
 #endif
+
+// The instruction sets the entry points are built for, best first, and the most they may use
+// (`rowwise_isa`): 0 avx512 (also the bfloat16 MLP activation in avx512.cpp), 1 avx2, 2 baseline.
+const char* const kIsas[] = {"avx512", "avx2", "baseline"};
+constexpr int kIsaCount = 3;
+std::atomic<int> most_isa{0};
+
+// The best of kIsas this CPU has, within `most_isa`.
+int level() {
+  const int best = softprompt::cpu_has_avx512() ? 0 : softprompt::cpu_has_avx2_fma() ? 1 : 2;
+  return std::max(best, most_isa.load(std::memory_order_relaxed));
+}
+
+// The entry point of `level()`: pick(avx512, avx2, baseline).
+template <typename F>
+F pick(F avx512, F avx2, F baseline) {
+  const int at = level();
+  return at == 0 ? avx512 : at == 1 ? avx2 : baseline;
+}
 
 void rotate_part(const float* x, int64_t ldx, const float* cos, const float* sin, float* out, int64_t begin,
                  int64_t end, int64_t heads, int64_t dim) {
-  (softprompt::cpu_has_avx2_fma() ? rotate_f32_avx2 : rotate_f32_baseline)(x, ldx, cos, sin, out, begin, end, heads,
-                                                                           dim);
+  pick(rotate_f32_avx512, rotate_f32_avx2, rotate_f32_baseline)(x, ldx, cos, sin, out, begin, end, heads, dim);
 }
 void rotate_part(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* cos, const c10::BFloat16* sin,
                  c10::BFloat16* out, int64_t begin, int64_t end, int64_t heads, int64_t dim) {
-  (softprompt::cpu_has_avx2_fma() ? rotate_bf16_avx2 : rotate_bf16_baseline)(x, ldx, cos, sin, out, begin, end,
-                                                                             heads, dim);
+  pick(rotate_bf16_avx512, rotate_bf16_avx2, rotate_bf16_baseline)(x, ldx, cos, sin, out, begin, end, heads, dim);
 }
 
 template <typename T>
@@ -196,7 +240,7 @@ at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double e
   const c10::BFloat16 *xp = xc.data_ptr<c10::BFloat16>(), *wp = wc.data_ptr<c10::BFloat16>();
   c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
   const float epsilon = static_cast<float>(eps);
-  const auto norm = softprompt::cpu_has_avx2_fma() ? norm_bf16_avx2 : norm_bf16_baseline;
+  const auto norm = pick(norm_bf16_avx512, norm_bf16_avx2, norm_bf16_baseline);
   at::parallel_for(0, xc.numel() / std::max<int64_t>(1, hidden), grain(hidden), [&](int64_t begin, int64_t end) {
     norm(xp, wp, op, begin, end, hidden, epsilon);
   });
@@ -209,7 +253,7 @@ at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double e
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   TORCH_CHECK(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type() && gate.device().is_cpu(),
               "gate and up of one shape and dtype, on CPU, expected");
-  if (gate.scalar_type() != at::kBFloat16 || !softprompt::cpu_has_avx512())  // on copies: ATen's silu of a view
+  if (gate.scalar_type() != at::kBFloat16 || level() != 0)  // on copies: ATen's silu of a view
     return at::mul(at::silu(gate.contiguous()), up.contiguous());        // takes another path, with other bits
   const int64_t width = gate.size(-1), rows = gate.numel() / std::max<int64_t>(1, width);
   at::Tensor g = rows_contiguous(gate).reshape({rows, width}), u = rows_contiguous(up).reshape({rows, width});
@@ -230,16 +274,58 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   return out;
 }
 
+// x, delta: [rows, hidden] bfloat16; weight: [hidden] bfloat16. (x + delta, the RMS norm of that sum):
+// the bits of ATen's add and `rms_norm_bf16`, in one pass.
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_bf16(const at::Tensor& x, const at::Tensor& delta,
+                                                     const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && delta.scalar_type() == at::kBFloat16 &&
+                  weight.scalar_type() == at::kBFloat16 && delta.device().is_cpu(),
+              "bfloat16 CPU tensors expected");
+  TORCH_CHECK(x.sizes() == delta.sizes(), "x and delta of one shape expected");
+  const int64_t hidden = x.size(-1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == hidden, "a weight of ", hidden, " expected");
+  const at::Tensor xc = x.contiguous(), dc = delta.contiguous(), wc = weight.contiguous();
+  at::Tensor sum = at::empty_like(xc), out = at::empty_like(xc);
+  const c10::BFloat16 *xp = xc.data_ptr<c10::BFloat16>(), *dp = dc.data_ptr<c10::BFloat16>(),
+                      *wp = wc.data_ptr<c10::BFloat16>();
+  c10::BFloat16 *sp = sum.data_ptr<c10::BFloat16>(), *op = out.data_ptr<c10::BFloat16>();
+  const float epsilon = static_cast<float>(eps);
+  const auto add_norm = pick(add_norm_bf16_avx512, add_norm_bf16_avx2, add_norm_bf16_baseline);
+  at::parallel_for(0, xc.numel() / std::max<int64_t>(1, hidden), grain(hidden), [&](int64_t begin, int64_t end) {
+    add_norm(xp, dp, wp, sp, op, begin, end, hidden, epsilon);
+  });
+  return {sum, out};
+}
+
 }  // namespace softprompt
+
+namespace {
+
+// Sets the most the row-wise passes may use: "auto" (the best the CPU has), or one of kIsas (for tests
+// and benchmarks, which run each path the machine can). Returns the one they now take.
+std::string rowwise_isa(const std::string& most) {
+  int at = 0;
+  if (most != "auto") {
+    while (at < kIsaCount && most != kIsas[at]) ++at;
+    TORCH_CHECK(at < kIsaCount, "rowwise_isa: auto, avx512, avx2 or baseline, not ", most);
+  }
+  most_isa.store(at, std::memory_order_relaxed);
+  return kIsas[level()];
+}
+
+}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(softprompt, m) {
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("rms_norm_bf16(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm_bf16(Tensor x, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
+  m.def("rowwise_isa(str most) -> str", rowwise_isa);
 }
 
 TORCH_LIBRARY_IMPL(softprompt, CPU, m) {
   m.impl("rotary", softprompt::rotary);
   m.impl("rms_norm_bf16", softprompt::rms_norm_bf16);
+  m.impl("add_rms_norm_bf16", softprompt::add_rms_norm_bf16);
   m.impl("silu_mul", softprompt::silu_mul);
 }
