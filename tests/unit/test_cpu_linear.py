@@ -371,3 +371,25 @@ def test_bfloat16_without_a_native_gemm_is_widened_on_onednn(monkeypatch):
     assert chosen.compute == torch.float32 and chosen.name == "oneDNN"
     assert cpu_linear.unavailable("onednn", torch.bfloat16) == ""  # widened, it serves
     assert cpu_linear._choose(torch.float32, "onednn").compute == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_takes_rows_padded_to_the_counts_it_has_built_for(dtype, cpu_kernels_built):
+    """More rows than `onednn_rows` takes go to oneDNN padded (csrc/forward.cpp's `padded_rows`), so a new
+    row count reuses a primitive: each row's result is oneDNN's own (float32: to the last bit; bfloat16:
+    AMX's blocking may move a last bit with the row count), in x's shape, whatever x's leading dimensions."""
+    if dtype == torch.bfloat16 and cpu_linear.unavailable("onednn", dtype):
+        pytest.skip("no native bfloat16 GEMM here")
+    g = torch.Generator().manual_seed(5)
+    weight, bias = torch.randn(40, 24, generator=g).to(dtype), torch.randn(40, generator=g).to(dtype)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+    small = cpu_linear.ONEDNN_ROWS[dtype]
+    for rows in (1, small, small + 1, 63, 65, 200, 1025, 1100):  # bucket edges: 8s to 64, 16s to 256, 64s, 128s
+        x = torch.randn(rows, 24, generator=g).to(dtype)
+        want = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        for shaped in (x, x.view(1, rows, 24), x.t().contiguous().t()):  # 3-D, and rows strided
+            got = torch.ops.softprompt.onednn_linear(shaped, packed, bias, small)
+            assert got.shape == (*shaped.shape[:-1], 40)
+            if dtype == torch.float32 and rows > small:  # (onednn_rows sums in an order of its own)
+                assert torch.equal(got.reshape(rows, 40), want)
+            torch.testing.assert_close(got.reshape(rows, 40), want, atol=1e-3, rtol=2 ** -7)

@@ -57,9 +57,15 @@ whatever the call's other rows. Measured (bench/README.md, "Linears: merged, and
 oneDNN's bytes"): one pass over the bench model's weights at 1 row, bfloat16 1.66 -> 0.85 ms, float32
 3.20 -> 2.02.
 
+More rows go to oneDNN padded to one of about 60 row counts (csrc/forward.cpp's `padded_rows`): oneDNN
+builds a primitive for each row count it meets, per weight shape, which took longer than the product
+(1.2-1.8 ms at 100 rows against 0.2; 8-13 ms near 2,000 against 2.5, bench model's gate/up, bfloat16),
+and a server's prefill steps meet new row counts all the time: a single request's prefill step of a
+prompt length not seen before took 16.7 ms against 7.2 for one seen (bfloat16), 28.0 against 18.8 (float32).
+
 Either packing runs inside the one-call decoding step too (`native_decode.py`): csrc/forward.cpp's
-`linear` computes a layer as `_kernel_forward` or `_onednn_forward` here does, oneDNN's op called
-through torch's dispatcher, so the Python layers and the one call give the same bits.
+`linear` computes a layer as `_kernel_forward` does, or by `onednn_linear`, the op `_onednn_forward`
+calls, so the Python layers and the one call give the same bits.
 """
 
 from __future__ import annotations
@@ -343,11 +349,9 @@ def _kernel_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def _onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     packed = getattr(self, PACKED)
+    if cpu_kernels.available():  # a few rows on our kernel, more padded to the row counts oneDNN has built for
+        return cpu_kernels.ops().onednn_linear(x, packed, self.bias, getattr(self, ROWS))
     if packed.dtype == x.dtype:
-        rows = x.numel() // self.in_features
-        if 0 < rows <= getattr(self, ROWS) and x.stride(-1) == 1:  # a few rows: our kernel, on oneDNN's bytes
-            return cpu_kernels.ops().onednn_rows(x.reshape(rows, self.in_features), packed, self.bias).view(
-                *x.shape[:-1], self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
     bias = None if self.bias is None else self.bias.to(packed.dtype)  # widened bfloat16: computed in float32
     return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, bias, "none", [], "").to(x.dtype)

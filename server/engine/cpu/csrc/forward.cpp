@@ -77,19 +77,47 @@ at::Tensor linear_pointwise(const at::Tensor& x, const at::Tensor& packed, const
   return op.call(x, packed, bias, "none", c10::List<std::optional<c10::Scalar>>(), c10::string_view(""));
 }
 
+// oneDNN builds a primitive (its kernels compiled) for each row count it meets, per weight shape: 1.2-1.8 ms
+// at 100 rows, 8-13 ms near 2,000 on the bench model's gate/up, where the product itself takes 0.2 and
+// 2.5. A server's prefill steps meet new row counts all the time, so the rows are padded to one of
+// about 60 counts (multiples of 8 up to 64, of 16 up to 256, of 64 up to 1,024, of 128 beyond), whose
+// primitives are built once; the extra rows cost a copy of x and a few percent of the product.
+int64_t padded_rows(int64_t rows) {
+  const int64_t step = rows <= 64 ? 8 : rows <= 256 ? 16 : rows <= 1024 ? 64 : 128;
+  return (rows + step - 1) / step * step;
+}
+
+// y [rows, out], x's rows' results, as x's leading dimensions by out.
+at::Tensor shaped_as_rows_of(const at::Tensor& x, const at::Tensor& y) {
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes.back() = y.size(-1);
+  return y.view(sizes);
+}
+
+// linear_pointwise on x's rows padded with zeros to padded_rows; the result of x's own rows.
+at::Tensor padded_pointwise(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
+  const int64_t in = x.size(-1), rows = x.numel() / std::max<int64_t>(1, in), padded = padded_rows(rows);
+  if (padded == rows) return linear_pointwise(x, packed, bias);
+  at::Tensor full = at::empty({padded, in}, x.options());
+  full.narrow(0, 0, rows).copy_(x.reshape({rows, in}));
+  full.narrow(0, rows, padded - rows).zero_();
+  return shaped_as_rows_of(x, linear_pointwise(full, packed, bias).narrow(0, 0, rows));  // leading rows: contiguous
+}
+
 // cpu_linear._onednn_forward: in the packed weight's dtype when x has it (bfloat16 on AVX512-BF16, AMX),
-// up to `small_rows` rows (the layer's cpu_linear.ROWS) on onednn_rows; bfloat16 x on a weight packed
-// widened to float32 computed in float32, the result rounded back.
+// up to `small_rows` rows (the layer's cpu_linear.ROWS) on onednn_rows, more on oneDNN (padded_rows);
+// bfloat16 x on a weight packed widened to float32 computed in float32, the result rounded back.
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                          int64_t small_rows) {
   if (packed.scalar_type() == x.scalar_type()) {
     const int64_t rows = x.numel() / x.size(-1);
-    if (rows > 0 && rows <= small_rows && x.stride(-1) == 1) return onednn_rows(x.reshape({rows, x.size(-1)}), packed, bias);
-    return linear_pointwise(x, packed, bias);
+    if (rows > 0 && rows <= small_rows && x.stride(-1) == 1)
+      return shaped_as_rows_of(x, onednn_rows(x.reshape({rows, x.size(-1)}), packed, bias));
+    return padded_pointwise(x, packed, bias);
   }
   std::optional<at::Tensor> b = bias;
   if (b) b = b->to(packed.scalar_type());
-  return linear_pointwise(x.to(packed.scalar_type()), packed, b).to(x.scalar_type());
+  return padded_pointwise(x.to(packed.scalar_type()), packed, b).to(x.scalar_type());
 }
 
 // The layer on whichever backend packed its weight (cpu_linear.install): oneDNN's op for a oneDNN
@@ -206,12 +234,19 @@ at::Tensor lean_decode(at::Tensor h, const at::Tensor& cos, const at::Tensor& si
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(softprompt, m) {
+  m.def("onednn_linear(Tensor x, Tensor packed, Tensor? bias, int small_rows) -> Tensor");
   m.def(
       "lean_decode(Tensor h, Tensor cos, Tensor sin, Tensor?[] weights, int[] out_features, int[] small_rows, Tensor[] kv, "
       "Tensor slots, Tensor q_lens, Tensor starts, Tensor kv_lens, Tensor prefix_starts, Tensor prefix_lens, float[] eps, float[] scales, int[] windows, int head_dim) "
       "-> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(softprompt, CPU, m) { m.impl("lean_decode", lean_decode); }
-// With oneDNN-packed weights among the arguments, the dispatcher looks the op up for their backend.
-TORCH_LIBRARY_IMPL(softprompt, MkldnnCPU, m) { m.impl("lean_decode", lean_decode); }
+TORCH_LIBRARY_IMPL(softprompt, CPU, m) {
+  m.impl("lean_decode", lean_decode);
+  m.impl("onednn_linear", onednn_linear);
+}
+// With oneDNN-packed weights among the arguments, the dispatcher looks the ops up for their backend.
+TORCH_LIBRARY_IMPL(softprompt, MkldnnCPU, m) {
+  m.impl("lean_decode", lean_decode);
+  m.impl("onednn_linear", onednn_linear);
+}
