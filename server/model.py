@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters import ModelSpec
 from server.engine import rope
+from server.engine.cpu import linear as cpu_linear
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ def load_base_model(model: str | None, device: str = "auto", dtype: str = "auto"
     dev = pick_device(device)
     dt, why = pick_dtype(dtype, dev)
     log.info("loading base model %s on %s as %s (%s)", source, dev, dt, why)
+    if dev.type == "cpu":
+        cpu_linear.size_caches(dt)
     hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, revision=revision)
     hf_model.to(dev).eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)

@@ -5,6 +5,7 @@ packing cannot be used."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -375,9 +376,10 @@ def test_bfloat16_without_a_native_gemm_is_widened_on_onednn(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_onednn_takes_rows_padded_to_the_counts_it_has_built_for(dtype, cpu_kernels_built):
-    """More rows than `onednn_rows` takes go to oneDNN padded (csrc/forward.cpp's `padded_rows`), so a new
-    row count reuses a primitive: each row's result is oneDNN's own (float32: to the last bit; bfloat16:
-    AMX's blocking may move a last bit with the row count), in x's shape, whatever x's leading dimensions."""
+    """More rows than `onednn_rows` takes go to oneDNN (bfloat16: padded, csrc/forward.cpp's `padded_rows`,
+    so a new row count reuses a primitive): each row's result is oneDNN's own (float32: to the last bit;
+    bfloat16: AMX's blocking may move a last bit with the row count), in x's shape, whatever its leading
+    dimensions."""
     if dtype == torch.bfloat16 and cpu_linear.unavailable("onednn", dtype):
         pytest.skip("no native bfloat16 GEMM here")
     g = torch.Generator().manual_seed(5)
@@ -393,3 +395,20 @@ def test_onednn_takes_rows_padded_to_the_counts_it_has_built_for(dtype, cpu_kern
             if dtype == torch.float32 and rows > small:  # (onednn_rows sums in an order of its own)
                 assert torch.equal(got.reshape(rows, 40), want)
             torch.testing.assert_close(got.reshape(rows, 40), want, atol=1e-3, rtol=2 ** -7)
+
+
+def test_onednns_caches_are_sized_by_the_models_dtype(monkeypatch):
+    """bfloat16 on a native bfloat16 GEMM pads its rows, so its shapes are bounded and its caps higher;
+    a cap the operator set stays."""
+    for variable in cpu_linear.CACHE_VARIABLES:
+        monkeypatch.setenv(variable, "32")
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    cpu_linear.size_caches(torch.bfloat16)
+    want = cpu_linear.CACHE_CAPACITY["padded" if native else "unpadded"]
+    assert all(os.environ[v] == str(want) for v in cpu_linear.CACHE_VARIABLES)
+    cpu_linear.size_caches(torch.float32)
+    assert all(os.environ[v] == str(cpu_linear.CACHE_CAPACITY["unpadded"]) for v in cpu_linear.CACHE_VARIABLES)
+    monkeypatch.setattr(cpu_linear, "_SET_BY_OPERATOR", frozenset(cpu_linear.CACHE_VARIABLES))
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
+    cpu_linear.size_caches(torch.bfloat16)
+    assert os.environ["LRU_CACHE_CAPACITY"] == "7"

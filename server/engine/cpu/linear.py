@@ -20,8 +20,14 @@ Two packings, one per model, chosen at `install`:
   compiled call (its primitive, with buffers sized by the rows) in two caches of 1024 entries by
   default; a step's row count changes with every arrival, so unbounded they grew a server's memory
   by half under the load test. Importing this module caps both at `CACHE_CAPACITY` (unless set in
-  the environment): a step uses about 7 shapes, a new one costs about 0.5 ms. The caps are read at
-  oneDNN's first use in the process, so they must be set before any forward runs.
+  the environment; `size_caches` picks by the model's dtype): a step uses about 7 shapes. The caps are read at oneDNN's first use in the
+  process, so they must be set before any forward runs. In bfloat16, building a primitive for a row
+  count costs more than the product (bench model's gate/up: 1.2-1.8 ms at 100 rows against 0.2,
+  8-13 ms near 2,000 against 2.5), so bfloat16 rows are padded to one of about 60 counts
+  (csrc/forward.cpp's `padded_rows`): a single request's prefill step of a prompt length not seen
+  before took 16.2-16.3 ms, 7.7-8.2 padded. float32 rows are not: there a new length cost nothing
+  measurable (the same steps again took as long), and padding a 70-token prompt's rows to 80 did
+  (17 -> 20 ms).
 
 `install` replaces, on each `nn.Linear` of the model, the forward by the packed call and frees the
 plain weight (a tied weight, such as an lm_head sharing the embedding table, is packed and kept).
@@ -57,12 +63,6 @@ whatever the call's other rows. Measured (bench/README.md, "Linears: merged, and
 oneDNN's bytes"): one pass over the bench model's weights at 1 row, bfloat16 1.66 -> 0.85 ms, float32
 3.20 -> 2.02.
 
-More rows go to oneDNN padded to one of about 60 row counts (csrc/forward.cpp's `padded_rows`): oneDNN
-builds a primitive for each row count it meets, per weight shape, which took longer than the product
-(1.2-1.8 ms at 100 rows against 0.2; 8-13 ms near 2,000 against 2.5, bench model's gate/up, bfloat16),
-and a server's prefill steps meet new row counts all the time: a single request's prefill step of a
-prompt length not seen before took 16.7 ms against 7.2 for one seen (bfloat16), 28.0 against 18.8 (float32).
-
 Either packing runs inside the one-call decoding step too (`native_decode.py`): csrc/forward.cpp's
 `linear` computes a layer as `_kernel_forward` does, or by `onednn_linear`, the op `_onednn_forward`
 calls, so the Python layers and the one call give the same bits.
@@ -89,12 +89,27 @@ MERGED = "_softprompt_merged"  # on a layer packed inside a merged one: (the mer
 ROWS = "_softprompt_rows"  # on a packed layer: the most rows `onednn_rows` takes for it (0: none)
 ONEDNN_ROWS = {torch.bfloat16: 4, torch.float32: 16}  # csrc/linear.cpp's Layout::max_rows
 BLOCK = 16  # output columns per block of the AVX2 kernel's packing (csrc/linear.cpp's kBlock)
-CACHE_CAPACITY = 32  # shapes kept by oneDNN's primitive cache and by ideep's, each
+# Shapes kept by oneDNN's primitive cache and by ideep's, each: where rows are padded (bfloat16 on a
+# native bfloat16 GEMM) the shapes are bounded and a primitive small (236 of TinyLlama's shapes held
+# 39 MiB more at 256 than at 32) and slow to build; elsewhere each holds buffers sized by its rows
+# (944 of TinyLlama's float32 shapes: 1.3 GiB more at 32, 3.2 at 256).
+CACHE_CAPACITY = {"padded": 256, "unpadded": 32}
 CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+_SET_BY_OPERATOR = frozenset(v for v in CACHE_VARIABLES if v in os.environ)
 # Set on import, before anything in the process runs a oneDNN op (the self-check's reference forward
-# runs before the linears are packed): oneDNN reads them once, at its first use.
+# runs before the linears are packed): oneDNN reads them once, at its first use. `size_caches` raises
+# them for a bfloat16 model, before it loads.
 for _variable in CACHE_VARIABLES:
-    os.environ.setdefault(_variable, str(CACHE_CAPACITY))
+    os.environ.setdefault(_variable, str(CACHE_CAPACITY["unpadded"]))
+
+
+def size_caches(dtype: torch.dtype) -> None:
+    """oneDNN's cache caps for a model of `dtype` (unless the operator set them): call before the process
+    first runs a oneDNN op, which reads them."""
+    padded = dtype == torch.bfloat16 and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    for variable in CACHE_VARIABLES:
+        if variable not in _SET_BY_OPERATOR:
+            os.environ[variable] = str(CACHE_CAPACITY["padded" if padded else "unpadded"])
 
 
 @dataclass(frozen=True)

@@ -77,12 +77,14 @@ at::Tensor linear_pointwise(const at::Tensor& x, const at::Tensor& packed, const
   return op.call(x, packed, bias, "none", c10::List<std::optional<c10::Scalar>>(), c10::string_view(""));
 }
 
-// oneDNN builds a primitive (its kernels compiled) for each row count it meets, per weight shape: 1.2-1.8 ms
-// at 100 rows, 8-13 ms near 2,000 on the bench model's gate/up, where the product itself takes 0.2 and
-// 2.5. A server's prefill steps meet new row counts all the time, so the rows are padded to one of
-// about 60 counts (multiples of 8 up to 64, of 16 up to 256, of 64 up to 1,024, of 128 beyond), whose
-// primitives are built once; the extra rows cost a copy of x and a few percent of the product.
-int64_t padded_rows(int64_t rows) {
+// oneDNN builds a primitive (compiles its kernels) for each row count it meets, per weight shape, and a
+// server's prefill steps meet new row counts all the time. In bfloat16 (AMX) that costs more than the
+// product itself (figures in cpu_linear's docstring), so the rows are padded to one of about 60 counts
+// (multiples of 8 up to 64, of 16 up to 256, of 64 up to 1,024, of 128 beyond), whose primitives are
+// built once; the extra rows cost a copy of x and a few percent of the product. float32 rows are not
+// padded: building cost nothing measurable there, the extra rows did (a 70-token prefill step 17 -> 20 ms).
+int64_t padded_rows(int64_t rows, at::ScalarType dtype) {
+  if (dtype != at::kBFloat16) return rows;
   const int64_t step = rows <= 64 ? 8 : rows <= 256 ? 16 : rows <= 1024 ? 64 : 128;
   return (rows + step - 1) / step * step;
 }
@@ -96,7 +98,8 @@ at::Tensor shaped_as_rows_of(const at::Tensor& x, const at::Tensor& y) {
 
 // linear_pointwise on x's rows padded with zeros to padded_rows; the result of x's own rows.
 at::Tensor padded_pointwise(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
-  const int64_t in = x.size(-1), rows = x.numel() / std::max<int64_t>(1, in), padded = padded_rows(rows);
+  const int64_t in = x.size(-1), rows = x.numel() / std::max<int64_t>(1, in);
+  const int64_t padded = padded_rows(rows, packed.scalar_type());
   if (padded == rows) return linear_pointwise(x, packed, bias);
   at::Tensor full = at::empty({padded, in}, x.options());
   full.narrow(0, 0, rows).copy_(x.reshape({rows, in}));
@@ -105,7 +108,7 @@ at::Tensor padded_pointwise(const at::Tensor& x, const at::Tensor& packed, const
 }
 
 // cpu_linear._onednn_forward: in the packed weight's dtype when x has it (bfloat16 on AVX512-BF16, AMX),
-// up to `small_rows` rows (the layer's cpu_linear.ROWS) on onednn_rows, more on oneDNN (padded_rows);
+// up to `small_rows` rows (the layer's cpu_linear.ROWS) on onednn_rows, more on oneDNN (bfloat16: padded);
 // bfloat16 x on a weight packed widened to float32 computed in float32, the result rounded back.
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                          int64_t small_rows) {
