@@ -1,15 +1,15 @@
 // A layer's row-wise work in one pass each instead of a chain of ATen operations: the RMS norm of
 // bfloat16 rows (alone, or after the residual add it follows), and the rotary embedding of float32 or
-// bfloat16 queries and keys. Built by
-// server/engine/cpu/kernels.py, called by rowwise.py (the Python layers) and forward.cpp (the native
-// decode), so both compute the same bits; rowwise.py documents when and why.
+// bfloat16 queries and keys. Built by server/engine/cpu/kernels.py, called by rowwise.py (the Python
+// layers) and forward.cpp (the native decode), so both compute the same bits; rowwise.py documents
+// when and why.
 //
 // Each ATen operation of the chains replaced here costs 10-30 us on a decoding step's [64, 512] rows,
 // most of it the call, and a bfloat16 RMS norm is eight of them (two casts, pow, mean, add, rsqrt, two
 // multiplies). These loops round where ATen's chain rounds:
 // - rotary: x * cos + rotate_half(x) * sin as three roundings (two products, their sum), so the same
-//   bits as the ATen chain in float32 and bfloat16 alike. Compiled for baseline x86-64 (no -march, see
-//   kernels.py), which has no fused multiply-add to contract them into.
+//   bits as the ATen chain in float32 and bfloat16 alike. Never contracted into a fused multiply-add
+//   (see the entry points below).
 // - RMS norm (bfloat16 only): transformers' LlamaRMSNorm: the row in float32, its mean square, times
 //   1 / sqrt(mean square + eps), rounded to bfloat16, times the weight, rounded again. Only the order
 //   of the mean square's sum differs from ATen's (16 partial sums, added up in one fixed order): a
