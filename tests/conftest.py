@@ -221,6 +221,15 @@ def store_registry(llama, tmp_path):
 __all__ = ["MAX_NEW", "PATHS", "PEFT_TYPES", "PROMPTS", "ArchWorld", "Worlds"]
 
 
+def each_isa(hold, request):
+    """The body of an `isa` fixture: the test runs with `hold(request.param)` (cpu_attention.isa,
+    rowwise.isa), skipped where this CPU lacks that instruction set."""
+    with hold(request.param) as taken:
+        if taken != request.param:
+            pytest.skip(f"this CPU has no {request.param} (the kernel takes {taken})")
+        yield taken
+
+
 @pytest.fixture(scope="session")
 def cpu_kernels_built() -> None:
     """The engine's C++ CPU kernels built; skipped only where this machine cannot build extensions at all."""

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from server.engine import attention
 from server.engine.cpu import attention as cpu_attention, kernels as cpu_kernels
 from server.engine.kv_cache import KVPool
+from tests.conftest import each_isa
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 DECODE_LENS = [1, 300, 57, 2, 129, 16, 17, 64]  # keys per decoding request: 1, long, around a window of 16
@@ -66,10 +67,7 @@ def _sdpa(step, query, scale, window) -> torch.Tensor:
 @pytest.fixture(params=cpu_attention.ISAS)
 def isa(request, cpu_kernels_built):
     """The kernel held to one of its instruction sets, or a skip where this CPU lacks it."""
-    with cpu_attention.isa(request.param) as taken:
-        if taken != request.param:
-            pytest.skip(f"this CPU has no {request.param} (the kernel takes {taken})")
-        yield taken
+    yield from each_isa(cpu_attention.isa, request)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

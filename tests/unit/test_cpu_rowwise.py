@@ -10,15 +10,13 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from server.engine.cpu import rowwise
 from server.engine.lean_forward import _rotate
+from tests.conftest import each_isa
 
 
 @pytest.fixture(params=rowwise.ISAS)
 def isa(request, cpu_kernels_built):
     """Each instruction set the passes are built for, where this CPU has it."""
-    with rowwise.isa(request.param) as taken:
-        if taken != request.param:
-            pytest.skip(f"this CPU has no {request.param}")
-        yield taken
+    yield from each_isa(rowwise.isa, request)
 
 
 def _norm(hidden: int, seed: int) -> LlamaRMSNorm:

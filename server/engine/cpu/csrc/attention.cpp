@@ -31,6 +31,7 @@
 namespace softprompt {
 void shared_for(int64_t tasks, const std::function<void(int64_t, int64_t)>& fn);  // common.cpp
 bool cpu_has_avx2_fma();
+int isa_index(const std::string& most, const char* const* names, int count, const char* op);
 bool cpu_has_avx512();  // avx512.cpp
 bool cpu_has_avx512_bf16();
 
@@ -310,12 +311,7 @@ void write_kv(at::Tensor& kv, const at::Tensor& slots, const at::Tensor& k, cons
 // benchmarks, which run each path the machine can). Returns the one the op now takes where the head
 // size allows (a head size its AVX-512 code does not take runs the portable loops).
 std::string attention_isa(const std::string& most) {
-  int at = 0;
-  if (most != "auto") {
-    while (at < kIsaCount && most != kIsas[at]) ++at;
-    TORCH_CHECK(at < kIsaCount, "attention_isa: auto, avx512-bf16, avx512, avx2 or baseline, not ", most);
-  }
-  most_isa.store(at, std::memory_order_relaxed);
+  most_isa.store(softprompt::isa_index(most, kIsas, kIsaCount, "attention_isa"), std::memory_order_relaxed);
   return kIsas[isa()];
 }
 

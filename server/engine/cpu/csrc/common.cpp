@@ -11,9 +11,12 @@
 
 #include <ATen/Parallel.h>
 
+#include <c10/util/Exception.h>
+
 #include <algorithm>
 #include <atomic>
 #include <functional>
+#include <string>
 
 namespace softprompt {
 
@@ -34,6 +37,17 @@ void shared_for(int64_t tasks, const std::function<void(int64_t, int64_t)>& fn) 
       }
     }
   });
+}
+
+// The index in names[0..count) of `most` (0 for "auto": the best), for an op's `*_isa(most)` setter;
+// refuses another name, listing the ones it takes.
+int isa_index(const std::string& most, const char* const* names, int count, const char* op) {
+  if (most == "auto") return 0;
+  for (int at = 0; at < count; ++at)
+    if (most == names[at]) return at;
+  std::string known = "auto";
+  for (int at = 0; at < count; ++at) known += (at + 1 < count ? ", " : " or ") + std::string(names[at]);
+  TORCH_CHECK(false, op, ": ", known, ", not ", most);
 }
 
 #if defined(__x86_64__)

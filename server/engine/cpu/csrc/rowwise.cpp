@@ -37,6 +37,7 @@
 
 namespace softprompt {
 bool cpu_has_avx2_fma();  // common.cpp
+int isa_index(const std::string& most, const char* const* names, int count, const char* op);
 bool cpu_has_avx512();    // avx512.cpp
 void avx512_silu_mul(const c10::BFloat16* gate, const c10::BFloat16* up, c10::BFloat16* out, int64_t begin,
                      int64_t end);
@@ -304,12 +305,7 @@ namespace {
 // Sets the most the row-wise passes may use: "auto" (the best the CPU has), or one of kIsas (for tests
 // and benchmarks, which run each path the machine can). Returns the one they now take.
 std::string rowwise_isa(const std::string& most) {
-  int at = 0;
-  if (most != "auto") {
-    while (at < kIsaCount && most != kIsas[at]) ++at;
-    TORCH_CHECK(at < kIsaCount, "rowwise_isa: auto, avx512, avx2 or baseline, not ", most);
-  }
-  most_isa.store(at, std::memory_order_relaxed);
+  most_isa.store(softprompt::isa_index(most, kIsas, kIsaCount, "rowwise_isa"), std::memory_order_relaxed);
   return kIsas[level()];
 }
 
