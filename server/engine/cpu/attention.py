@@ -96,10 +96,8 @@ def isa(most: str):
     """Holds the kernel to `most` of ISAS or below (tests and benchmarks run each path the CPU has);
     yields the one it takes, the best this CPU has within that. Back to the best on exit."""
     global _taken
-    if not cpu_kernels.available():
-        raise RuntimeError("the CPU kernels are not built: see the warning logged")
     try:
-        _taken = cpu_kernels.ops().attention_isa(most)
-        yield _taken
+        with cpu_kernels.held_isa("attention_isa", most) as _taken:
+            yield _taken
     finally:
-        _taken = cpu_kernels.ops().attention_isa("auto")
+        _taken = None  # asked again (the best) at its next use

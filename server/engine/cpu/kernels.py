@@ -65,6 +65,20 @@ def ops():
     return _ops
 
 
+@contextlib.contextmanager
+def held_isa(setter: str, most: str):
+    """Holds an op to `most` of its instruction sets or below, through its `setter` op (`attention_isa`,
+    `rowwise_isa`; tests and benchmarks run each path the CPU has); yields the one it takes, the best
+    this CPU has within that. Back to the best on exit."""
+    if not available():
+        raise RuntimeError("the CPU kernels are not built: see the warning logged")
+    hold = getattr(ops(), setter)
+    try:
+        yield hold(most)
+    finally:
+        hold("auto")
+
+
 def _load():
     from torch.utils import cpp_extension
 

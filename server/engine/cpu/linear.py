@@ -20,8 +20,9 @@ Two packings, one per model, chosen at `install`:
   compiled call (its primitive, with buffers sized by the rows) in two caches of 1024 entries by
   default; a step's row count changes with every arrival, so unbounded they grew a server's memory
   by half under the load test. Importing this module caps both at `CACHE_CAPACITY` (unless set in
-  the environment; `size_caches` picks by the model's dtype): a step uses about 7 shapes. The caps are read at oneDNN's first use in the
-  process, so they must be set before any forward runs. In bfloat16, building a primitive for a row
+  the environment; `size_caches` picks by the model's dtype): a step uses about 7 shapes. The caps
+  are read at oneDNN's first use in the process, so they must be set before any forward runs. In
+  bfloat16, building a primitive for a row
   count costs more than the product (bench model's gate/up: 1.2-1.8 ms at 100 rows against 0.2,
   8-13 ms near 2,000 against 2.5), so bfloat16 rows are padded to one of about 60 counts
   (csrc/forward.cpp's `padded_rows`): a single request's prefill step of a prompt length not seen
@@ -106,7 +107,7 @@ for _variable in CACHE_VARIABLES:
 def size_caches(dtype: torch.dtype) -> None:
     """oneDNN's cache caps for a model of `dtype` (unless the operator set them): call before the process
     first runs a oneDNN op, which reads them."""
-    padded = dtype == torch.bfloat16 and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    padded = dtype == torch.bfloat16 and _native_bfloat16()
     for variable in CACHE_VARIABLES:
         if variable not in _SET_BY_OPERATOR:
             os.environ[variable] = str(CACHE_CAPACITY["padded" if padded else "unpadded"])
@@ -329,10 +330,15 @@ def unavailable(choice: str, dtype: torch.dtype = torch.float32) -> str:
     return _native_problem(dtype) and _probe(_ONEDNN, dtype)
 
 
+def _native_bfloat16() -> bool:
+    """Whether oneDNN computes bfloat16 natively on this CPU: AVX512-BF16 or AMX."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def _native_problem(dtype: torch.dtype) -> str:
     """Why oneDNN cannot compute `dtype` natively here ('' when it can): bfloat16 needs AVX512-BF16 or AMX
     (elsewhere oneDNN emulates it, far slower than float32), and a probe of the packing."""
-    if dtype == torch.bfloat16 and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+    if dtype == torch.bfloat16 and not _native_bfloat16():
         return "no native bfloat16 GEMM on this CPU (neither AVX512-BF16 nor AMX)"
     return _probe(_onednn(dtype), dtype)
 

@@ -31,8 +31,6 @@ queries 0.23 against 0.40.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
@@ -66,13 +64,6 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 ISAS = ("avx512", "avx2", "baseline")  # the passes' instruction sets, best first
 
 
-@contextlib.contextmanager
 def isa(most: str):
-    """Holds the passes to `most` of ISAS or below (tests run each path the CPU has); yields the one
-    they take, the best this CPU has within that. Back to the best on exit."""
-    if not cpu_kernels.available():
-        raise RuntimeError("the CPU kernels are not built: see the warning logged")
-    try:
-        yield cpu_kernels.ops().rowwise_isa(most)
-    finally:
-        cpu_kernels.ops().rowwise_isa("auto")
+    """Holds the passes to `most` of ISAS or below (a context manager, yielding the one they take)."""
+    return cpu_kernels.held_isa("rowwise_isa", most)
